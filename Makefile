@@ -1,0 +1,43 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`  (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch/torchvision are pinned here (not in pyproject's ranges) because these exact
+# releases are the ones available offline on the project's machines.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-fast install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Study the built-in dataset with the built-in model and three methods; leaves
+# runs/shapes.zarr and runs/shapes.png.
+demo: install
+	$(BIN)/saliency-atlas study --dataset shapes --model shapes-cnn \
+		--methods saliency,gradcam,occlusion --samples 256 --store runs/shapes.zarr --figure runs/shapes.png
+	$(BIN)/saliency-atlas status runs/shapes.zarr
+
+# The whole test suite (what CI runs). pytest's exit code is kept: 5 (no test ran) fails.
+test: install-dev
+	$(BIN)/python -m pytest
+
+# Everything but the tests marked slow.
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,30 @@
+"""Saliency Atlas study store: a chunked Zarr v3 group read through xarray.
+
+>>> import storage
+>>> ds = storage.open_dataset("runs/shapes.zarr")
+>>> ds.attribution.sel(xai_method="gradcam").isel(sample=0).plot()
+"""
+from .store import (
+    SCHEMA_VERSION,
+    StoreMismatch,
+    Template,
+    attrs,
+    block_slice,
+    check_compatible,
+    create,
+    exists,
+    methods,
+    n_blocks,
+    open_dataset,
+    pending,
+    read_samples,
+    status,
+    write_attribution,
+    write_samples,
+)
+
+__all__ = [
+    "SCHEMA_VERSION", "StoreMismatch", "Template", "attrs", "block_slice", "check_compatible", "create",
+    "exists", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "status",
+    "write_attribution", "write_samples",
+]

@@ -1,0 +1,283 @@
+"""The study store: one Zarr v3 group that ``xarray.open_zarr`` reads.
+
+Layout (see docs/architecture.md for the full contract)::
+
+    attribution (xai_method, sample, y, x)   NaN where not computed
+    done        (xai_method, block)          True once block b of method m is written
+    ingested    (block)                      True once a block's inputs and predictions are written
+    image       (sample, channel, y, x)      the exact model input
+    mask        (sample, y, x)               ground-truth region, when the dataset has one
+    label, prediction, target (sample); logits (sample, class)
+
+The template (metadata, coordinates and the small flag arrays) is written once by
+:func:`create`; afterwards tasks fill whole blocks of samples with :func:`write_samples`
+and :func:`write_attribution`.  A block is a chunk-aligned range of samples, so
+concurrent writers never touch the same chunk; ``done``/``ingested`` have one chunk
+per flag for the same reason.  A flag is set only after its block's data is written,
+so a killed run leaves at worst a block whose flag is False, which the next run
+recomputes (deterministically, hence bit-identical).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+SCHEMA_VERSION = 1
+SAMPLE_VARIABLES = ("image", "mask", "label", "prediction", "target", "logits")
+
+
+class StoreMismatch(ValueError):
+    """The store at a path was made for another model, dataset, method parameters or layout."""
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # Zarr warns that consolidated metadata and string dtypes are not yet in the v3
+    # spec; both are what xarray itself writes and reads, so the warning is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*")
+        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+        yield
+
+
+@dataclass(frozen=True)
+class Template:
+    """Everything needed to lay out a new study store."""
+
+    sample_ids: list[str]
+    classes: list[str]
+    methods: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W) of the model input
+    block_size: int
+    has_masks: bool
+    params: dict[str, dict[str, Any]]  # per method, JSON-serialisable
+    attrs: dict[str, Any] = field(default_factory=dict)  # fingerprints, model/dataset names...
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct, got {self.methods}")
+        if not self.sample_ids:
+            raise ValueError("a study needs at least one sample")
+
+
+def n_blocks(n_samples: int, block_size: int) -> int:
+    return -(-n_samples // block_size)
+
+
+def block_slice(block: int, n_samples: int, block_size: int) -> slice:
+    """The samples of ``block``; the last block may be short."""
+    start = block * block_size
+    if not 0 <= start < n_samples:
+        raise IndexError(f"block {block} is outside 0..{n_blocks(n_samples, block_size) - 1}")
+    return slice(start, min(start + block_size, n_samples))
+
+
+def create(path: str, t: Template) -> None:
+    """Write the template of a new study at ``path`` (which must not exist yet)."""
+    n, (c, h, w), b = len(t.sample_ids), t.image_shape, t.block_size
+    m, nb = len(t.methods), n_blocks(n, b)
+
+    def lazy(shape: tuple[int, ...], dtype: str, fill: Any, chunks: tuple[int, ...]) -> da.Array:
+        return da.full(shape, fill, dtype=dtype, chunks=chunks)
+
+    data: dict[str, tuple] = {
+        "attribution": (("xai_method", "sample", "y", "x"), lazy((m, n, h, w), t.dtype, np.nan, (1, b, h, w))),
+        "done": (("xai_method", "block"), np.zeros((m, nb), bool)),
+        "ingested": (("block",), np.zeros(nb, bool)),
+        "label": (("sample",), lazy((n,), "int64", -1, (b,))),
+        "prediction": (("sample",), lazy((n,), "int64", -1, (b,))),
+        "target": (("sample",), lazy((n,), "int64", -1, (b,))),
+        "logits": (("sample", "class"), lazy((n, len(t.classes)), "float32", np.nan, (b, len(t.classes)))),
+    }
+    data["image"] = (("sample", "channel", "y", "x"), lazy((n, c, h, w), "float32", np.nan, (b, c, h, w)))
+    if t.has_masks:
+        data["mask"] = (("sample", "y", "x"), lazy((n, h, w), "bool", False, (b, h, w)))
+    attrs = dict(t.attrs)
+    attrs.update(
+        schema_version=SCHEMA_VERSION,
+        block_size=b,
+        image_shape=list(t.image_shape),
+        params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
+    )
+    ds = xr.Dataset(
+        data,
+        coords={
+            "xai_method": np.array(t.methods, dtype=object),
+            "sample": np.arange(n),
+            "sample_id": ("sample", np.array(t.sample_ids, dtype=object)),
+            "class": np.array(t.classes, dtype=object),
+        },
+        attrs=attrs,
+    )
+    # One chunk per flag: concurrent tasks set different flags without read-modify-write races.
+    encoding = {"done": {"chunks": (1, 1)}, "ingested": {"chunks": (1,)}}
+    with _quiet():
+        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+
+
+def open_dataset(path: str) -> xr.Dataset:
+    """The study as a lazy (Dask-backed) ``xarray.Dataset``."""
+    with _quiet():
+        try:
+            return xr.open_zarr(path, consolidated=True)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no study store at {path!r}: run `saliency-atlas study --store {path}` first") from e
+
+
+def _group(path: str, mode: str = "r+") -> zarr.Group:
+    with _quiet():
+        try:
+            return zarr.open_group(path, mode=mode, zarr_format=3)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no study store at {path!r}") from e
+
+
+def exists(path: str) -> bool:
+    try:
+        _group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+    return True
+
+
+def attrs(path: str) -> dict[str, Any]:
+    a = dict(_group(path, mode="r").attrs)
+    a["params"] = json.loads(a.get("params", "{}"))
+    return a
+
+
+def check_compatible(path: str, t: Template) -> None:
+    """Refuse (without touching the store) a run whose model, data or parameters differ."""
+    stored = attrs(path)
+    g = _group(path, mode="r")
+    problems: list[str] = []
+    for key in ("model_fingerprint", "dataset_fingerprint"):
+        if key in t.attrs and stored.get(key) != t.attrs[key]:
+            what = key.split("_")[0]
+            problems.append(
+                f"{what} differs: the store was made with {stored.get(what)!r} "
+                f"(fingerprint {str(stored.get(key))[:12]}), this run uses {t.attrs.get(what)!r} "
+                f"(fingerprint {str(t.attrs[key])[:12]})"
+            )
+    if stored.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema version {stored.get('schema_version')} != {SCHEMA_VERSION}")
+    n_stored = g["sample"].shape[0]
+    if n_stored != len(t.sample_ids):
+        problems.append(f"the store has {n_stored} samples, this run asks for {len(t.sample_ids)}")
+    if stored.get("block_size") != t.block_size:
+        problems.append(f"block size differs: store {stored.get('block_size')}, this run {t.block_size}")
+    if list(stored.get("image_shape", [])) != list(t.image_shape):
+        problems.append(f"image shape differs: store {stored.get('image_shape')}, this run {list(t.image_shape)}")
+    stored_methods = [str(m) for m in g["xai_method"][:]]
+    missing = [m for m in t.methods if m not in stored_methods]
+    if missing:
+        problems.append(f"methods {missing} are not in the store (it has {stored_methods})")
+    for name in t.methods:
+        if name in stored["params"] and stored["params"][name] != t.params.get(name, {}):
+            problems.append(f"parameters of {name} differ: store {stored['params'][name]}, this run {t.params.get(name, {})}")
+    if problems:
+        raise StoreMismatch(
+            f"refusing to reuse the store {path!r}: " + "; ".join(problems)
+            + ". Nothing was changed; use a new --store path, or the same arguments as the run that made it."
+        )
+
+
+def methods(path: str) -> list[str]:
+    return [str(m) for m in _group(path, mode="r")["xai_method"][:]]
+
+
+def _method_index(g: zarr.Group, method: str) -> int:
+    names = [str(m) for m in g["xai_method"][:]]
+    if method not in names:
+        raise KeyError(f"method {method!r} is not in this store; it has {names}")
+    return names.index(method)
+
+
+def _aligned(g: zarr.Group, block: int) -> slice:
+    """The sample slice of ``block``, asserting it is aligned with every sample chunk."""
+    n, b = g["sample"].shape[0], int(g.attrs["block_size"])
+    s = block_slice(block, n, b)
+    for name in ("attribution", *SAMPLE_VARIABLES):
+        if name in g:
+            arr = g[name]
+            axis = 1 if name == "attribution" else 0
+            chunk = arr.chunks[axis]
+            # xarray does not check numpy-backed region writes: a misaligned write could
+            # race with a neighbouring block's writer, so the layout is asserted here.
+            assert s.start % chunk == 0 and (s.stop % chunk == 0 or s.stop == n), (
+                f"block {block} ({s.start}:{s.stop}) is not aligned with {name}'s chunks of {chunk}"
+            )
+    return s
+
+
+def write_samples(path: str, block: int, **arrays: np.ndarray) -> None:
+    """Write per-sample variables (image, mask, label, prediction, target, logits) of one
+    whole block, then mark the block ingested."""
+    g = _group(path)
+    s = _aligned(g, block)
+    unknown = set(arrays) - set(SAMPLE_VARIABLES)
+    if unknown:
+        raise KeyError(f"unknown sample variables {sorted(unknown)}; valid: {SAMPLE_VARIABLES}")
+    for name, value in arrays.items():
+        if name not in g:  # a dataset without masks
+            continue
+        expected = (s.stop - s.start, *g[name].shape[1:])
+        if value.shape != expected:
+            raise ValueError(f"{name} for block {block} has shape {value.shape}, expected {expected}")
+        g[name][s] = value
+    g["ingested"][block] = True
+
+
+def write_attribution(path: str, method: str, block: int, maps: np.ndarray) -> None:
+    """Write one whole block of maps for ``method``; ``done`` is set only afterwards."""
+    g = _group(path)
+    s, m = _aligned(g, block), _method_index(g, method)
+    expected = (s.stop - s.start, *g["attribution"].shape[2:])
+    if maps.shape != expected:
+        raise ValueError(f"maps for {method} block {block} have shape {maps.shape}, expected {expected}")
+    g["attribution"][m, s] = maps.astype(g["attribution"].dtype)
+    g["done"][m, block] = True
+
+
+def read_samples(path: str, block: int, *names: str) -> dict[str, np.ndarray]:
+    g = _group(path, mode="r")
+    s = block_slice(block, g["sample"].shape[0], int(g.attrs["block_size"]))
+    return {name: g[name][s] for name in names}
+
+
+def pending(path: str, method: str | None = None) -> list[int]:
+    """Blocks still to compute: for ``method``, or blocks not yet ingested when None."""
+    g = _group(path, mode="r")
+    flags = g["ingested"][:] if method is None else g["done"][_method_index(g, method)]
+    return [int(b) for b in np.flatnonzero(~flags)]
+
+
+def status(path: str) -> dict[str, Any]:
+    """Blocks done per method, plus the store's identity and size."""
+    g = _group(path, mode="r")
+    a = attrs(path)
+    done = g["done"][:]
+    return {
+        "path": path,
+        "samples": int(g["sample"].shape[0]),
+        "blocks": int(done.shape[1]),
+        "ingested": int(g["ingested"][:].sum()),
+        "methods": {m: int(done[i].sum()) for i, m in enumerate(methods(path))},
+        "model": a.get("model"),
+        "dataset": a.get("dataset"),
+        "model_fingerprint": a.get("model_fingerprint"),
+        "dataset_fingerprint": a.get("dataset_fingerprint"),
+    }

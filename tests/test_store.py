@@ -1,0 +1,186 @@
+"""The store: schema, block logic, write order, compatibility checks."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import storage
+
+
+def template(**changes):
+    base = dict(
+        sample_ids=[f"test/{i:06d}" for i in range(10)],
+        classes=["circle", "square", "triangle", "cross"],
+        methods=["saliency", "gradcam"],
+        image_shape=(3, 8, 8),
+        block_size=4,
+        has_masks=True,
+        params={"saliency": {"reduce": "max_abs"}, "gradcam": {"layer": None}},
+        attrs={"model": "m", "model_fingerprint": "a" * 64, "dataset": "d", "dataset_fingerprint": "b" * 64},
+    )
+    base.update(changes)
+    return storage.Template(**base)
+
+
+def tree_digest(path):
+    """A hash of every file (name and bytes) under a store, to prove it was left untouched."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(os.path.relpath(p, path).encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    storage.create(path, template())
+    return path
+
+
+def test_schema_read_by_plain_xarray(store):
+    ds = xr.open_zarr(store)
+    assert ds.attribution.dims == ("xai_method", "sample", "y", "x")
+    assert ds.done.dims == ("xai_method", "block")
+    assert ds.image.dims == ("sample", "channel", "y", "x")
+    assert ds.mask.dims == ("sample", "y", "x")
+    assert ds.logits.dims == ("sample", "class")
+    for v in ("label", "prediction", "target"):
+        assert ds[v].dims == ("sample",)
+    assert list(ds.xai_method.values) == ["saliency", "gradcam"]
+    assert list(ds["class"].values) == ["circle", "square", "triangle", "cross"]
+    assert ds.sample_id.values[3] == "test/000003"
+    assert ds.attribution.dtype == np.float32
+    assert np.isnan(ds.attribution.values).all(), "not-computed maps must read as NaN"
+    assert not ds.done.values.any()
+    assert ds.sizes["block"] == 3
+    assert ds.attrs["model_fingerprint"] == "a" * 64 and ds.attrs["schema_version"] == storage.SCHEMA_VERSION
+    assert storage.attrs(store)["params"]["saliency"] == {"reduce": "max_abs"}
+    assert ds.attribution.chunks[1] == (4, 4, 2), "one chunk per block along samples"
+    assert "method" not in ds.dims
+
+
+def test_float16_and_no_masks(tmp_path):
+    path = str(tmp_path / "h.zarr")
+    storage.create(path, template(dtype="float16", has_masks=False))
+    ds = storage.open_dataset(path)
+    assert ds.attribution.dtype == np.float16 and "mask" not in ds
+    storage.write_samples(path, 0, mask=np.ones((4, 8, 8), bool), label=np.arange(4))  # mask ignored
+    assert list(storage.open_dataset(path).label.values[:4]) == [0, 1, 2, 3]
+
+
+def test_blocks_and_pending(store):
+    assert storage.block_slice(2, 10, 4) == slice(8, 10)
+    with pytest.raises(IndexError, match="outside"):
+        storage.block_slice(3, 10, 4)
+    assert storage.pending(store, "gradcam") == [0, 1, 2]
+    storage.write_attribution(store, "gradcam", 2, np.full((2, 8, 8), 3.0))
+    assert storage.pending(store, "gradcam") == [0, 1]
+    assert storage.pending(store, "saliency") == [0, 1, 2]
+    ds = storage.open_dataset(store)
+    a = ds.attribution.sel(xai_method="gradcam").values
+    assert (a[8:] == 3).all() and np.isnan(a[:8]).all()
+    assert np.isnan(ds.attribution.sel(xai_method="saliency").values).all()
+    assert storage.status(store)["methods"] == {"saliency": 0, "gradcam": 1}
+
+
+def test_samples_then_ingested_flag(store):
+    assert storage.pending(store) == [0, 1, 2]
+    storage.write_samples(store, 1, label=np.array([1, 2, 3, 0]), image=np.ones((4, 3, 8, 8), np.float32))
+    assert storage.pending(store) == [0, 2]
+    got = storage.read_samples(store, 1, "label", "image")
+    assert list(got["label"]) == [1, 2, 3, 0] and got["image"].shape == (4, 3, 8, 8)
+
+
+def test_done_is_written_after_the_data(store, monkeypatch):
+    order = []
+    original = zarr.Array.__setitem__
+
+    def recording(self, key, value):
+        order.append(self.path)
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", recording)
+    storage.write_attribution(store, "saliency", 0, np.zeros((4, 8, 8)))
+    assert order == ["attribution", "done"]
+
+
+def test_a_failed_write_leaves_the_block_not_done(store, monkeypatch):
+    original = zarr.Array.__setitem__
+
+    def crash_on_data(self, key, value):
+        if self.path == "attribution":
+            raise OSError("disk full")
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", crash_on_data)
+    with pytest.raises(OSError):
+        storage.write_attribution(store, "saliency", 0, np.zeros((4, 8, 8)))
+    monkeypatch.undo()
+    assert storage.pending(store, "saliency") == [0, 1, 2]
+
+
+def test_bad_writes_are_refused(store):
+    with pytest.raises(ValueError, match="expected"):
+        storage.write_attribution(store, "saliency", 0, np.zeros((3, 8, 8)))
+    with pytest.raises(KeyError, match="not in this store"):
+        storage.write_attribution(store, "occlusion", 0, np.zeros((4, 8, 8)))
+    with pytest.raises(KeyError, match="unknown sample variables"):
+        storage.write_samples(store, 0, pixels=np.zeros(4))
+    assert storage.pending(store, "saliency") == [0, 1, 2]
+
+
+def test_misaligned_chunks_are_asserted(store):
+    # A store whose chunks do not match its declared block size (e.g. edited by hand)
+    # must not be written: such a write could race with a neighbouring block.
+    zarr.open_group(store, mode="r+").attrs["block_size"] = 3
+    with pytest.raises(AssertionError, match="not aligned"):
+        storage.write_attribution(store, "saliency", 1, np.zeros((3, 8, 8)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(attrs={"model": "other", "model_fingerprint": "c" * 64, "dataset": "d", "dataset_fingerprint": "b" * 64}), "model differs"),
+        (dict(attrs={"model": "m", "model_fingerprint": "a" * 64, "dataset": "d2", "dataset_fingerprint": "e" * 64}), "dataset differs"),
+        (dict(sample_ids=[f"test/{i:06d}" for i in range(12)]), "has 10 samples, this run asks for 12"),
+        (dict(block_size=5), "block size differs"),
+        (dict(methods=["saliency", "occlusion"]), "not in the store"),
+        (dict(params={"saliency": {"reduce": "sum"}, "gradcam": {"layer": None}}), "parameters of saliency differ"),
+        (dict(image_shape=(3, 16, 16)), "image shape differs"),
+    ],
+)
+def test_mismatch_is_refused_and_store_untouched(store, change, message):
+    storage.write_attribution(store, "gradcam", 0, np.ones((4, 8, 8)))
+    before = tree_digest(store)
+    with pytest.raises(storage.StoreMismatch, match=message) as e:
+        storage.check_compatible(store, template(**change))
+    assert "Nothing was changed" in str(e.value)
+    assert tree_digest(store) == before
+
+
+def test_same_study_is_compatible_and_subset_of_methods_too(store):
+    storage.check_compatible(store, template())
+    storage.check_compatible(store, template(methods=["gradcam"]))
+
+
+def test_create_refuses_existing_and_open_missing(store, tmp_path):
+    with pytest.raises(Exception):
+        storage.create(store, template())
+    with pytest.raises(FileNotFoundError, match="no study store"):
+        storage.open_dataset(str(tmp_path / "nope.zarr"))
+    assert not storage.exists(str(tmp_path / "nope.zarr")) and storage.exists(store)
+
+
+def test_template_validation():
+    with pytest.raises(ValueError, match="block_size"):
+        template(block_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        template(dtype="int8")
+    with pytest.raises(ValueError, match="distinct"):
+        template(methods=["gradcam", "gradcam"])
