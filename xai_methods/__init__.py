@@ -1,0 +1,25 @@
+"""Attribution methods for image classifiers, in pure PyTorch.
+
+Usage::
+
+    import torch, torchvision
+    import xai_methods as xm
+
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    images = torch.randn(4, 3, 96, 96)              # already normalised
+    xm.available()                                  # ['gradcam', 'occlusion', 'saliency', ...]
+    xm.spec("occlusion").passes((96, 96))           # (forward, backward) passes per image
+    xm.check("gradcam", model, (96, 96), layer="layer3")  # validate a call without running it
+    maps = xm.attribute("gradcam", model, images, target=3)             # (4, 96, 96), layer4 by default
+    maps = xm.attribute("occlusion", model, images, window=16, stride=8)  # target=None: top-1 class
+    grads = xm.attribute("saliency", model, images, reduce=None)        # (4, 3, 96, 96)
+
+Maps are float32 on ``images.device``, larger = more evidence for the target,
+and not rescaled. The model is left exactly as found (mode, requires_grad,
+in-place flags, hooks). New methods register with ``xai_methods._registry.register``.
+"""
+
+from ._registry import MethodSpec, attribute, available, check, spec
+from . import cam, gradient, perturbation  # noqa: F401  (registers the methods)
+
+__all__ = ["MethodSpec", "attribute", "available", "check", "spec"]

@@ -1,0 +1,352 @@
+"""Shared machinery for attribution methods.
+
+Everything a method needs besides its own formula lives here, written once:
+layer lookup, the model guard, hook scopes, target selection, one
+forward+backward pass, channel reduction, upsampling, baselines and batching
+of perturbation passes. Only torch is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+REDUCE_CHOICES: tuple[str | None, ...] = ("sum", "abs_sum", "max_abs", None)
+
+# Hook dictionaries of nn.Module that `untouched` guards (whatever this torch has).
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Dotted names of all sub-modules of `model` (the model itself excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _layer_error(model: nn.Module, what: str) -> ValueError:
+    return ValueError(f"layer: {what}; valid layer names: {', '.join(layer_names(model))}")
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """Return the sub-module named by `layer` (dotted name) or `layer` itself if it belongs to `model`."""
+    if isinstance(layer, nn.Module):
+        if any(m is layer for m in model.modules()):
+            return layer
+        raise _layer_error(model, f"the given {type(layer).__name__} module is not part of the model")
+    if isinstance(layer, str) and layer:
+        try:
+            return model.get_submodule(layer)
+        except AttributeError:
+            pass
+    raise _layer_error(model, f"{layer!r} is not a module of the model")
+
+
+def layer_name(model: nn.Module, layer: nn.Module) -> str:
+    """Dotted name of `layer` inside `model` (first name if the module is shared)."""
+    for name, module in model.named_modules():
+        if module is layer:
+            return name
+    raise _layer_error(model, f"the given {type(layer).__name__} module is not part of the model")
+
+
+def default_layer(model: nn.Module, images: Tensor) -> str:
+    """Name of the layer a layer method uses when `layer=None`.
+
+    `model.default_layer` (a dotted name) wins if present. Otherwise one probe
+    forward pass on `images[:1]` finds the module that finished last among
+    those returning a 4-D tensor with a spatial grid larger than 1x1 (the last
+    convolutional stage, e.g. ``layer4`` of a torchvision ResNet). The probe
+    runs in eval mode so it does not touch BatchNorm statistics; every module's
+    mode is restored afterwards.
+    """
+    name = getattr(model, "default_layer", None)
+    if isinstance(name, str):
+        resolve_layer(model, name)
+        return name
+
+    finished: dict[str, int] = {}  # module name -> order in which it (last) finished
+    clock = itertools.count()
+
+    def recorder(name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4 and min(output.shape[2:]) > 1:
+                finished[name] = next(clock)
+
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    with hooks() as handles, torch.no_grad():
+        handles += [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+        try:
+            model.eval()
+            model(images[:1].detach())
+        finally:
+            for module, mode in modes:
+                module.training = mode
+    if not finished:
+        raise ValueError(
+            "layer: no module of the model outputs a 4-D (B, K, h, w) tensor with h, w > 1; "
+            f"pass layer= explicitly; valid layer names: {', '.join(layer_names(model))}"
+        )
+    return max(finished, key=finished.__getitem__)
+
+
+# --------------------------------------------------------------------------- guards
+
+
+@contextlib.contextmanager
+def hooks(*handles: RemovableHandle) -> Iterator[list[RemovableHandle]]:
+    """Hook scope: yields a list; every handle in it is removed on exit, even on error."""
+    scope = list(handles)
+    try:
+        yield scope
+    finally:
+        for handle in scope:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a method on `model` and leave it exactly as found.
+
+    Inside: every parameter has ``requires_grad=False`` (backward computes only
+    the gradients a method asks for, never weight gradients) and every
+    ``inplace`` flag (``nn.ReLU`` etc.) is ``False`` so hooks see unmodified
+    tensors. The train/eval mode is *not* changed. On exit, also on error, each
+    module's ``training`` flag, each parameter's ``requires_grad``, each
+    ``inplace`` flag are restored and any hook added to any module is removed.
+    """
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    params = list(model.parameters())
+    grad_flags = [p.requires_grad for p in params]
+    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
+    hook_keys = [(m, attr, set(getattr(m, attr))) for m in modules for attr in _HOOK_DICTS if hasattr(m, attr)]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m, _ in inplace:
+            m.inplace = False
+        yield model
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+        for p, flag in zip(params, grad_flags):
+            p.requires_grad_(flag)
+        for m, flag in inplace:
+            m.inplace = flag
+        for m, attr, keys in hook_keys:
+            hook_dict = getattr(m, attr)
+            for key in set(hook_dict) - keys:
+                del hook_dict[key]
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _as_class_tensor(value: Any, name: str, batch: int, device: torch.device) -> Tensor:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got a bool")
+    if isinstance(value, numbers.Integral):
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(value).__name__}") from err
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one class per image), got {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def targets(
+    logits: Tensor | None,
+    target: int | Sequence[int] | Tensor | None,
+    batch: int,
+    device: torch.device,
+    name: str = "target",
+) -> Tensor:
+    """Class indices (B,) as a LongTensor on `device`.
+
+    int -> repeated; sequence / tensor of shape (B,) -> validated; None -> the
+    top-1 prediction of `logits`. When `logits` is given, classes are checked
+    against its number of columns. With ``logits=None`` only type and shape
+    are checked (early validation before any forward pass).
+    """
+    if target is None:
+        if logits is None:
+            raise ValueError(f"{name}=None needs the model output to pick the top-1 class")
+        return logits.detach().argmax(1).to(device)
+    t = _as_class_tensor(target, name, batch, device)
+    if logits is not None:
+        classes = logits.shape[1]
+        bad = (t < 0) | (t >= classes)
+        if bool(bad.any()):
+            shown = t[bad].tolist()[:5]
+            raise ValueError(
+                f"{name} out of range: got {shown}; the model has {classes} classes, valid values are 0..{classes - 1}"
+            )
+    return t
+
+
+def class_score(logits: Tensor, target: Tensor) -> Tensor:
+    """Score (B,) of the target class: the logit, not the softmax."""
+    if logits.dim() != 2:
+        raise ValueError(f"model output must be logits of shape (B, classes), got {tuple(logits.shape)}")
+    return logits.gather(1, target[:, None]).squeeze(1)
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+class Backprop(NamedTuple):
+    """Result of `backprop`: all tensors detached."""
+
+    logits: Tensor  # (B, classes)
+    target: Tensor  # (B,) resolved class indices
+    inputs: Tensor  # (B, C, H, W) the input that was fed
+    grad: Tensor  # d score / d input, or d score / d activation when a layer was given
+    activation: Tensor | None  # the layer output, when a layer was given
+
+
+def _fresh_input(images: Tensor) -> Tensor:
+    # clone() also turns an inference-mode tensor into a normal one.
+    with torch.inference_mode(False):
+        return images.detach().clone().requires_grad_(True)
+
+
+def backprop(
+    model: nn.Module,
+    images: Tensor,
+    target: Any,
+    layer: nn.Module | None = None,
+) -> Backprop:
+    """One forward and one backward pass of the target logit.
+
+    Without `layer` the gradient is taken w.r.t. the input; with `layer` w.r.t.
+    that module's output (captured by a forward hook; if the module runs more
+    than once in a forward pass, its last call is used). Every image's score
+    depends only on that image (in eval mode), so summing the scores gives
+    per-image gradients in one backward pass. Call inside `untouched(model)`.
+    """
+    captured: list[Tensor] = []
+
+    def capture(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ValueError(f"layer: {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        captured[:] = [output]
+        # Downstream code gets a copy, so a later in-place op cannot rewrite the captured tensor.
+        return output.clone()
+
+    with torch.inference_mode(False), torch.enable_grad(), hooks() as handles:
+        if layer is not None:
+            handles.append(layer.register_forward_hook(capture))
+        x = _fresh_input(images)
+        logits = model(x)
+        t = targets(logits, target, images.shape[0], images.device)
+        score = class_score(logits, t).sum()
+        if layer is not None and not captured:
+            raise ValueError("layer: the given layer did not run in the model's forward pass")
+        wrt = captured[0] if layer is not None else x
+        (grad,) = torch.autograd.grad(score, wrt)
+    return Backprop(
+        logits=logits.detach(),
+        target=t,
+        inputs=x.detach(),
+        grad=grad.detach(),
+        activation=captured[0].detach() if captured else None,
+    )
+
+
+def forward_logits(model: nn.Module, images: Tensor, internal_batch: int) -> Tensor:
+    """Logits of `images` under inference mode, `internal_batch` images per pass."""
+    with torch.inference_mode():
+        return torch.cat([model(images[chunk]) for chunk in batched(images.shape[0], internal_batch)])
+
+
+# --------------------------------------------------------------------------- shaping
+
+
+def reduce_channels(attr: Tensor, reduce: str | None) -> Tensor:
+    """(B, C, H, W) -> (B, H, W) by "sum", "abs_sum", "max_abs"; None keeps the channels."""
+    if reduce is None:
+        return attr
+    if reduce == "sum":
+        return attr.sum(1)
+    if reduce == "abs_sum":
+        return attr.abs().sum(1)
+    if reduce == "max_abs":
+        return attr.abs().amax(1)
+    raise ValueError(f"reduce={reduce!r} is not valid; choose one of {REDUCE_CHOICES}")
+
+
+def upsample_to(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of (B, h, w) maps to (B, *size) (align_corners=False)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def baseline_like(images: Tensor, baseline: float | str | Tensor) -> Tensor:
+    """Reference input broadcastable to `images` (B, C, H, W).
+
+    float -> constant (0.0 is the normalisation mean, i.e. grey);
+    "zeros" -> 0.0; "mean" -> per-image per-channel mean (B, C, 1, 1);
+    tensor -> broadcast to (B, C, H, W).
+    """
+    if isinstance(baseline, str):
+        if baseline == "zeros":
+            return images.new_zeros(())
+        if baseline == "mean":
+            return images.mean(dim=(2, 3), keepdim=True)
+        raise ValueError(f"baseline={baseline!r} is not valid; use a number, 'zeros', 'mean' or a tensor")
+    if isinstance(baseline, bool) or not isinstance(baseline, (numbers.Real, Tensor)):
+        raise TypeError(f"baseline must be a number, 'zeros', 'mean' or a tensor, got {type(baseline).__name__}")
+    ref = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    try:
+        fits = torch.broadcast_shapes(ref.shape, images.shape) == images.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"baseline of shape {tuple(ref.shape)} does not broadcast to images {tuple(images.shape)}")
+    return ref
+
+
+def batched(n: int, internal_batch: int) -> Iterator[slice]:
+    """Slices 0..n in chunks of at most `internal_batch` (memory bound for forward passes)."""
+    if isinstance(internal_batch, bool) or not isinstance(internal_batch, numbers.Integral) or internal_batch < 1:
+        raise ValueError(f"internal_batch must be a positive int, got {internal_batch!r}")
+    for start in range(0, n, internal_batch):
+        yield slice(start, min(start + internal_batch, n))
+
+
+def progress_bar(iterable: Any, enabled: bool, total: int | None = None, desc: str | None = None) -> Any:
+    """Wrap `iterable` in a tqdm bar when `enabled` and tqdm is importable; else return it unchanged."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)

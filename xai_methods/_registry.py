@@ -1,0 +1,247 @@
+"""The method registry and the one public entry point, `attribute`.
+
+A method is a function ``fn(model, images, target, *, <params>)`` registered
+with `register`. Its keyword-only parameters with defaults are its `defaults`;
+a keyword-only ``layer`` (no default) makes it a layer method and a
+keyword-only ``contrast`` a contrastive one. `attribute` validates everything
+shared (images, target, layer, contrast, parameter names and shared values),
+runs the method inside `untouched(model)` and checks what it returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._core import REDUCE_CHOICES, default_layer, resolve_layer, targets, untouched
+
+CATEGORIES = ("gradient", "cam", "perturbation", "contrastive")
+
+CostFn = Callable[[Mapping[str, Any], tuple[int, int]], tuple[int, int]]
+MethodFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of the project needs to know about a method."""
+
+    name: str
+    category: str  # one of CATEGORIES
+    fn: MethodFn
+    defaults: Mapping[str, Any]  # read-only: parameter name -> default value
+    needs_layer: bool
+    needs_contrast: bool
+    cost: CostFn  # (params, (H, W)) -> (forward passes, backward passes) per image
+    summary: str  # one line
+
+    def passes(self, size: tuple[int, int], **params: Any) -> tuple[int, int]:
+        """(forward, backward) passes per image of size (H, W) with `params` over the defaults."""
+        _check_params(self, params)
+        return self.cost({**self.defaults, **params}, tuple(size))
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, category: str, cost: CostFn, summary: str | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Decorator that registers ``fn(model, images, target, *, ...)`` under `name`.
+
+    `summary` defaults to the first line of the function's docstring.
+    """
+    if category not in CATEGORIES:
+        raise ValueError(f"category={category!r} is not valid; choose one of {CATEGORIES}")
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p.name for p in params if p.kind is not p.KEYWORD_ONLY]
+        if positional != ["model", "images", "target"]:
+            raise TypeError(f"{fn.__qualname__} must take (model, images, target, *, ...), got {positional}")
+        keyword = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        defaults = {k: v for k, v in keyword.items() if k not in ("layer", "contrast")}
+        missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"{fn.__qualname__}: parameters {missing} need defaults")
+        line = summary or (inspect.getdoc(fn) or name).splitlines()[0]
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            category=category,
+            fn=fn,
+            defaults=MappingProxyType(defaults),
+            needs_layer="layer" in keyword,
+            needs_contrast="contrast" in keyword,
+            cost=cost,
+            summary=line,
+        )
+        return fn
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def spec(name: str) -> MethodSpec:
+    """The `MethodSpec` of method `name`."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())}") from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_reduce(name: str, value: Any) -> None:
+    if value not in REDUCE_CHOICES:
+        raise ValueError(f"reduce={value!r} is not valid; choose one of {REDUCE_CHOICES}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_seed(name: str, value: Any) -> None:
+    if value is not None and not _is_int(value):
+        raise TypeError(f"seed must be an int or None, got {value!r}")
+
+
+# Shared parameter names are checked once here, for every method that has them.
+_SHARED_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "reduce": _check_reduce,
+    "upsample": _check_bool,
+    "relu": _check_bool,
+    "progress": _check_bool,
+    "internal_batch": _check_positive_int,
+    "steps": _check_positive_int,
+    "samples": _check_positive_int,
+    "seed": _check_seed,
+}
+
+
+def _check_params(s: MethodSpec, params: Mapping[str, Any]) -> None:
+    for key in params:
+        if key not in s.defaults:
+            valid = ", ".join(s.defaults) or "none"
+            raise TypeError(f"{s.name}() got an unknown parameter {key!r}; valid parameters: {valid}")
+    for key, value in params.items():
+        if key in _SHARED_CHECKS:
+            _SHARED_CHECKS[key](key, value)
+
+
+def _check_images(images: Any) -> None:
+    expected = "a float tensor of shape (B, C, H, W)"
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be {expected}, got {type(images).__name__}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"images must be {expected}, got dtype {images.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be {expected}, got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images must hold at least one image, got an empty batch")
+
+
+def _check_result(s: MethodSpec, out: Any, images: Tensor, params: Mapping[str, Any]) -> Tensor:
+    b, c, h, w = images.shape
+    if params.get("reduce", "") is None:
+        expected: tuple[int | None, ...] = (b, c, h, w)
+    elif params.get("upsample", True) is False:
+        expected = (b, None, None)
+    else:
+        expected = (b, h, w)
+    ok = (
+        isinstance(out, Tensor)
+        and out.dim() == len(expected)
+        and all(e is None or e == n for e, n in zip(expected, out.shape))
+        and out.device == images.device
+        and out.dtype.is_floating_point
+    )
+    if not ok:
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(f"method {s.name!r} returned {got}; expected shape {expected} on {images.device}")
+    return out.detach().to(torch.float32)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def check(
+    name: str, model: nn.Module, size: tuple[int, int], /, layer: str | nn.Module | None = None, **params: Any
+) -> tuple[int, int]:
+    """Validate a call of method `name` on images of `size` (H, W) without running it:
+    parameter names and values, and the layer. Returns (forward, backward) passes per
+    image. Pipelines call it to refuse a bad study before any work starts."""
+    s = spec(name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_params(s, params)
+    if layer is not None and not s.needs_layer:
+        raise TypeError(f"{name}() takes no layer (it works on the input); pass layer=None, got layer={layer!r}")
+    if layer is not None:
+        resolve_layer(model, layer)
+    return s.cost({**s.defaults, **params}, tuple(size))
+
+
+def attribute(
+    name: str,
+    model: nn.Module,
+    images: Tensor,
+    target: int | Tensor | list[int] | None = None,
+    layer: str | nn.Module | None = None,
+    contrast: int | Tensor | list[int] | None = None,
+    **params: Any,
+) -> Tensor:
+    """Attribution maps of method `name` for `images` (B, C, H, W), already normalised.
+
+    target: class explained per image (int, or (B,) indices); None = top-1 prediction.
+    layer: dotted module name or module, for layer methods; None = `default_layer`.
+    contrast: class (B,) to contrast against, for contrastive methods only.
+    params: method parameters (see ``spec(name).defaults``).
+
+    Returns a detached float32 tensor (B, H, W) on ``images.device`` (B, C, H, W
+    with ``reduce=None``; the layer grid with ``upsample=False``), larger =
+    more evidence for the target, not rescaled. The model is left as found
+    (mode, requires_grad, in-place flags, hooks). Attribution is meant for
+    eval mode: in train mode the method's forward passes update BatchNorm
+    running statistics and batch statistics couple the images of a batch.
+    """
+    s = spec(name)
+    _check_images(images)
+    check(name, model, tuple(images.shape[-2:]), layer, **params)
+    if contrast is not None and not s.needs_contrast:
+        raise TypeError(f"{name}() is not contrastive and takes no contrast class; pass contrast=None")
+    batch, device = images.shape[0], images.device
+    if target is not None:
+        targets(None, target, batch, device)  # type and shape now; class range after the forward pass
+    if contrast is not None:
+        targets(None, contrast, batch, device, name="contrast")
+
+    kwargs = {**s.defaults, **params}
+    with untouched(model):
+        extra: dict[str, Any] = {}
+        if s.needs_layer:
+            extra["layer"] = resolve_layer(model, layer if layer is not None else default_layer(model, images))
+        if s.needs_contrast:
+            extra["contrast"] = contrast
+        out = s.fn(model, images, target, **kwargs, **extra)
+    return _check_result(s, out, images, kwargs)
