@@ -1,0 +1,1 @@
+"""Prefect flows of Saliency Atlas and the ``saliency-atlas`` command line."""

@@ -1,0 +1,180 @@
+"""The ``saliency-atlas`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+EXAMPLES = """\
+examples:
+  saliency-atlas methods
+  saliency-atlas study --dataset shapes --model shapes-cnn \\
+      --methods saliency,gradcam,occlusion --samples 256 --store runs/shapes.zarr
+  saliency-atlas study --dataset ~/photos --model resnet18 --weights resnet18.pt \\
+      --methods gradcam --layer layer4 --store runs/photos.zarr
+  saliency-atlas status runs/shapes.zarr
+  saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png
+
+A study is resumable: run the same command again after an interruption and only
+the blocks not yet done are computed. Open the result in Python with
+  import xarray as xr; ds = xr.open_zarr("runs/shapes.zarr")
+"""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _samples(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
+
+
+def _param(text: str) -> tuple[str, str, Any]:
+    """METHOD.NAME=VALUE, the value read as JSON when it parses (8, 0.5, true, null, "x")."""
+    key, sep, raw = text.partition("=")
+    method, dot, name = key.partition(".")
+    if not (sep and dot and method and name):
+        raise argparse.ArgumentTypeError(f"expected METHOD.NAME=VALUE like occlusion.window=8, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return method, name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saliency-atlas",
+        description="Compute, store and compare attribution maps (saliency) of image classifiers over whole datasets.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("methods", help="list the attribution methods, their category and cost")
+
+    s = sub.add_parser("study", help="explain a model over a dataset into a resumable Zarr store",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--dataset", default="shapes", help="built-in name (shapes) or a folder of class sub-folders of images")
+    s.add_argument("--model", default="shapes-cnn", help="built-in name (shapes-cnn) or a torchvision architecture name with --weights")
+    s.add_argument("--weights", default=None, help="local state-dict file (loaded with weights_only=True; nothing is downloaded)")
+    s.add_argument("--methods", default="saliency,gradcam,occlusion", help="comma-separated method names (see `saliency-atlas methods`)")
+    s.add_argument("--samples", type=_samples, default=256, help="how many samples of the dataset, or 'all'")
+    s.add_argument("--store", default="runs/shapes.zarr", help="Zarr store path; an existing store of the same study is resumed")
+    s.add_argument("--layer", default=None, help="layer for layer methods (dotted module name); default: the last spatial layer")
+    s.add_argument("--block-size", type=int, default=64, help="samples per block (the unit of work and of Zarr chunks)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    s.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="a method parameter, e.g. occlusion.window=8 (repeatable)")
+    s.add_argument("--figure", default=None, help="figure path (default: the store path with .png); 'none' for no figure")
+
+    st = sub.add_parser("status", help="blocks done per method, and the store's identity")
+    st.add_argument("store")
+
+    f = sub.add_parser("figure", help="draw inputs and heatmaps of chosen samples")
+    f.add_argument("store")
+    f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")
+    f.add_argument("--methods", default=None, help="comma-separated subset of the store's methods (default: all)")
+    f.add_argument("--out", default="figure.png", help="output file (.png, .pdf, .svg)")
+    return p
+
+
+def cmd_methods() -> None:
+    import xai_methods as xm
+
+    rows = [("name", "category", "layer", "passes/image (64x64)", "what it is")]
+    for name in xm.available():
+        s = xm.spec(name)
+        fwd, bwd = s.passes((64, 64))
+        rows.append((name, s.category, "yes" if s.needs_layer else "-", f"{fwd} fwd + {bwd} bwd", s.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    import storage
+    from flows.study import study
+    from tasks import StudySpec, freeze_params, plan, resolve_device
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params: dict[str, dict[str, Any]] = {}
+    for method, name, value in args.param:
+        params.setdefault(method, {})[name] = value
+    figure = args.figure or os.path.splitext(args.store.rstrip("/"))[0] + ".png"
+    # Validate everything before the flow starts, so a bad argument is one clear line.
+    resolve_device(args.device)
+    spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
+                     store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
+                     device=args.device, params=freeze_params(params))
+    template, _, _ = plan(spec)
+    if storage.exists(args.store):
+        storage.check_compatible(args.store, template)
+    summary = study(dataset=args.dataset, model=args.model, methods=methods, samples=args.samples,
+                    store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
+                    device=args.device, params=params or None,
+                    figure=None if figure.lower() == "none" else figure)
+    print(f"store:   {summary['store']}")
+    if "figure" in summary:
+        print(f"figure:  {summary['figure']}")
+    if summary["accuracy"] is not None:
+        print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
+    computed = sum(summary["computed_blocks"].values())
+    total = summary["blocks"] * len(summary["computed_blocks"])
+    print(f"attribution blocks computed by this run: {computed} of {total} (the others were already done)")
+
+
+def cmd_status(store: str) -> None:
+    import storage
+
+    st = storage.status(store)
+    print(f"store    {st['path']}")
+    print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
+    print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
+    print(f"samples  {st['samples']} in {st['blocks']} blocks; inputs ingested: {st['ingested']}/{st['blocks']}")
+    width = max(len(m) for m in st["methods"])
+    for m, done in st["methods"].items():
+        bar = "#" * round(20 * done / st["blocks"])
+        print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Prefect's temporary local server sends a telemetry heartbeat that can hit a locked
+    # SQLite database at start-up and print a spurious traceback; a user can opt back in.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import storage
+
+    try:
+        if args.command == "methods":
+            cmd_methods()
+        elif args.command == "study":
+            cmd_study(args)
+        elif args.command == "status":
+            cmd_status(args.store)
+        elif args.command == "figure":
+            from tasks import render
+
+            methods = args.methods.split(",") if args.methods else None
+            print(render(args.store, args.out, args.samples, methods))
+    except (ValueError, TypeError, KeyError, FileNotFoundError, storage.StoreMismatch) as e:
+        if os.environ.get("SALIENCY_ATLAS_DEBUG"):
+            raise  # the full traceback, for bug reports
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"saliency-atlas: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Prefect tasks: small idempotent units that read and write the study store."""
+from .figure import render, render_figure
+from .study import (
+    StudySpec,
+    attribute_block,
+    freeze_params,
+    ingest_block,
+    load_model,
+    plan,
+    prepare_store,
+    resolve_device,
+)
+
+__all__ = [
+    "StudySpec", "attribute_block", "freeze_params", "ingest_block", "load_model", "plan",
+    "prepare_store", "render", "render_figure", "resolve_device",
+]

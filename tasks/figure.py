@@ -1,0 +1,88 @@
+"""The study figure: for each chosen sample, the input and one heatmap per method over it
+(in the spirit of Figure 1 of the review)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are files, never windows
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+import storage  # noqa: E402
+
+
+def _display_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the normalisation of a (C, H, W) model input, for display as (H, W, 3) in [0, 1]."""
+    img = image * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]
+    img = np.clip(img.transpose(1, 2, 0), 0.0, 1.0)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def _heatmap_limits(m: np.ndarray) -> tuple[str, float, float]:
+    """Colour map and limits: signed maps diverge around 0, non-negative ones start at 0.
+    Limits come from the 99.5th percentile of |map| so one hot pixel does not wash out the rest."""
+    finite = m[np.isfinite(m)]
+    if finite.size == 0:
+        return "jet", 0.0, 1.0
+    top = float(np.percentile(np.abs(finite), 99.5)) or float(np.abs(finite).max()) or 1.0
+    if finite.min() < -1e-3 * top:
+        return "bwr", -top, top
+    return "jet", 0.0, top
+
+
+def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods: Sequence[str] | None = None) -> str:
+    """Draw the figure for ``samples`` of the study at ``store`` into ``out`` (PNG/PDF/SVG)."""
+    ds = storage.open_dataset(store)
+    n = ds.sizes["sample"]
+    bad = [s for s in samples if not 0 <= s < n]
+    if bad:
+        raise ValueError(f"--samples {bad} are outside the study's 0..{n - 1}")
+    names = list(methods or [str(m) for m in ds.xai_method.values])
+    missing = [m for m in names if m not in ds.xai_method.values]
+    if missing:
+        raise ValueError(f"methods {missing} are not in the store; it has {list(ds.xai_method.values)}")
+    classes = [str(c) for c in ds["class"].values]
+    mean, std = ds.attrs["image_mean"], ds.attrs["image_std"]
+    sel = ds.isel(sample=list(samples)).sel(xai_method=names).compute()
+
+    rows, cols = len(samples), 1 + len(names)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows), squeeze=False)
+    for r in range(rows):
+        s = sel.isel(sample=r)
+        img = _display_image(s.image.values, mean, std)
+        label, pred, target = (int(s[v]) for v in ("label", "prediction", "target"))
+        truth = classes[label] if 0 <= label < len(classes) else "?"
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title(f"{s.sample_id.item()}\ntrue {truth}, pred {classes[pred]}", fontsize=7)
+        for c, name in enumerate(names, start=1):
+            m = s.attribution.sel(xai_method=name).values.astype(np.float32)
+            cmap, lo, hi = _heatmap_limits(m)
+            ax = axes[r, c]
+            ax.imshow(img)
+            ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi, alpha=0.55)
+            if "mask" in s:
+                ax.contour(s.mask.values.astype(float), levels=[0.5], colors="white", linewidths=0.6)
+            if r == 0:
+                ax.set_title(f"{name}\n(for {classes[target]})" if rows == 1 else name, fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{ds.attrs.get('model')} on {ds.attrs.get('dataset')}: explained class = prediction; "
+                 "white outline = ground-truth object", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+@task(cache_policy=NO_CACHE)
+def render_figure(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3)) -> str:
+    """Prefect task around :func:`render`; returns the figure's path."""
+    return render(store, out, samples)

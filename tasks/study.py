@@ -1,0 +1,183 @@
+"""Prefect tasks of a study: plan the store, ingest a block, attribute a block, render the figure.
+
+Tasks take and return small, JSON-friendly values (paths, names, receipts) so that
+they can run in another process (a Dask worker) and show readably in the Prefect UI.
+Write tasks are never cached by Prefect: the store's ``ingested``/``done`` flags are
+the only record of what is finished.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import storage
+import xai_methods as xm
+import zoo
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(name: str, weights: str | None, device: str) -> torch.nn.Module:
+    """The model, loaded once per process (tasks of one worker share it)."""
+    return zoo.load_model(name, weights=weights).to(device)
+
+
+def load_dataset(name: str, samples: int | None, size: tuple[int, int]) -> zoo.Dataset:
+    return zoo.load_dataset(name, split="test", size=size, limit=samples)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a user asks of a study; the flow's parameters, validated."""
+
+    dataset: str = "shapes"
+    model: str = "shapes-cnn"
+    methods: tuple[str, ...] = ("saliency", "gradcam", "occlusion")
+    samples: int | None = 256
+    store: str = "runs/shapes.zarr"
+    weights: str | None = None
+    layer: str | None = None
+    block_size: int = 64
+    device: str = "cpu"
+    params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-method parameters, hashable
+
+    def method_params(self, method: str) -> dict[str, Any]:
+        """Defaults of the method merged with the user's, plus the layer for layer methods."""
+        spec = xm.spec(method)
+        p = dict(spec.defaults)
+        p.update(dict(dict(self.params).get(method, ())))
+        if spec.needs_layer:
+            p["layer"] = self.layer
+        return p
+
+
+def freeze_params(params: dict[str, dict[str, Any]] | None) -> tuple:
+    return tuple(sorted((m, tuple(sorted(p.items()))) for m, p in (params or {}).items()))
+
+
+def plan(spec: StudySpec) -> tuple[storage.Template, zoo.Dataset, torch.nn.Module]:
+    """Validate a study and build its store template. Raises ValueError with a clear
+    message on any bad argument, before anything is written."""
+    unknown = [m for m in spec.methods if m not in xm.available()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(xm.available())}")
+    if not spec.methods:
+        raise ValueError("--methods is empty; name at least one of: " + ", ".join(xm.available()))
+    if spec.samples is not None and spec.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {spec.samples}")
+    if spec.block_size < 1:
+        raise ValueError(f"--block-size must be >= 1, got {spec.block_size}")
+    for m, _ in spec.params:
+        if m not in spec.methods:
+            raise ValueError(f"parameters given for {m!r}, which is not among --methods {list(spec.methods)}")
+    model = load_model(spec.model, spec.weights, "cpu")
+    pre = model.preprocess
+    for m in spec.methods:
+        params = dict(dict(spec.params).get(m, ()))
+        xm.check(m, model, pre.size, spec.layer if xm.spec(m).needs_layer else None, **params)
+    dataset = load_dataset(spec.dataset, spec.samples, pre.size)
+    if len(dataset) == 0:
+        raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
+    with torch.no_grad():
+        n_classes = model(torch.zeros(1, len(pre.mean), *pre.size)).shape[1]
+    classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
+    classes = classes or [f"class_{i}" for i in range(n_classes)]
+    template = storage.Template(
+        sample_ids=dataset.ids(0, len(dataset)),
+        classes=list(classes),
+        methods=list(spec.methods),
+        image_shape=(len(pre.mean), *pre.size),
+        block_size=spec.block_size,
+        has_masks=dataset.has_masks,
+        params={m: spec.method_params(m) for m in spec.methods},
+        attrs={
+            "model": spec.model,
+            "model_weights": spec.weights or "built-in",
+            "model_fingerprint": zoo.model_fingerprint(model),
+            "dataset": spec.dataset,
+            "dataset_fingerprint": dataset.fingerprint(),
+            "dataset_classes": list(dataset.classes),
+            "image_mean": list(pre.mean),
+            "image_std": list(pre.std),
+            "package_version": metadata.version("saliency-atlas"),
+        },
+    )
+    return template, dataset, model
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_store(spec: StudySpec) -> dict[str, Any]:
+    """Create the store, or check that an existing one belongs to this study."""
+    template, dataset, _ = plan(spec)
+    created = not storage.exists(spec.store)
+    if created:
+        storage.create(spec.store, template)
+    else:
+        storage.check_compatible(spec.store, template)
+    return {
+        "store": spec.store,
+        "created": created,
+        "samples": len(template.sample_ids),
+        "blocks": storage.n_blocks(len(template.sample_ids), spec.block_size),
+        "skipped_files": [f"{p} ({why})" for p, why in dataset.skipped],
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
+    """Load one block of samples, normalise them, predict, and write inputs and predictions."""
+    device = resolve_device(spec.device)
+    model = load_model(spec.model, spec.weights, device)
+    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    s = storage.block_slice(block, len(dataset), spec.block_size)
+    batch = dataset.load(s.start, s.stop)
+    images = model.preprocess(torch.from_numpy(batch.images).to(device))
+    with torch.inference_mode():
+        logits = model(images).float()
+    prediction = logits.argmax(1)
+    arrays = dict(
+        image=images.cpu().numpy().astype(np.float32),
+        label=batch.labels.astype(np.int64),
+        logits=logits.cpu().numpy(),
+        prediction=prediction.cpu().numpy(),
+        target=prediction.cpu().numpy(),  # the class explained: the model's own answer
+    )
+    if batch.masks is not None:
+        arrays["mask"] = batch.masks
+    storage.write_samples(spec.store, block, **arrays)
+    return {"block": block, "samples": s.stop - s.start}
+
+
+@task(cache_policy=NO_CACHE)
+def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
+    """Compute one method's maps for one block and write them; returns a receipt."""
+    device = resolve_device(spec.device)
+    model = load_model(spec.model, spec.weights, device)
+    data = storage.read_samples(spec.store, block, "image", "target")
+    images = torch.from_numpy(data["image"]).to(device)
+    target = torch.from_numpy(data["target"]).to(device)
+    params = spec.method_params(method)
+    layer = params.pop("layer", None)
+    kwargs = {"layer": layer} if xm.spec(method).needs_layer else {}
+    t0 = time.perf_counter()
+    maps = xm.attribute(method, model, images, target=target, **kwargs, **params)
+    seconds = time.perf_counter() - t0
+    storage.write_attribution(spec.store, method, block, maps.cpu().numpy())
+    return {"method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4)}

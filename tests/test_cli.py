@@ -1,0 +1,102 @@
+"""The command line: help, tables, and one clear line (no traceback) for bad arguments."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_table(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for name in ("saliency", "gradcam", "occlusion"):
+        assert name in out
+    assert "1 fwd + 1 bwd" in out and "perturbation" in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["study", "--methods", "saliency,nope"], "unknown method(s) ['nope']"),
+        (["study", "--methods", ","], "--methods is empty"),
+        (["study", "--dataset", "imagenet-from-the-internet"], "shapes"),
+        (["study", "--model", "resnet18"], "--weights"),
+        (["study", "--model", "no-such-net"], "shapes-cnn"),
+        (["study", "--model", "shapes-cnn", "--weights", "/nonexistent/w.pt"], "/nonexistent/w.pt"),
+        (["study", "--samples", "0"], "--samples must be >= 1"),
+        (["study", "--block-size", "0"], "--block-size must be >= 1"),
+        (["study", "--param", "occlusion.size=3"], "unknown parameter 'size'; valid parameters: window"),
+        (["study", "--param", "occlusion.window=0"], "window must be a positive int"),
+        (["study", "--param", "lime.samples=3"], "not among --methods"),
+        (["study", "--device", "tpu"], "--device must be"),
+        (["status", "/nonexistent/store.zarr"], "no study store"),
+        (["figure", "/nonexistent/store.zarr"], "no study store"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(capsys, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("saliency-atlas: error: "), err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_a_bad_argument_in_a_real_process(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "study", "--methods", "gradcam",
+                        "--layer", "stage9", "--samples", "4", "--store", str(tmp_path / "s.zarr")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "stage9" in r.stderr and "stage3" in r.stderr, r.stderr  # the valid layers are listed
+    assert not (tmp_path / "s.zarr").exists(), "nothing is written for a bad argument"
+
+
+def test_parser_errors_teach(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--samples", "many"])
+    assert e.value.code == 2
+    assert "'all'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "--param", "window=8"])
+    assert "METHOD.NAME=VALUE" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "xr.open_zarr" in out
+
+
+def test_study_status_figure_and_refusal(prefect_api, capsys, tmp_path):
+    store = str(tmp_path / "cli.zarr")
+    args = ["study", "--samples", "20", "--block-size", "10", "--store", store, "--methods", "saliency,occlusion",
+            "--param", "occlusion.window=16", "--param", "occlusion.stride=16", "--device", "cpu"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert f"store:   {store}" in out and "figure:  " in out and "accuracy" in out
+    assert os.path.exists(store.replace(".zarr", ".png"))
+
+    code, out, _ = run(capsys, "status", store)
+    assert code == 0 and "saliency" in out and "2/2" in out
+
+    code, out, _ = run(capsys, "figure", store, "--samples", "0,3", "--out", str(tmp_path / "f.png"))
+    assert code == 0 and os.path.exists(tmp_path / "f.png")
+    code, _, err = run(capsys, "figure", store, "--samples", "0,99")
+    assert code == 2 and "outside the study's 0..19" in err
+
+    # The same store with another model is refused, naming what differs; nothing changes.
+    code, _, err = run(capsys, "study", "--samples", "20", "--block-size", "10", "--store", store,
+                       "--methods", "saliency", "--weights", str(tmp_path / "missing.pt"))
+    assert code == 2 and "missing.pt" in err
+    code, _, err = run(capsys, *args[:-4], "--param", "occlusion.window=8", "--param", "occlusion.stride=8")
+    assert code == 2 and "parameters of occlusion differ" in err

@@ -1,0 +1,98 @@
+"""The study flow end to end under a temporary Prefect API."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import storage
+from flows.study import study
+
+METHODS = ["saliency", "gradcam", "occlusion"]
+FAST = {"occlusion": {"window": 16, "stride": 16}}
+
+
+def attribution_digest(path):
+    return hashlib.sha256(xr.open_zarr(path).attribution.values.tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_api, tmp_path_factory):
+    """One small study run to the end: 40 samples in blocks of 16 (the last one short)."""
+    path = str(tmp_path_factory.mktemp("flow") / "study.zarr")
+    figure = path.replace(".zarr", ".png")
+    summary = study(samples=40, store=path, block_size=16, methods=METHODS, params=FAST,
+                    figure=figure, figure_samples=[0, 1, 2], device="cpu")
+    return path, summary
+
+
+def test_store_satisfies_the_contract(finished):
+    path, summary = finished
+    ds = xr.open_zarr(path)
+    assert ds.attribution.shape == (3, 40, 64, 64)
+    assert list(ds.xai_method.values) == METHODS
+    assert ds.done.values.all() and ds.done.shape == (3, 3)
+    assert not np.isnan(ds.attribution.values).any()
+    assert set(np.unique(ds.label.values)) <= {0, 1, 2, 3}
+    assert (ds.target.values == ds.prediction.values).all()
+    assert (ds.prediction.values == ds.logits.values.argmax(1)).all()
+    assert ds.mask.values.any(axis=(1, 2)).all(), "every built-in sample has a ground-truth mask"
+    for key in ("model_fingerprint", "dataset_fingerprint", "params", "package_version", "schema_version"):
+        assert key in ds.attrs
+    assert storage.attrs(path)["params"]["occlusion"]["window"] == 16
+    assert summary["accuracy"] >= 0.9
+    assert summary["computed_blocks"] == {m: 3 for m in METHODS}
+
+
+def test_figure_is_a_png(finished):
+    _, summary = finished
+    with open(summary["figure"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(summary["figure"]) > 10_000
+
+
+def test_maps_match_a_direct_call(finished):
+    """What the pipeline stored is exactly what the method returns for those inputs."""
+    import torch
+
+    import xai_methods as xm
+    import zoo
+
+    path, _ = finished
+    ds = xr.open_zarr(path)
+    model = zoo.load_model("shapes-cnn")
+    images = torch.from_numpy(ds.image.values[16:32])
+    direct = xm.attribute("gradcam", model, images, target=torch.from_numpy(ds.target.values[16:32]))
+    np.testing.assert_array_equal(ds.attribution.sel(xai_method="gradcam").values[16:32], direct.numpy())
+
+
+def test_rerun_computes_nothing_and_changes_nothing(finished):
+    path, _ = finished
+    before = attribution_digest(path)
+    summary = study(samples=40, store=path, block_size=16, methods=METHODS, params=FAST, device="cpu")
+    assert summary["computed_blocks"] == {m: 0 for m in METHODS} and summary["ingested_blocks"] == 0
+    assert attribution_digest(path) == before
+
+
+def test_a_lost_block_is_recomputed_bit_identically(finished, tmp_path):
+    import shutil
+
+    path, _ = finished
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(path, copy)
+    before = attribution_digest(copy)
+    g = zarr.open_group(copy, mode="r+")
+    g["done"][2, 1] = False  # as if the run had died while writing occlusion's block 1
+    g["attribution"][2, 16:32] = np.nan
+    summary = study(samples=40, store=copy, block_size=16, methods=METHODS, params=FAST, device="cpu")
+    assert summary["computed_blocks"] == {"saliency": 0, "gradcam": 0, "occlusion": 1}
+    assert attribution_digest(copy) == before
+
+
+def test_other_parameters_are_refused(finished):
+    path, _ = finished
+    with pytest.raises(storage.StoreMismatch, match="parameters of occlusion differ"):
+        study(samples=40, store=path, block_size=16, methods=METHODS,
+              params={"occlusion": {"window": 8, "stride": 8}}, device="cpu")
