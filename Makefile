@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned here (not in pyproject's ranges) because these exact
 # releases are the ones available offline on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
+# compat mode puts the repository on sys.path through a .pth file. The default
+# (finder) mode loses to a namespace package of the same name: a Dask worker has its
+# own folder on sys.path, with a spill folder called "storage" in it.
+EDITABLE := -e . --config-settings editable_mode=compat
 
 .PHONY: demo test test-fast install install-dev clean
 
@@ -14,11 +18,11 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q $(EDITABLE)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(subst .,".[dev]",$(EDITABLE))
 	touch $@
 
 install: $(VENV)/.installed

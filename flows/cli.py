@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", default=None, help="layer for layer methods (dotted module name); default: the last spatial layer")
     s.add_argument("--block-size", type=int, default=64, help="samples per block (the unit of work and of Zarr chunks)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="run block tasks on a local Dask cluster of N processes (default: one at a time here)")
+    where.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
+                       help="run block tasks on an existing Dask cluster (its workers need this package installed)")
     s.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="a method parameter, e.g. occlusion.window=8 (repeatable)")
     s.add_argument("--figure", default=None, help="figure path (default: the store path with .png); 'none' for no figure")
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")
     f.add_argument("--methods", default=None, help="comma-separated subset of the store's methods (default: all)")
     f.add_argument("--out", default="figure.png", help="output file (.png, .pdf, .svg)")
+
     return p
 
 
@@ -104,7 +110,7 @@ def cmd_methods() -> None:
 
 def cmd_study(args: argparse.Namespace) -> None:
     import storage
-    from flows.study import study
+    from flows.study import study, task_runner
     from tasks import StudySpec, freeze_params, plan, resolve_device
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -114,16 +120,16 @@ def cmd_study(args: argparse.Namespace) -> None:
     figure = args.figure or os.path.splitext(args.store.rstrip("/"))[0] + ".png"
     # Validate everything before the flow starts, so a bad argument is one clear line.
     resolve_device(args.device)
+    task_runner(args.workers, args.dask_address)
     spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
                      store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                      device=args.device, params=freeze_params(params))
-    template, _, _ = plan(spec)
-    if storage.exists(args.store):
-        storage.check_compatible(args.store, template)
+    plan(spec)  # raises on a bad argument or a store of another study
     summary = study(dataset=args.dataset, model=args.model, methods=methods, samples=args.samples,
                     store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                     device=args.device, params=params or None,
-                    figure=None if figure.lower() == "none" else figure)
+                    figure=None if figure.lower() == "none" else figure,
+                    workers=args.workers, dask_address=args.dask_address)
     print(f"store:   {summary['store']}")
     if "figure" in summary:
         print(f"figure:  {summary['figure']}")

@@ -1,13 +1,53 @@
 """The ``study`` flow: attribution maps of a model over a dataset, into a resumable store."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 import storage
 from tasks import StudySpec, attribute_block, freeze_params, ingest_block, prepare_store, render_figure
+
+
+def task_runner(workers: int | None, dask_address: str | None) -> TaskRunner:
+    """Where block tasks run: one at a time in this process (default), on a local Dask
+    cluster of ``workers`` processes, or on an existing Dask cluster at ``dask_address``."""
+    if workers is not None and dask_address is not None:
+        raise ValueError("give --workers N (a local Dask cluster) or --dask-address (an existing one), not both")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if dask_address is None and (workers or 1) == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address is not None:
+        return DaskTaskRunner(address=dask_address)
+    # One single-threaded process per worker, each with its share of the cores for torch.
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+    })
+
+
+@flow(name="study-blocks")
+def compute_blocks(
+    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[str, int]], total: int, already: int
+) -> list[dict[str, Any]]:
+    """Ingest, then attribute, the pending blocks on the flow's task runner; returns the receipts."""
+    receipts: list[dict[str, Any]] = []
+    with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
+        for futures in ([ingest_block.submit(spec, b) for b in todo_ingest],
+                        [attribute_block.submit(spec, m, b) for m, b in todo]):
+            for future in as_completed(futures):
+                receipt = future.result()
+                receipts.append(receipt)
+                bar.update()
+    return [r for r in receipts if "method" in r]
 
 
 @flow(name="study", log_prints=False)
@@ -24,6 +64,8 @@ def study(
     params: dict[str, dict[str, Any]] | None = None,
     figure: str | None = None,
     figure_samples: list[int] = [0, 1, 2, 3],  # noqa: B006
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Explain ``model`` on ``dataset`` with each of ``methods`` and store every map.
 
@@ -33,6 +75,8 @@ def study(
     store: the Zarr store path; an existing store of the same study is resumed.
     params: per-method parameters, e.g. {"occlusion": {"window": 8, "stride": 4}}.
     figure: where to write the overview figure (PNG), or None for no figure.
+    workers: run the block tasks on a local Dask cluster of this many processes.
+    dask_address: run them on an existing Dask cluster (tcp://HOST:PORT) instead.
 
     Re-running with the same arguments computes only blocks not yet ``done``.
     """
@@ -46,21 +90,17 @@ def study(
         log.warning("skipped unreadable file %s", skipped)
     log.info("%s store %s: %d samples in %d blocks", "created" if plan["created"] else "resuming",
              store, plan["samples"], plan["blocks"])
+    if plan["added"]["samples"] or plan["added"]["methods"]:
+        log.info("added %d new samples and methods %s to the store", plan["added"]["samples"], plan["added"]["methods"])
 
     todo_ingest = storage.pending(store)
     todo = [(m, b) for m in methods for b in storage.pending(store, m)]
     total = plan["blocks"] * (1 + len(methods))
     already = total - len(todo_ingest) - len(todo)
     log.info("%d of %d block tasks already done; %d to compute", already, total, len(todo_ingest) + len(todo))
-    seconds: dict[str, float] = {m: 0.0 for m in methods}
-    with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
-        for b in todo_ingest:
-            ingest_block(spec, b)
-            bar.update()
-        for m, b in todo:
-            receipt = attribute_block(spec, m, b)
-            seconds[m] += receipt["seconds"]
-            bar.update()
+    runner = task_runner(workers, dask_address)
+    receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, total, already)
+    seconds = {m: round(sum(r["seconds"] for r in receipts if r["method"] == m), 3) for m in methods}
 
     ds = storage.open_dataset(store)
     label, pred = ds.label.values, ds.prediction.values
@@ -72,7 +112,7 @@ def study(
         "blocks": plan["blocks"],
         "ingested_blocks": len(todo_ingest),
         "computed_blocks": {m: sum(1 for mm, _ in todo if mm == m) for m in methods},
-        "attribution_seconds": {m: round(s, 3) for m, s in seconds.items()},
+        "attribution_seconds": seconds,
         "accuracy": accuracy,
     }
     if accuracy is not None:

@@ -13,11 +13,13 @@ from .store import (
     check_compatible,
     create,
     exists,
+    grow,
     methods,
     n_blocks,
     open_dataset,
     pending,
     read_samples,
+    sample_ids,
     status,
     write_attribution,
     write_samples,
@@ -25,6 +27,6 @@ from .store import (
 
 __all__ = [
     "SCHEMA_VERSION", "StoreMismatch", "Template", "attrs", "block_slice", "check_compatible", "create",
-    "exists", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "status",
+    "exists", "grow", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "sample_ids", "status",
     "write_attribution", "write_samples",
 ]

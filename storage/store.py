@@ -138,9 +138,11 @@ def open_dataset(path: str) -> xr.Dataset:
 
 
 def _group(path: str, mode: str = "r+") -> zarr.Group:
+    # Not the consolidated metadata: it is refreshed only after a change of layout
+    # (see grow), and block work must always see the arrays as they are.
     with _quiet():
         try:
-            return zarr.open_group(path, mode=mode, zarr_format=3)
+            return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no study store at {path!r}") from e
 
@@ -159,32 +161,50 @@ def attrs(path: str) -> dict[str, Any]:
     return a
 
 
-def check_compatible(path: str, t: Template) -> None:
-    """Refuse (without touching the store) a run whose model, data or parameters differ."""
+def _committed(names: np.ndarray) -> list[str]:
+    # Coordinates are extended last when a store grows, and empty names are slots
+    # of a growth that did not finish: they are not part of the store yet.
+    return [str(x) for x in names if str(x)]
+
+
+def sample_ids(path: str) -> list[str]:
+    return _committed(_group(path, mode="r")["sample_id"][:])
+
+
+def check_compatible(path: str, t: Template, stored_digest: str | None = None) -> None:
+    """Refuse (without touching the store) a run whose model, data or parameters differ.
+
+    The store may grow: ``t`` may list more samples (after the stored ones, in the same
+    order) and more methods. ``stored_digest`` is the dataset's digest of the samples
+    already in the store, recomputed by the caller from the data as it is now; without
+    it, ``t``'s own ``dataset_fingerprint`` is compared (the same samples).
+    """
     stored = attrs(path)
-    g = _group(path, mode="r")
     problems: list[str] = []
-    for key in ("model_fingerprint", "dataset_fingerprint"):
-        if key in t.attrs and stored.get(key) != t.attrs[key]:
+    if stored.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema version {stored.get('schema_version')} != {SCHEMA_VERSION}")
+    digests = {"model_fingerprint": t.attrs.get("model_fingerprint"),
+               "dataset_fingerprint": stored_digest or t.attrs.get("dataset_fingerprint")}
+    for key, now in digests.items():
+        if now is not None and stored.get(key) != now:
             what = key.split("_")[0]
             problems.append(
                 f"{what} differs: the store was made with {stored.get(what)!r} "
-                f"(fingerprint {str(stored.get(key))[:12]}), this run uses {t.attrs.get(what)!r} "
-                f"(fingerprint {str(t.attrs[key])[:12]})"
+                f"(fingerprint {str(stored.get(key))[:12]}), this run has {t.attrs.get(what)!r} "
+                f"(fingerprint {str(now)[:12]})"
+                + (" — the stored samples changed" if what == "dataset" else "")
             )
-    if stored.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema version {stored.get('schema_version')} != {SCHEMA_VERSION}")
-    n_stored = g["sample"].shape[0]
-    if n_stored != len(t.sample_ids):
-        problems.append(f"the store has {n_stored} samples, this run asks for {len(t.sample_ids)}")
+    ids = sample_ids(path)
+    if t.sample_ids[: len(ids)] != ids:
+        problems.append(
+            f"the store has {len(ids)} samples and this run asks for {len(t.sample_ids)}; a run may add "
+            "samples after the stored ones but not drop or reorder them (use --samples "
+            f"{len(ids)} or more)"
+        )
     if stored.get("block_size") != t.block_size:
         problems.append(f"block size differs: store {stored.get('block_size')}, this run {t.block_size}")
     if list(stored.get("image_shape", [])) != list(t.image_shape):
         problems.append(f"image shape differs: store {stored.get('image_shape')}, this run {list(t.image_shape)}")
-    stored_methods = [str(m) for m in g["xai_method"][:]]
-    missing = [m for m in t.methods if m not in stored_methods]
-    if missing:
-        problems.append(f"methods {missing} are not in the store (it has {stored_methods})")
     for name in t.methods:
         if name in stored["params"] and stored["params"][name] != t.params.get(name, {}):
             problems.append(f"parameters of {name} differ: store {stored['params'][name]}, this run {t.params.get(name, {})}")
@@ -195,12 +215,66 @@ def check_compatible(path: str, t: Template) -> None:
         )
 
 
+def _resize(arr: zarr.Array, axis: int, length: int) -> None:
+    shape = list(arr.shape)
+    shape[axis] = length
+    if tuple(shape) != arr.shape:
+        arr.resize(tuple(shape))
+
+
+def _extend_names(arr: zarr.Array, names: list[str]) -> None:
+    """Resize a string coordinate to ``names`` and write them (idempotent)."""
+    _resize(arr, 0, len(names))
+    arr[:] = np.array(names, dtype=object)
+
+
+def grow(path: str, t: Template) -> dict[str, Any]:
+    """Add ``t``'s new samples and methods to the store (after check_compatible).
+
+    Data arrays are resized first and the coordinates last, so an interrupted growth
+    leaves a store that the next call completes. A short last block that gains samples
+    is marked not done and recomputed (deterministically, so its old samples are
+    rewritten bit-identically). Returns what was added.
+    """
+    g = _group(path)
+    old_ids, old_methods = sample_ids(path), methods(path)
+    new_methods = [m for m in t.methods if m not in old_methods]
+    n_old, n_new, b = len(old_ids), len(t.sample_ids), t.block_size
+    unfinished = g["sample_id"].shape[0] != n_old or g["xai_method"].shape[0] != len(old_methods)
+    if n_new == n_old and not new_methods and not unfinished:
+        return {"samples": 0, "methods": []}
+    if n_new > n_old:
+        if n_old % b:  # the short last block will hold more samples: redo it
+            g["ingested"][n_old // b] = False
+            g["done"][:, n_old // b] = False
+        for name in ("attribution", *SAMPLE_VARIABLES):
+            if name in g:
+                _resize(g[name], 1 if name == "attribution" else 0, n_new)
+        _resize(g["done"], 1, n_blocks(n_new, b))
+        _resize(g["ingested"], 0, n_blocks(n_new, b))
+        _resize(g["sample"], 0, n_new)
+        g["sample"][n_old:] = np.arange(n_old, n_new)
+        _extend_names(g["sample_id"], t.sample_ids)
+    if new_methods:
+        all_methods = old_methods + new_methods
+        _resize(g["attribution"], 0, len(all_methods))
+        _resize(g["done"], 0, len(all_methods))
+        params = json.loads(g.attrs.get("params", "{}"))
+        params.update({m: t.params.get(m, {}) for m in new_methods})
+        g.attrs["params"] = json.dumps(params, sort_keys=True)
+        _extend_names(g["xai_method"], all_methods)
+    g.attrs["dataset_fingerprint"] = t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint"))
+    with _quiet():
+        zarr.consolidate_metadata(path, zarr_format=3)
+    return {"samples": n_new - n_old, "methods": new_methods}
+
+
 def methods(path: str) -> list[str]:
-    return [str(m) for m in _group(path, mode="r")["xai_method"][:]]
+    return _committed(_group(path, mode="r")["xai_method"][:])
 
 
 def _method_index(g: zarr.Group, method: str) -> int:
-    names = [str(m) for m in g["xai_method"][:]]
+    names = _committed(g["xai_method"][:])
     if method not in names:
         raise KeyError(f"method {method!r} is not in this store; it has {names}")
     return names.index(method)

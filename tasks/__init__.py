@@ -1,6 +1,7 @@
 """Prefect tasks: small idempotent units that read and write the study store."""
 from .figure import render, render_figure
 from .study import (
+    Plan,
     StudySpec,
     attribute_block,
     freeze_params,
@@ -12,6 +13,6 @@ from .study import (
 )
 
 __all__ = [
-    "StudySpec", "attribute_block", "freeze_params", "ingest_block", "load_model", "plan",
+    "Plan", "StudySpec", "attribute_block", "freeze_params", "ingest_block", "load_model", "plan",
     "prepare_store", "render", "render_figure", "resolve_device",
 ]

@@ -72,8 +72,17 @@ def freeze_params(params: dict[str, dict[str, Any]] | None) -> tuple:
     return tuple(sorted((m, tuple(sorted(p.items()))) for m, p in (params or {}).items()))
 
 
-def plan(spec: StudySpec) -> tuple[storage.Template, zoo.Dataset, torch.nn.Module]:
-    """Validate a study and build its store template. Raises ValueError with a clear
+@dataclass(frozen=True)
+class Plan:
+    template: storage.Template  # the store as this run wants it (stored samples first, then new ones)
+    dataset: zoo.Dataset
+    model: torch.nn.Module
+    exists: bool  # the store is already there
+
+
+def plan(spec: StudySpec) -> Plan:
+    """Validate a study, build its store template and, for an existing store, check that
+    it belongs to this study (refusing with StoreMismatch otherwise). Raises with a clear
     message on any bad argument, before anything is written."""
     unknown = [m for m in spec.methods if m not in xm.available()]
     if unknown:
@@ -99,8 +108,12 @@ def plan(spec: StudySpec) -> tuple[storage.Template, zoo.Dataset, torch.nn.Modul
         n_classes = model(torch.zeros(1, len(pre.mean), *pre.size)).shape[1]
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
     classes = classes or [f"class_{i}" for i in range(n_classes)]
+    exists = storage.exists(spec.store)
+    stored = storage.sample_ids(spec.store) if exists else []
+    known = set(stored)
+    ids = stored + [i for i in dataset.ids(0, len(dataset)) if i not in known]  # growth appends
     template = storage.Template(
-        sample_ids=dataset.ids(0, len(dataset)),
+        sample_ids=ids,
         classes=list(classes),
         methods=list(spec.methods),
         image_shape=(len(pre.mean), *pre.size),
@@ -112,31 +125,33 @@ def plan(spec: StudySpec) -> tuple[storage.Template, zoo.Dataset, torch.nn.Modul
             "model_weights": spec.weights or "built-in",
             "model_fingerprint": zoo.model_fingerprint(model),
             "dataset": spec.dataset,
-            "dataset_fingerprint": dataset.fingerprint(),
+            "dataset_fingerprint": dataset.digest(ids),
             "dataset_classes": list(dataset.classes),
             "image_mean": list(pre.mean),
             "image_std": list(pre.std),
             "package_version": metadata.version("saliency-atlas"),
         },
     )
-    return template, dataset, model
+    if exists:
+        storage.check_compatible(spec.store, template, stored_digest=dataset.digest(stored))
+    return Plan(template, dataset, model, exists)
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_store(spec: StudySpec) -> dict[str, Any]:
-    """Create the store, or check that an existing one belongs to this study."""
-    template, dataset, _ = plan(spec)
-    created = not storage.exists(spec.store)
-    if created:
-        storage.create(spec.store, template)
-    else:
-        storage.check_compatible(spec.store, template)
+    """Create the store, or check an existing one and add this run's new samples and methods."""
+    p = plan(spec)
+    added = storage.grow(spec.store, p.template) if p.exists else {"samples": 0, "methods": []}
+    if not p.exists:
+        storage.create(spec.store, p.template)
+    n = len(p.template.sample_ids)
     return {
         "store": spec.store,
-        "created": created,
-        "samples": len(template.sample_ids),
-        "blocks": storage.n_blocks(len(template.sample_ids), spec.block_size),
-        "skipped_files": [f"{p} ({why})" for p, why in dataset.skipped],
+        "created": not p.exists,
+        "added": added,
+        "samples": n,
+        "blocks": storage.n_blocks(n, spec.block_size),
+        "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
     }
 
 
@@ -146,8 +161,8 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
     dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
-    s = storage.block_slice(block, len(dataset), spec.block_size)
-    batch = dataset.load(s.start, s.stop)
+    ids = storage.read_samples(spec.store, block, "sample_id")["sample_id"]
+    batch = dataset.load_ids([str(i) for i in ids])
     images = model.preprocess(torch.from_numpy(batch.images).to(device))
     with torch.inference_mode():
         logits = model(images).float()
@@ -162,7 +177,7 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
     if batch.masks is not None:
         arrays["mask"] = batch.masks
     storage.write_samples(spec.store, block, **arrays)
-    return {"block": block, "samples": s.stop - s.start}
+    return {"block": block, "samples": len(ids)}
 
 
 @task(cache_policy=NO_CACHE)

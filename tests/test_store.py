@@ -148,9 +148,9 @@ def test_misaligned_chunks_are_asserted(store):
     [
         (dict(attrs={"model": "other", "model_fingerprint": "c" * 64, "dataset": "d", "dataset_fingerprint": "b" * 64}), "model differs"),
         (dict(attrs={"model": "m", "model_fingerprint": "a" * 64, "dataset": "d2", "dataset_fingerprint": "e" * 64}), "dataset differs"),
-        (dict(sample_ids=[f"test/{i:06d}" for i in range(12)]), "has 10 samples, this run asks for 12"),
+        (dict(sample_ids=[f"test/{i:06d}" for i in range(8)]), "may add samples after the stored ones"),
+        (dict(sample_ids=[f"test/{i:06d}" for i in reversed(range(10))]), "not drop or reorder them"),
         (dict(block_size=5), "block size differs"),
-        (dict(methods=["saliency", "occlusion"]), "not in the store"),
         (dict(params={"saliency": {"reduce": "sum"}, "gradcam": {"layer": None}}), "parameters of saliency differ"),
         (dict(image_shape=(3, 16, 16)), "image shape differs"),
     ],
@@ -184,3 +184,54 @@ def test_template_validation():
         template(dtype="int8")
     with pytest.raises(ValueError, match="distinct"):
         template(methods=["gradcam", "gradcam"])
+
+
+def test_stored_digest_is_what_is_compared(store):
+    storage.check_compatible(store, template(), stored_digest="b" * 64)
+    with pytest.raises(storage.StoreMismatch, match="the stored samples changed"):
+        storage.check_compatible(store, template(), stored_digest="f" * 64)
+
+
+def test_growth_appends_samples_and_methods(store):
+    storage.write_samples(store, 0, label=np.arange(4))
+    storage.write_samples(store, 2, label=np.array([7, 8]))
+    storage.write_attribution(store, "gradcam", 0, np.ones((4, 8, 8)))
+    storage.write_attribution(store, "gradcam", 2, np.full((2, 8, 8), 2.0))
+    bigger = template(
+        sample_ids=[f"test/{i:06d}" for i in range(15)], methods=["saliency", "gradcam", "occlusion"],
+        params={"saliency": {"reduce": "max_abs"}, "gradcam": {"layer": None}, "occlusion": {"window": 4}},
+        attrs={"model": "m", "model_fingerprint": "a" * 64, "dataset": "d", "dataset_fingerprint": "g" * 64},
+    )
+    storage.check_compatible(store, bigger, stored_digest="b" * 64)
+    assert storage.grow(store, bigger) == {"samples": 5, "methods": ["occlusion"]}
+    ds = xr.open_zarr(store)  # consolidated metadata was refreshed
+    assert ds.attribution.shape == (3, 15, 8, 8) and ds.done.shape == (3, 4)
+    assert list(ds.xai_method.values) == ["saliency", "gradcam", "occlusion"]
+    assert list(ds.sample_id.values[-5:]) == [f"test/{i:06d}" for i in range(10, 15)]
+    assert (ds.attribution.sel(xai_method="gradcam").values[:4] == 1).all(), "done blocks are kept"
+    assert list(ds.label.values[:4]) == [0, 1, 2, 3]
+    # the short last block (samples 8-9) now holds 8-11: it is redone, the full block 0 is not
+    assert storage.pending(store, "gradcam") == [1, 2, 3]
+    assert storage.pending(store, "occlusion") == [0, 1, 2, 3]
+    assert storage.pending(store) == [1, 2, 3]
+    assert storage.attrs(store)["params"]["occlusion"] == {"window": 4}
+    assert storage.attrs(store)["dataset_fingerprint"] == "g" * 64
+    assert storage.grow(store, bigger) == {"samples": 0, "methods": []}, "growing twice adds nothing"
+
+
+def test_an_interrupted_growth_is_completed(store, monkeypatch):
+    bigger = template(sample_ids=[f"test/{i:06d}" for i in range(13)])
+    original = storage.store._extend_names
+
+    def crash(arr, names):
+        arr.resize((len(names),))  # the coordinate grew, its new names were never written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.store, "_extend_names", crash)
+    with pytest.raises(KeyboardInterrupt):
+        storage.grow(store, bigger)
+    monkeypatch.setattr(storage.store, "_extend_names", original)
+    assert storage.sample_ids(store) == [f"test/{i:06d}" for i in range(10)], "unwritten slots don't count"
+    storage.check_compatible(store, bigger)
+    assert storage.grow(store, bigger)["samples"] == 3
+    assert xr.open_zarr(store).sample_id.values[-1] == "test/000012"

@@ -94,15 +94,34 @@ class FolderDataset:
 
     def load(self, start: int, stop: int) -> Batch:
         """Samples [start, stop) (stop is clipped to len(self))."""
-        files = self._slice(start, stop)
-        images = np.empty((len(files), 3, *self.size), np.float32)
-        for i, (rel, _) in enumerate(files):
+        return self.load_ids(self.ids(start, stop))
+
+    def _label(self, rel: str) -> int:
+        if not hasattr(self, "_labels"):
+            self._labels = dict(self._candidates)
+        if rel not in self._labels or self._reason(rel) is not None:
+            raise ValueError(f"sample {rel!r} is no longer a readable image of {self.name!r}")
+        return self._labels[rel]
+
+    def load_ids(self, ids: list[str]) -> Batch:
+        """The samples with these relative paths, in this order."""
+        labels = np.array([self._label(rel) for rel in ids], dtype=np.int64)
+        images = np.empty((len(ids), 3, *self.size), np.float32)
+        for i, rel in enumerate(ids):
             try:
                 images[i] = _read_rgb(self.root / rel, self.size)
             except Exception as e:  # noqa: BLE001 - changed on disk since it was checked
                 raise ValueError(f"image {rel!r} in {self.name!r} can no longer be read: {e}") from None
-        labels = np.array([k for _, k in files], dtype=np.int64)
-        return Batch(images, labels, None, [rel for rel, _ in files])
+        return Batch(images, labels, None, list(ids))
+
+    def digest(self, ids: list[str]) -> str:
+        """sha256 of the image size and the relative paths and bytes of exactly these samples."""
+        h = hashlib.sha256(f"folder|size={self.size[0]}x{self.size[1]}".encode())
+        for rel in ids:
+            self._label(rel)
+            h.update(f"\0{rel}\0".encode())
+            h.update((self.root / rel).read_bytes())
+        return h.hexdigest()
 
     def fingerprint(self) -> str:
         """sha256 of the image size and the sorted relative paths and bytes of ALL readable files

@@ -243,15 +243,33 @@ class ShapesDataset:
 
     def load(self, start: int, stop: int) -> Batch:
         """Samples [start, stop) (stop is clipped to len(self))."""
+        return self.load_ids(self.ids(start, stop))
+
+    def _index(self, sample_id: str) -> int:
+        split, _, number = sample_id.partition("/")
+        if split != self.split or not number.isdigit():
+            raise ValueError(f"sample id {sample_id!r} is not a sample of the shapes split {self.split!r}")
+        return int(number)
+
+    def load_ids(self, ids: list[str]) -> Batch:
+        """The samples with these ids (any order, any index: samples are generated on demand)."""
         H, W = self.size
-        idx = self._range(start, stop)
-        images = np.empty((len(idx), 3, H, W), np.float32)
-        masks = np.empty((len(idx), H, W), bool)
-        labels = np.empty(len(idx), np.int64)
-        for k, i in enumerate(idx):
-            images[k], masks[k], labels[k], _ = render(sample_rng(self.seed, self.split, i), self.size)
-        return Batch(images, labels, masks, self.ids(start, stop))
+        images = np.empty((len(ids), 3, H, W), np.float32)
+        masks = np.empty((len(ids), H, W), bool)
+        labels = np.empty(len(ids), np.int64)
+        for k, sample_id in enumerate(ids):
+            rng = sample_rng(self.seed, self.split, self._index(sample_id))
+            images[k], masks[k], labels[k], _ = render(rng, self.size)
+        return Batch(images, labels, masks, list(ids))
 
     def fingerprint(self) -> str:
         key = f"shapes|v{GENERATOR_VERSION}|seed={self.seed}|split={self.split}|size={self.size[0]}x{self.size[1]}"
         return hashlib.sha256(key.encode()).hexdigest()
+
+    def digest(self, ids: list[str]) -> str:
+        """sha256 identifying exactly these samples (the generator and the ids)."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        for sample_id in ids:
+            self._index(sample_id)
+            h.update(f"\0{sample_id}".encode())
+        return h.hexdigest()
