@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", default=None, help="layer for layer methods (dotted module name); default: the last spatial layer")
     s.add_argument("--block-size", type=int, default=64, help="samples per block (the unit of work and of Zarr chunks)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    layout = s.add_argument_group("layout of a new store (an existing store keeps its own)")
+    layout.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="precision of stored maps")
+    layout.add_argument("--compression", choices=("zstd", "blosc", "none"), default="zstd", help="codec of maps, images, masks")
+    layout.add_argument("--chunk-samples", type=int, default=None, metavar="N",
+                        help="samples per chunk; below --block-size each block becomes one shard of such chunks")
+    layout.add_argument("--no-images", dest="keep_images", action="store_false",
+                        help="store sample ids only, not the model inputs (inputs are remade from the dataset)")
     where = s.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None,
                        help="run block tasks on a local Dask cluster of N processes (default: one at a time here)")
@@ -123,13 +130,15 @@ def cmd_study(args: argparse.Namespace) -> None:
     task_runner(args.workers, args.dask_address)
     spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
                      store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
-                     device=args.device, params=freeze_params(params))
+                     device=args.device, params=freeze_params(params), dtype=args.dtype,
+                     compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images)
     plan(spec)  # raises on a bad argument or a store of another study
     summary = study(dataset=args.dataset, model=args.model, methods=methods, samples=args.samples,
                     store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                     device=args.device, params=params or None,
                     figure=None if figure.lower() == "none" else figure,
-                    workers=args.workers, dask_address=args.dask_address)
+                    workers=args.workers, dask_address=args.dask_address, dtype=args.dtype,
+                    compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images)
     print(f"store:   {summary['store']}")
     if "figure" in summary:
         print(f"figure:  {summary['figure']}")
@@ -148,6 +157,10 @@ def cmd_status(store: str) -> None:
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
     print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
     print(f"samples  {st['samples']} in {st['blocks']} blocks; inputs ingested: {st['ingested']}/{st['blocks']}")
+    per_map = st["bytes_per_map"]
+    print(f"maps     {st['map_dtype']}, {st['compression']}; "
+          + (f"{per_map / 1024:.1f} KiB stored per map" if per_map else "no map stored yet"))
+    print("stored   " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in st["bytes_stored"].items()))
     width = max(len(m) for m in st["methods"])
     for m, done in st["methods"].items():
         bar = "#" * round(20 * done / st["blocks"])

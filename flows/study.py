@@ -66,6 +66,10 @@ def study(
     figure_samples: list[int] = [0, 1, 2, 3],  # noqa: B006
     workers: int | None = None,
     dask_address: str | None = None,
+    dtype: str = "float32",
+    compression: str = "zstd",
+    chunk_samples: int | None = None,
+    keep_images: bool = True,
 ) -> dict[str, Any]:
     """Explain ``model`` on ``dataset`` with each of ``methods`` and store every map.
 
@@ -77,6 +81,9 @@ def study(
     figure: where to write the overview figure (PNG), or None for no figure.
     workers: run the block tasks on a local Dask cluster of this many processes.
     dask_address: run them on an existing Dask cluster (tcp://HOST:PORT) instead.
+    dtype, compression, chunk_samples, keep_images: layout of a new store (maps as float32
+    or float16; zstd, blosc or no compression; samples per chunk inside a block's shard;
+    whether to store the model inputs or only sample ids).
 
     Re-running with the same arguments computes only blocks not yet ``done``.
     """
@@ -84,6 +91,7 @@ def study(
     spec = StudySpec(
         dataset=dataset, model=model, methods=tuple(methods), samples=samples, store=store,
         weights=weights, layer=layer, block_size=block_size, device=device, params=freeze_params(params),
+        dtype=dtype, compression=compression, chunk_samples=chunk_samples, keep_images=keep_images,
     )
     plan = prepare_store(spec)
     for skipped in plan["skipped_files"]:

@@ -5,6 +5,7 @@
 >>> ds.attribution.sel(xai_method="gradcam").isel(sample=0).plot()
 """
 from .store import (
+    COMPRESSIONS,
     SCHEMA_VERSION,
     StoreMismatch,
     Template,
@@ -14,6 +15,7 @@ from .store import (
     create,
     exists,
     grow,
+    has,
     methods,
     n_blocks,
     open_dataset,
@@ -26,7 +28,8 @@ from .store import (
 )
 
 __all__ = [
+    "COMPRESSIONS",
     "SCHEMA_VERSION", "StoreMismatch", "Template", "attrs", "block_slice", "check_compatible", "create",
-    "exists", "grow", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "sample_ids", "status",
+    "exists", "grow", "has", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "sample_ids", "status",
     "write_attribution", "write_samples",
 ]

@@ -29,9 +29,17 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
 
 SCHEMA_VERSION = 1
 SAMPLE_VARIABLES = ("image", "mask", "label", "prediction", "target", "logits")
+
+
+COMPRESSIONS = {
+    "zstd": lambda: [ZstdCodec(level=3)],
+    "blosc": lambda: [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")],
+    "none": lambda: [],
+}
 
 
 class StoreMismatch(ValueError):
@@ -60,13 +68,20 @@ class Template:
     has_masks: bool
     params: dict[str, dict[str, Any]]  # per method, JSON-serialisable
     attrs: dict[str, Any] = field(default_factory=dict)  # fingerprints, model/dataset names...
-    dtype: str = "float32"
+    dtype: str = "float32"  # of the maps: "float32" or "float16"
+    compression: str = "zstd"  # of maps, images and masks: "zstd", "blosc" (zstd + bit shuffle) or "none"
+    chunk_samples: int | None = None  # samples per chunk; below block_size, a block is one shard of chunks
+    keep_images: bool = True  # False: store only sample ids; inputs are recomputed from the dataset
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
+        if self.chunk_samples is not None and (self.chunk_samples < 1 or self.block_size % self.chunk_samples):
+            raise ValueError(f"chunk_samples must divide block_size {self.block_size}, got {self.chunk_samples}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct, got {self.methods}")
         if not self.sample_ids:
@@ -102,7 +117,8 @@ def create(path: str, t: Template) -> None:
         "target": (("sample",), lazy((n,), "int64", -1, (b,))),
         "logits": (("sample", "class"), lazy((n, len(t.classes)), "float32", np.nan, (b, len(t.classes)))),
     }
-    data["image"] = (("sample", "channel", "y", "x"), lazy((n, c, h, w), "float32", np.nan, (b, c, h, w)))
+    if t.keep_images:
+        data["image"] = (("sample", "channel", "y", "x"), lazy((n, c, h, w), "float32", np.nan, (b, c, h, w)))
     if t.has_masks:
         data["mask"] = (("sample", "y", "x"), lazy((n, h, w), "bool", False, (b, h, w)))
     attrs = dict(t.attrs)
@@ -110,6 +126,8 @@ def create(path: str, t: Template) -> None:
         schema_version=SCHEMA_VERSION,
         block_size=b,
         image_shape=list(t.image_shape),
+        compression=t.compression,
+        images_stored=t.keep_images,
         params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
     )
     ds = xr.Dataset(
@@ -123,7 +141,17 @@ def create(path: str, t: Template) -> None:
         attrs=attrs,
     )
     # One chunk per flag: concurrent tasks set different flags without read-modify-write races.
-    encoding = {"done": {"chunks": (1, 1)}, "ingested": {"chunks": (1,)}}
+    encoding: dict[str, dict[str, Any]] = {"done": {"chunks": (1, 1)}, "ingested": {"chunks": (1,)}}
+    for name, (dims, arr) in data.items():
+        if "y" in dims:  # the big arrays: maps, images, masks
+            block_chunks = arr.chunksize
+            axis = dims.index("sample")
+            enc: dict[str, Any] = {"compressors": COMPRESSIONS[t.compression]()}
+            if t.chunk_samples is not None and t.chunk_samples < b:
+                # A block is one shard, so a block write still touches only its own object.
+                enc["shards"] = block_chunks
+                enc["chunks"] = tuple(t.chunk_samples if i == axis else c for i, c in enumerate(block_chunks))
+            encoding[name] = enc
     with _quiet():
         ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
 
@@ -288,7 +316,7 @@ def _aligned(g: zarr.Group, block: int) -> slice:
         if name in g:
             arr = g[name]
             axis = 1 if name == "attribution" else 0
-            chunk = arr.chunks[axis]
+            chunk = (arr.shards or arr.chunks)[axis]  # the unit a writer rewrites
             # xarray does not check numpy-backed region writes: a misaligned write could
             # race with a neighbouring block's writer, so the layout is asserted here.
             assert s.start % chunk == 0 and (s.stop % chunk == 0 or s.stop == n), (
@@ -339,12 +367,23 @@ def pending(path: str, method: str | None = None) -> list[int]:
     return [int(b) for b in np.flatnonzero(~flags)]
 
 
+def has(path: str, name: str) -> bool:
+    return name in _group(path, mode="r")
+
+
 def status(path: str) -> dict[str, Any]:
     """Blocks done per method, plus the store's identity and size."""
     g = _group(path, mode="r")
     a = attrs(path)
     done = g["done"][:]
+    n, b = g["sample"].shape[0], int(a["block_size"])
+    maps_done = sum(len(range(n)[block_slice(k, n, b)]) for m in range(done.shape[0]) for k in np.flatnonzero(done[m]))
+    stored = {name: int(g[name].nbytes_stored()) for name in ("attribution", *SAMPLE_VARIABLES) if name in g}
     return {
+        "bytes_stored": stored,
+        "bytes_per_map": stored["attribution"] / maps_done if maps_done else None,
+        "map_dtype": str(g["attribution"].dtype),
+        "compression": a.get("compression"),
         "path": path,
         "samples": int(g["sample"].shape[0]),
         "blocks": int(done.shape[1]),

@@ -55,7 +55,8 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows), squeeze=False)
     for r in range(rows):
         s = sel.isel(sample=r)
-        img = _display_image(s.image.values, mean, std)
+        # Stores of references only have no inputs to show: heatmaps then stand alone.
+        img = _display_image(s.image.values, mean, std) if "image" in s else np.full((*s.attribution.shape[-2:], 3), 0.5)
         label, pred, target = (int(s[v]) for v in ("label", "prediction", "target"))
         truth = classes[label] if 0 <= label < len(classes) else "?"
         axes[r, 0].imshow(img)

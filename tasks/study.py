@@ -57,6 +57,11 @@ class StudySpec:
     block_size: int = 64
     device: str = "cpu"
     params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-method parameters, hashable
+    # Layout of a new store (an existing store keeps the layout it was made with):
+    dtype: str = "float32"
+    compression: str = "zstd"
+    chunk_samples: int | None = None
+    keep_images: bool = True
 
     def method_params(self, method: str) -> dict[str, Any]:
         """Defaults of the method merged with the user's, plus the layer for layer methods."""
@@ -120,6 +125,10 @@ def plan(spec: StudySpec) -> Plan:
         block_size=spec.block_size,
         has_masks=dataset.has_masks,
         params={m: spec.method_params(m) for m in spec.methods},
+        dtype=spec.dtype,
+        compression=spec.compression,
+        chunk_samples=spec.chunk_samples,
+        keep_images=spec.keep_images,
         attrs={
             "model": spec.model,
             "model_weights": spec.weights or "built-in",
@@ -155,15 +164,20 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
     }
 
 
+def model_inputs(spec: StudySpec, block: int, model: torch.nn.Module, device: str) -> tuple[torch.Tensor, zoo.Batch]:
+    """The normalised model inputs of one block, made from the dataset by sample id."""
+    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    ids = storage.read_samples(spec.store, block, "sample_id")["sample_id"]
+    batch = dataset.load_ids([str(i) for i in ids])
+    return model.preprocess(torch.from_numpy(batch.images).to(device)), batch
+
+
 @task(cache_policy=NO_CACHE)
 def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
     """Load one block of samples, normalise them, predict, and write inputs and predictions."""
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
-    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
-    ids = storage.read_samples(spec.store, block, "sample_id")["sample_id"]
-    batch = dataset.load_ids([str(i) for i in ids])
-    images = model.preprocess(torch.from_numpy(batch.images).to(device))
+    images, batch = model_inputs(spec, block, model, device)
     with torch.inference_mode():
         logits = model(images).float()
     prediction = logits.argmax(1)
@@ -177,7 +191,7 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
     if batch.masks is not None:
         arrays["mask"] = batch.masks
     storage.write_samples(spec.store, block, **arrays)
-    return {"block": block, "samples": len(ids)}
+    return {"block": block, "samples": len(batch.ids)}
 
 
 @task(cache_policy=NO_CACHE)
@@ -185,9 +199,11 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     """Compute one method's maps for one block and write them; returns a receipt."""
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
-    data = storage.read_samples(spec.store, block, "image", "target")
-    images = torch.from_numpy(data["image"]).to(device)
-    target = torch.from_numpy(data["target"]).to(device)
+    if storage.has(spec.store, "image"):
+        images = torch.from_numpy(storage.read_samples(spec.store, block, "image")["image"]).to(device)
+    else:  # a store of references only: remake the exact inputs from the dataset
+        images, _ = model_inputs(spec, block, model, device)
+    target = torch.from_numpy(storage.read_samples(spec.store, block, "target")["target"]).to(device)
     params = spec.method_params(method)
     layer = params.pop("layer", None)
     kwargs = {"layer": layer} if xm.spec(method).needs_layer else {}

@@ -96,3 +96,14 @@ def test_other_parameters_are_refused(finished):
     with pytest.raises(storage.StoreMismatch, match="parameters of occlusion differ"):
         study(samples=40, store=path, block_size=16, methods=METHODS,
               params={"occlusion": {"window": 8, "stride": 8}}, device="cpu")
+
+
+def test_references_only_float16_sharded_store_holds_the_same_maps(finished, tmp_path):
+    path, _ = finished
+    lean = str(tmp_path / "lean.zarr")
+    study(samples=40, store=lean, block_size=16, methods=METHODS, params=FAST, device="cpu",
+          keep_images=False, dtype="float16", chunk_samples=8, compression="blosc")
+    ds, ref = xr.open_zarr(lean), xr.open_zarr(path)
+    assert "image" not in ds and ds.attribution.dtype == np.float16
+    np.testing.assert_array_equal(ds.attribution.values, ref.attribution.values.astype(np.float16))
+    np.testing.assert_array_equal(ds.logits.values, ref.logits.values)

@@ -235,3 +235,44 @@ def test_an_interrupted_growth_is_completed(store, monkeypatch):
     storage.check_compatible(store, bigger)
     assert storage.grow(store, bigger)["samples"] == 3
     assert xr.open_zarr(store).sample_id.values[-1] == "test/000012"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "blosc", "none"])
+def test_layout_options_round_trip(tmp_path, compression):
+    path = str(tmp_path / f"{compression}.zarr")
+    storage.create(path, template(compression=compression, chunk_samples=2, keep_images=False, dtype="float16"))
+    g = zarr.open_group(path, mode="r")
+    assert g["attribution"].shards == (1, 4, 8, 8) and g["attribution"].chunks == (1, 2, 8, 8)
+    assert len(g["attribution"].compressors) == (0 if compression == "none" else 1)
+    assert "image" not in g and storage.attrs(path)["images_stored"] is False
+    maps = np.random.default_rng(0).normal(size=(4, 8, 8))
+    storage.write_attribution(path, "gradcam", 1, maps)
+    np.testing.assert_array_equal(storage.open_dataset(path).attribution.values[1, 4:8], maps.astype(np.float16))
+    st = storage.status(path)
+    assert st["map_dtype"] == "float16" and st["compression"] == compression
+    assert 0 < st["bytes_per_map"] and st["bytes_stored"]["attribution"] > 0
+
+
+def test_compression_shrinks_maps(tmp_path):
+    sizes = {}
+    for c in ("zstd", "none"):
+        path = str(tmp_path / f"{c}.zarr")
+        storage.create(path, template(compression=c))
+        storage.write_attribution(path, "gradcam", 0, np.zeros((4, 8, 8)))  # very compressible
+        sizes[c] = storage.status(path)["bytes_per_map"]
+    assert sizes["zstd"] < sizes["none"] / 2
+
+
+def test_bad_layout_options():
+    with pytest.raises(ValueError, match="compression must be one of"):
+        template(compression="gzip")
+    with pytest.raises(ValueError, match="chunk_samples must divide block_size 4"):
+        template(chunk_samples=3)
+
+
+def test_fsspec_memory_url():
+    path = "memory://saliency-atlas-test/study.zarr"
+    storage.create(path, template())
+    storage.write_attribution(path, "saliency", 0, np.ones((4, 8, 8)))
+    assert storage.exists(path) and storage.pending(path, "saliency") == [1, 2]
+    assert float(xr.open_zarr(path).attribution.sel(xai_method="saliency").isel(sample=0).mean()) == 1.0
