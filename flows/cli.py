@@ -16,6 +16,7 @@ examples:
       --methods gradcam --layer layer4 --store runs/photos.zarr
   saliency-atlas status runs/shapes.zarr
   saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png
+  saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
 
 A study is resumable: run the same command again after an interruption and only
 the blocks not yet done are computed. Open the result in Python with
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--methods", default=None, help="comma-separated subset of the store's methods (default: all)")
     f.add_argument("--out", default="figure.png", help="output file (.png, .pdf, .svg)")
 
+    ag = sub.add_parser("aggregate", help="mean/std maps per class and per correct/incorrect prediction (Dask, out of core)")
+    ag.add_argument("store")
+    ag.add_argument("--out", default=None, help="aggregate Zarr store (default: the study path with .agg.zarr)")
+    ag.add_argument("--plot", default=None, metavar="PNG", help="also draw the mean maps (and correct vs incorrect) to this file")
+    ag.add_argument("--by", choices=("label", "prediction"), default="label", help="group classes by the true label or the prediction")
     return p
 
 
@@ -167,11 +173,24 @@ def cmd_status(store: str) -> None:
         print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]")
 
 
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    import storage
+
+    if not storage.exists(args.store):
+        raise FileNotFoundError(f"no study store at {args.store!r}: run `saliency-atlas study --store {args.store}` first")
+    out = args.out or storage.default_out(args.store)
+    agg = storage.aggregate(args.store, out, by=args.by)
+    print(f"aggregate: {out}  ({int(agg.map_count_all.sum())} maps of {agg.attrs['samples']} samples x "
+          f"{agg.sizes['xai_method']} methods counted; open with xr.open_zarr)")
+    if args.plot:
+        from tasks.aggregate_plot import plot_means
+
+        for path in plot_means(agg, args.plot):
+            print(f"plot:      {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Prefect's temporary local server sends a telemetry heartbeat that can hit a locked
-    # SQLite database at start-up and print a spurious traceback; a user can opt back in.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import storage
 
     try:
@@ -186,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             methods = args.methods.split(",") if args.methods else None
             print(render(args.store, args.out, args.samples, methods))
+        elif args.command == "aggregate":
+            cmd_aggregate(args)
     except (ValueError, TypeError, KeyError, FileNotFoundError, storage.StoreMismatch) as e:
         if os.environ.get("SALIENCY_ATLAS_DEBUG"):
             raise  # the full traceback, for bug reports

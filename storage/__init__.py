@@ -4,6 +4,7 @@
 >>> ds = storage.open_dataset("runs/shapes.zarr")
 >>> ds.attribution.sel(xai_method="gradcam").isel(sample=0).plot()
 """
+from .aggregate import aggregate, default_out, select, summarize
 from .store import (
     COMPRESSIONS,
     SCHEMA_VERSION,
@@ -29,6 +30,7 @@ from .store import (
 
 __all__ = [
     "COMPRESSIONS",
+    "aggregate", "default_out", "select", "summarize",
     "SCHEMA_VERSION", "StoreMismatch", "Template", "attrs", "block_slice", "check_compatible", "create",
     "exists", "grow", "has", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "sample_ids", "status",
     "write_attribution", "write_samples",

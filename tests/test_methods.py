@@ -547,3 +547,14 @@ def test_occlusion_defaults_and_progress() -> None:
     out = xm.attribute("occlusion", model, x, target=0)
     torch.testing.assert_close(out, xm.attribute("occlusion", model, x, target=0, window=2, stride=1, progress=True))
     assert xm.spec("occlusion").passes((16, 16)) == (15 * 15 + 1, 0)
+
+
+def test_targets_made_under_inference_mode_work() -> None:
+    """Targets often come from a prediction under torch.inference_mode(); autograd must accept them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    images = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        target = model(images).argmax(1)
+    for name in ("saliency", "gradcam"):
+        assert xm.attribute(name, model, images, target=target).shape == (2, 8, 8)

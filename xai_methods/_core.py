@@ -177,7 +177,9 @@ def _as_class_tensor(value: Any, name: str, batch: int, device: torch.device) ->
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one class per image), got {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.long)
+    # A copy: the caller's tensor may be an inference tensor (made under
+    # torch.inference_mode()), which autograd refuses to record.
+    return t.to(device=device, dtype=torch.long).clone()
 
 
 def targets(
