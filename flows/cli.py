@@ -124,7 +124,7 @@ def cmd_methods() -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     import storage
     from flows.study import study, task_runner
-    from tasks import StudySpec, freeze_params, plan, resolve_device
+    from tasks import StudySpec, finished, freeze_params, plan, resolve_device
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     params: dict[str, dict[str, Any]] = {}
@@ -138,7 +138,15 @@ def cmd_study(args: argparse.Namespace) -> None:
                      store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                      device=args.device, params=freeze_params(params), dtype=args.dtype,
                      compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images)
-    plan(spec)  # raises on a bad argument or a store of another study
+    p = plan(spec)  # raises on a bad argument or a store of another study
+    if finished(p, args.store):
+        # Nothing to compute: skip Prefect (and its temporary server) altogether.
+        print(f"store:   {args.store} is complete: every block of {', '.join(methods)} is done")
+        if figure.lower() != "none":
+            from tasks import render
+
+            print(f"figure:  {render(args.store, figure)}")
+        return
     summary = study(dataset=args.dataset, model=args.model, methods=methods, samples=args.samples,
                     store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                     device=args.device, params=params or None,

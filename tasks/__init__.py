@@ -4,6 +4,7 @@ from .study import (
     Plan,
     StudySpec,
     attribute_block,
+    finished,
     freeze_params,
     ingest_block,
     load_model,
@@ -13,6 +14,6 @@ from .study import (
 )
 
 __all__ = [
-    "Plan", "StudySpec", "attribute_block", "freeze_params", "ingest_block", "load_model", "plan",
+    "Plan", "StudySpec", "attribute_block", "finished", "freeze_params", "ingest_block", "load_model", "plan",
     "prepare_store", "render", "render_figure", "resolve_device",
 ]

@@ -146,6 +146,14 @@ def plan(spec: StudySpec) -> Plan:
     return Plan(template, dataset, model, exists)
 
 
+def finished(p: Plan, store: str) -> bool:
+    """True when an existing store already holds every sample, method and block of the plan."""
+    if not p.exists or len(storage.sample_ids(store)) != len(p.template.sample_ids):
+        return False
+    stored = storage.methods(store)
+    return all(m in stored and not storage.pending(store, m) for m in p.template.methods) and not storage.pending(store)
+
+
 @task(cache_policy=NO_CACHE)
 def prepare_store(spec: StudySpec) -> dict[str, Any]:
     """Create the store, or check an existing one and add this run's new samples and methods."""

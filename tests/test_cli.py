@@ -86,6 +86,10 @@ def test_study_status_figure_and_refusal(prefect_api, capsys, tmp_path):
     assert f"store:   {store}" in out and "figure:  " in out and "accuracy" in out
     assert os.path.exists(store.replace(".zarr", ".png"))
 
+    # A finished study is not run again: no flow, no Prefect server, only the figure.
+    code, out, err = run(capsys, *args)
+    assert code == 0 and "is complete" in out and "figure:" in out, err
+
     code, out, _ = run(capsys, "status", store)
     assert code == 0 and "saliency" in out and "2/2" in out
 
