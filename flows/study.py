@@ -73,19 +73,28 @@ def study(
 ) -> dict[str, Any]:
     """Explain ``model`` on ``dataset`` with each of ``methods`` and store every map.
 
-    dataset: "shapes" (built in) or a local folder of class sub-folders of images.
-    model: "shapes-cnn" (built in) or a torchvision architecture name with ``weights``.
-    samples: how many samples of the dataset (None = all).
-    store: the Zarr store path; an existing store of the same study is resumed.
-    params: per-method parameters, e.g. {"occlusion": {"window": 8, "stride": 4}}.
-    figure: where to write the overview figure (PNG), or None for no figure.
-    workers: run the block tasks on a local Dask cluster of this many processes.
-    dask_address: run them on an existing Dask cluster (tcp://HOST:PORT) instead.
-    dtype, compression, chunk_samples, keep_images: layout of a new store (maps as float32
-    or float16; zstd, blosc or no compression; samples per chunk inside a block's shard;
-    whether to store the model inputs or only sample ids).
+    Re-running with the same arguments computes only blocks not yet done; more samples
+    or methods are added to an existing store.
 
-    Re-running with the same arguments computes only blocks not yet ``done``.
+    Args:
+        dataset: "shapes" (built in) or a local folder of class sub-folders of images.
+        model: "shapes-cnn" (built in) or a torchvision architecture name with ``weights``.
+        methods: attribution methods (see `saliency-atlas methods`).
+        samples: how many samples of the dataset (None = all).
+        store: the Zarr store path or fsspec URL; an existing store of the same study is resumed.
+        weights: a local state-dict file for the model (never downloaded).
+        layer: the layer of layer methods (dotted module name); None = the last spatial layer.
+        block_size: samples per block, the unit of work and of Zarr chunks.
+        device: cpu, cuda, cuda:N or auto.
+        params: per-method parameters, e.g. {"occlusion": {"window": 8, "stride": 4}}.
+        figure: where to write the overview figure (PNG), or None for no figure.
+        figure_samples: the samples shown in the figure.
+        workers: run the block tasks on a local Dask cluster of this many processes.
+        dask_address: run them on an existing Dask cluster (tcp://HOST:PORT) instead.
+        dtype: precision of the stored maps of a new store: float32 or float16.
+        compression: codec of a new store's maps, images and masks: zstd, blosc or none.
+        chunk_samples: samples per chunk inside a block's shard (None: one chunk per block).
+        keep_images: store the model inputs (True) or only sample ids (False).
     """
     log = get_run_logger()
     spec = StudySpec(

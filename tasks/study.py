@@ -172,6 +172,17 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
     }
 
 
+def label_map(spec: StudySpec, model: torch.nn.Module) -> np.ndarray:
+    """Dataset class index -> the model's class index, matched by name (-1: a class the
+    model does not know). A folder's classes are its sorted sub-folder names, which need
+    not be in the model's order."""
+    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    classes = model.classes
+    if classes is None:  # an unnamed head: the folder's own classes, when the counts agree
+        return np.arange(len(dataset.classes), dtype=np.int64)
+    return np.array([classes.index(c) if c in classes else -1 for c in dataset.classes], dtype=np.int64)
+
+
 def model_inputs(spec: StudySpec, block: int, model: torch.nn.Module, device: str) -> tuple[torch.Tensor, zoo.Batch]:
     """The normalised model inputs of one block, made from the dataset by sample id."""
     dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
@@ -191,7 +202,7 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
     prediction = logits.argmax(1)
     arrays = dict(
         image=images.cpu().numpy().astype(np.float32),
-        label=batch.labels.astype(np.int64),
+        label=label_map(spec, model)[batch.labels],
         logits=logits.cpu().numpy(),
         prediction=prediction.cpu().numpy(),
         target=prediction.cpu().numpy(),  # the class explained: the model's own answer

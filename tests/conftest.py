@@ -8,6 +8,7 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
 os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry from the test server
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

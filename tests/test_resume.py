@@ -119,7 +119,13 @@ def test_a_changed_sample_is_refused(prefect_api, tmp_path):
         Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(root / zoo.shapes.CLASSES[label] / f"{i}.png")
     store = str(tmp_path / "folder.zarr")
     args = dict(dataset=str(root), samples=None, block_size=4, methods=["saliency"], device="cpu")
-    study(store=store, **args)
+    summary = study(store=store, **args)
+    # Folder classes sort as circle, cross, square, triangle; the model's order is circle,
+    # square, triangle, cross: labels are matched by name, so the (perfect) model is right.
+    ds = xr.open_zarr(store)
+    by_id = {f"{zoo.shapes.CLASSES[k]}/{i}.png": int(k) for i, k in enumerate(batch.labels)}
+    assert [by_id[str(i)] for i in ds.sample_id.values] == list(ds.label.values)
+    assert summary["accuracy"] == 1.0
     first = sorted(root.rglob("*.png"))[0]
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(first)
     before = digest(store)
