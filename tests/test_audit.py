@@ -1,0 +1,222 @@
+"""The dataset-audit flow: share measures, then end to end on a tiny folder under a temporary Prefect API."""
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import dask.array
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from PIL import Image
+
+import storage
+import zoo
+from flows.audit import ARTIFACT_KEYS, attribution_shares, check_region, dataset_audit, true_classes
+
+METHODS = ["gradcam", "saliency"]
+
+
+def export_shapes(root, start, stop):
+    """Samples [start, stop) of the built-in shapes dataset as PNG files in class sub-folders."""
+    batch = zoo.load_dataset("shapes", limit=stop).load(start, stop)
+    for image, label, sample_id in zip(batch.images, batch.labels, batch.ids):
+        folder = root / zoo.shapes.CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{sample_id.replace('/', '-')}.png")
+
+
+def read_artifacts(flow_run_id):
+    """Artifacts of one flow run, by key, read back from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=list(ARTIFACT_KEYS.values())),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            ))
+        return {a.key: a for a in found}
+
+    return asyncio.run(read())
+
+
+# ---------------------------------------------------------------- the measures, on known maps
+
+def toy_store():
+    """Two methods, three samples of 4x4 maps with known shares."""
+    att = np.zeros((2, 3, 4, 4), np.float32)
+    mask = np.zeros((3, 4, 4), bool)
+    mask[:, :2, :2] = True                      # the object: top-left 2x2
+    att[0, 0, :2, :2] = 0.75                    # 3.0 of positive mass on the object ...
+    att[0, 0, 3, 3] = 1.0                       # ... 1.0 off it ...
+    att[0, 0, 2, 0] = -5.0                      # ... and negative evidence, which does not count
+    att[0, 1] = 0.0                             # no positive mass: no share
+    att[0, 2] = np.nan                          # not computed: no share
+    att[1] = 1.0                                # uniform: 12 of 16 pixels off the object
+    return xr.Dataset(
+        {"attribution": (("xai_method", "sample", "y", "x"), att), "mask": (("sample", "y", "x"), mask)},
+        coords={"xai_method": ["a", "b"], "sample": np.arange(3)},
+    ).chunk({"sample": 2})
+
+
+def test_shares_of_positive_mass():
+    s = attribution_shares(toy_store(), ["a", "b"], region=(2, 2, 4, 4)).compute()
+    np.testing.assert_allclose(s.positive_mass.sel(xai_method="a").values, [4.0, 0.0, np.nan])
+    np.testing.assert_allclose(s.outside_mask_share.sel(xai_method="a").values, [0.25, np.nan, np.nan])
+    np.testing.assert_allclose(s.region_share.sel(xai_method="a").values, [0.25, np.nan, np.nan])
+    np.testing.assert_allclose(s.outside_mask_share.sel(xai_method="b").values, [0.75] * 3)
+    np.testing.assert_allclose(s.region_share.sel(xai_method="b").values, [0.25] * 3)
+
+
+def test_shares_without_mask_or_region():
+    s = attribution_shares(toy_store().drop_vars("mask"), ["b"])
+    assert set(s.data_vars) == {"positive_mass"}
+    assert isinstance(s.positive_mass.data, dask.array.Array), "computed lazily"
+
+
+def test_classes_are_matched_by_name():
+    """A folder's classes are its sorted sub-folder names; the model's have their own order."""
+    ds = xr.Dataset(
+        {"label": ("sample", [0, 1, 2, -1]), "prediction": ("sample", [0, 3, 0, 1])},
+        coords={"class": ["circle", "square", "triangle", "cross"]},
+        attrs={"dataset_classes": ["circle", "cross", "square"]},
+    )
+    names, correct, order = true_classes(ds)
+    assert list(names) == ["circle", "cross", "square", "(unknown)"]
+    np.testing.assert_array_equal(correct[:3], [True, True, False])
+    assert np.isnan(correct[3])
+    assert order == ["circle", "square", "cross", "(unknown)"]
+
+
+@pytest.mark.parametrize("region", [[0, 0, 16], [0, 0, 16, 65], [8, 0, 8, 16], [0, 0, 16.0, 16]])
+def test_bad_regions_are_refused(region):
+    with pytest.raises(ValueError, match="region"):
+        check_region(region, (64, 64))
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit-data") / "images"
+    export_shapes(root, 0, 12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def audited(prefect_api, folder, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("audit") / "audit.zarr")
+    state = dataset_audit(dataset=str(folder), store=store, block_size=4, methods=METHODS,
+                          region=[0, 0, 16, 16], max_region_share=1.0, return_state=True)
+    return store, state
+
+
+def test_audit_runs_and_reports(audited):
+    store, state = audited
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["samples"] == 12 and result["new_samples"] == 12 and result["violations"] == []
+    assert result["study"]["computed_blocks"] == {m: 3 for m in METHODS}
+    assert result["report_dir"] == store[: -len(".zarr")] + ".report"
+    files = result["files"]
+    assert set(files) == {"table", "shares_chart", "samples_figure", "summary"}
+    for name in ("shares_chart", "samples_figure"):
+        with open(files[name], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = open(files["summary"]).read()
+    assert "All thresholds respected" in summary and "region_share" in summary
+    assert "| outside_mask_share" not in summary, "a folder has no masks: nothing to measure outside them"
+
+
+def test_audit_figures_match_the_store(audited, folder):
+    """The reported region share and accuracy are what a direct numpy computation gives."""
+    store, state = audited
+    rows = state.result()["rows"]
+    ds = xr.open_zarr(store)
+    pos = np.clip(ds.attribution.values.astype(np.float64), 0, None)
+    share = pos[..., :16, :16].sum((2, 3)) / pos.sum((2, 3))
+    for k, method in enumerate(ds.xai_method.values):
+        row = next(r for r in rows if r["method"] == method and r["class"] == "all")
+        assert row["region_share"] == pytest.approx(np.nanmean(share[k]), abs=1e-4)
+        assert row["samples"] == 12
+    # accuracy, straight from the model on the PNG files, classes compared by name
+    model = zoo.load_model("shapes-cnn")
+    data = zoo.load_dataset(str(folder))
+    batch = data.load(0, len(data))
+    with torch.no_grad():
+        pred = model(model.preprocess(torch.from_numpy(batch.images))).argmax(1).numpy()
+    truth = [data.classes[k] for k in batch.labels]
+    expected = np.mean([model.classes[p] == t for p, t in zip(pred, truth)])
+    assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-4)
+    per_class = {r["class"]: r["samples"] for r in rows if r["method"] == "gradcam" and r["class"] != "all"}
+    assert per_class == {c: truth.count(c) for c in set(truth)}
+
+
+def test_audit_publishes_artifacts(audited):
+    _, state = audited
+    found = read_artifacts(state.state_details.flow_run_id)
+    assert set(found) == set(ARTIFACT_KEYS.values())
+    assert found["dataset-audit-summary"].type == "markdown"
+    assert "Dataset audit" in found["dataset-audit-summary"].data
+    table = found["dataset-audit-table"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {(r["method"], r["class"]) for r in rows} >= {(m, "all") for m in METHODS}
+    result = state.result()
+    for key, name in (("dataset-audit-shares-chart", "shares_chart"), ("dataset-audit-samples-figure", "samples_figure")):
+        assert Path(result["files"][name]).resolve().as_uri() in found[key].data
+
+
+def test_a_crossed_threshold_fails_with_a_clear_message(audited, folder):
+    store, _ = audited
+    state = dataset_audit(dataset=str(folder), store=store, block_size=4, methods=METHODS,
+                          region=[0, 0, 64, 64], max_region_share=0.1, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError) as info:
+        state.result()
+    message = str(info.value)
+    for method in METHODS:
+        assert f"max_region_share crossed for method {method!r}" in message
+    assert "is 1.0000" in message and "above the limit 0.1" in message
+    # the artifacts were published before the run failed, so the UI shows why
+    found = read_artifacts(state.state_details.flow_run_id)
+    assert "Thresholds crossed" in found["dataset-audit-summary"].data
+
+
+def test_bad_arguments_fail_before_any_work(prefect_api, folder, tmp_path):
+    store = str(tmp_path / "never.zarr")
+    with pytest.raises(ValueError, match=r"region \[0, 0, 16, 99\] must satisfy"):
+        dataset_audit(dataset=str(folder), store=store, region=[0, 0, 16, 99])
+    with pytest.raises(ValueError, match="max_region_share is set but region is not"):
+        dataset_audit(dataset=str(folder), store=store, max_region_share=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dataset_audit(dataset=str(folder), store=store, region=[0, 0, 8, 8], max_region_share=5.0)
+    assert not storage.exists(store)
+
+
+def test_outside_mask_limit_needs_masks(audited, folder):
+    store, _ = audited
+    with pytest.raises(ValueError, match="max_outside_mask_share is set but the dataset .* has no ground-truth masks"):
+        dataset_audit(dataset=str(folder), store=store, block_size=4, methods=METHODS, max_outside_mask_share=0.5)
+
+
+def test_new_images_are_added_and_only_they_are_computed(audited, folder, tmp_path):
+    store, _ = audited
+    grown, copy = tmp_path / "images", str(tmp_path / "audit.zarr")
+    shutil.copytree(folder, grown)
+    shutil.copytree(store, copy)
+    before = xr.open_zarr(copy).load()
+    export_shapes(grown, 12, 16)
+    result = dataset_audit(dataset=str(grown), store=copy, block_size=4, methods=METHODS, region=[0, 0, 16, 16])
+    assert result["samples"] == 16 and result["new_samples"] == 4
+    assert result["study"]["computed_blocks"] == {m: 1 for m in METHODS}
+    after = xr.open_zarr(copy)
+    old_ids = list(before.sample_id.values)
+    assert set(old_ids) < set(after.sample_id.values)
+    position = {sid: i for i, sid in enumerate(after.sample_id.values)}
+    kept = after.attribution.isel(sample=[position[s] for s in old_ids]).values
+    np.testing.assert_array_equal(kept, before.attribution.values)
+    assert not np.isnan(after.attribution.values).any()
