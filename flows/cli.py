@@ -133,7 +133,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     figure = args.figure or os.path.splitext(args.store.rstrip("/"))[0] + ".png"
     # Validate everything before the flow starts, so a bad argument is one clear line.
     resolve_device(args.device)
-    task_runner(args.workers, args.dask_address)
+    task_runner(args.workers, args.dask_address, args.device)
     spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
                      store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                      device=args.device, params=freeze_params(params), dtype=args.dtype,

@@ -4,18 +4,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 import storage
-from tasks import StudySpec, attribute_block, freeze_params, ingest_block, prepare_store, render_figure
+from tasks import StudySpec, attribute_block, freeze_params, ingest_block, prepare_store, render_figure, resolve_device
 
 
-def task_runner(workers: int | None, dask_address: str | None) -> TaskRunner:
+def task_runner(workers: int | None, dask_address: str | None, device: str = "cpu") -> TaskRunner:
     """Where block tasks run: one at a time in this process (default), on a local Dask
-    cluster of ``workers`` processes, or on an existing Dask cluster at ``dask_address``."""
+    cluster of ``workers`` single-threaded processes, or on an existing Dask cluster at
+    ``dask_address``. On GPUs, a local cluster has at most one worker per GPU."""
+    gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
+    if gpus and workers is not None and workers > gpus:
+        raise ValueError(f"--workers {workers} is more than the {gpus} GPU(s) here: one task per GPU at a time; "
+                         f"use --workers {gpus} or fewer, or --device cpu")
     if workers is not None and dask_address is not None:
         raise ValueError("give --workers N (a local Dask cluster) or --dask-address (an existing one), not both")
     if workers is not None and workers < 1:
@@ -115,7 +122,7 @@ def study(
     total = plan["blocks"] * (1 + len(methods))
     already = total - len(todo_ingest) - len(todo)
     log.info("%d of %d block tasks already done; %d to compute", already, total, len(todo_ingest) + len(todo))
-    runner = task_runner(workers, dask_address)
+    runner = task_runner(workers, dask_address, device)
     receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, total, already)
     seconds = {m: round(sum(r["seconds"] for r in receipts if r["method"] == m), 3) for m in methods}
 

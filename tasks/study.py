@@ -24,12 +24,24 @@ import zoo
 
 
 def resolve_device(device: str) -> str:
+    """cpu, cuda, cuda:N or auto. Plain "cuda" inside a local Dask worker means that
+    worker's own GPU (workers are numbered 0..N-1 and there are at most as many as GPUs),
+    so each GPU runs one task at a time."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu")
+    if device == "cuda":
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):  # not in a Dask worker
+            return device
+        if isinstance(name, int):
+            return f"cuda:{name % torch.cuda.device_count()}"
     return device
 
 
