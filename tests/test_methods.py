@@ -125,7 +125,7 @@ def test_spec_fields() -> None:
     s = xm.spec("gradcam")
     assert isinstance(s, xm.MethodSpec)
     assert (s.name, s.category, s.needs_layer, s.needs_contrast) == ("gradcam", "cam", True, False)
-    assert dict(s.defaults) == {"relu": True, "upsample": True}
+    assert dict(s.defaults) == {"relu": True, "upsample": True, "reshape": None}
     assert s.passes((64, 64)) == (1, 1)
     assert "\n" not in s.summary and "Grad-CAM" in s.summary
 
