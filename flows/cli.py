@@ -160,7 +160,7 @@ def cmd_study(args: argparse.Namespace) -> None:
         print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
     computed = sum(summary["computed_blocks"].values())
     total = summary["blocks"] * len(summary["computed_blocks"])
-    print(f"attribution blocks computed by this run: {computed} of {total} (the others were already done)")
+    print(f"attribution blocks: {computed} computed by this run, {total - computed} of {total} already done before")
 
 
 def cmd_status(store: str) -> None:
