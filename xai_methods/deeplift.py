@@ -690,7 +690,7 @@ def deeplift(
     return reduce_channels(out.attribution, reduce)
 
 
-@register("deeplift_revealcancel", category="gradient", cost=_cost(4, 4))
+@register("deeplift_revealcancel", category="gradient", cost=_cost(2, 2))
 def deeplift_revealcancel(
     model: nn.Module,
     images: Tensor,

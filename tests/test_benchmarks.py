@@ -1,0 +1,108 @@
+"""The benchmark script's machinery on a tiny model (no timing thresholds: structure and arithmetic only)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+def test_floor_parts_cover_every_pass_in_chunks(bench):
+    parts = bench.floor_parts(fwd_images=130, bwd_images=64, chunk=64)
+    assert parts == [("fwd", 64, 2), ("fwd", 2, 1), ("bwd", 64, 1)]
+    assert bench.floor_parts(0, 8, 64) == [("bwd", 8, 1)]
+
+
+def test_floor_times_and_extrapolates(bench):
+    model = tiny_model()
+    floor = bench.Floor(model, (16, 16), fwd_images=10, bwd_images=3, chunk=2, classes=5, max_chunks=2)
+    assert floor.extrapolated  # 5 full forward chunks, only 2 timed
+    assert floor() > 0
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the floor
+
+
+def test_plan_shrinks_images_then_rounds_within_budget(bench):
+    calib = bench.Calibration(fwd_s=0.01, fwd_big_s=0.01, bwd_s=0.02)
+    cheap = bench.Plan(calib, (1, 1), None, n_calls=2, max_chunks=4)
+    assert cheap.choose(8, 5, budget_s=60, multi=False) == (8, 5)
+    costly = bench.Plan(calib, (1001, 0), 64, n_calls=2, max_chunks=4)
+    images, rounds = costly.choose(8, 5, budget_s=60, multi=True)
+    assert images < 8 and costly.seconds(images, rounds) <= 60
+    assert costly.choose(8, 5, budget_s=0.001, multi=True) == (1, 1)  # the cheapest measurement, never none
+
+
+def test_met_needs_floor_ratio_and_fastest_peer(bench):
+    row = bench.Row(method="m", ours_ms=12.0, floor_ms=10.0, kind="single", peers=[("p", 20.0, "")])
+    assert row.met is True
+    row.peers = [("p", 11.0, ""), ("q", None, "peer fails: boom")]
+    assert row.best_peer == ("p", 11.0) and row.met is False
+    assert bench.Row(method="m", ours_ms=13.0, floor_ms=10.0, kind="single").met is False
+    assert bench.Row(method="m", ours_ms=14.0, floor_ms=10.0, kind="fullgrad").met is True
+
+
+def test_bench_method_and_table_on_a_tiny_model(bench):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = tiny_model()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top = model(images).topk(2, dim=1).indices
+    calib = bench.Calibration(fwd_s=1e-3, fwd_big_s=1e-3, bwd_s=2e-3)
+    rows = []
+    for name in ("saliency", "gradcam", "occlusion", "no_such_method"):
+        row, _ = bench.bench_method(
+            name, model, images, top[:, 0], top[:, 1], repeats=2, budget_s=30, quick=True, calib=calib,
+            floor_chunks=2, classes=5, log=lambda m: None,
+        )
+        rows.append(row)
+    saliency, gradcam, occlusion, missing = rows
+    assert missing.skipped == "not registered yet"
+    for row in (saliency, gradcam, occlusion):
+        assert row.skipped is None, row.skipped
+        assert row.ours_ms > 0 and row.floor_ms > 0 and (row.images, row.rounds) == (2, 2)
+        assert all(ms is not None and ms > 0 for _, ms, _ in row.peers), row.peers
+        # the forward hook saw exactly the declared passes
+        assert row.observed == tuple(map(float, row.passes)), (row.observed, row.passes)
+    assert saliency.passes == (1, 1) and saliency.kind == "single"
+    assert [label for label, _, _ in gradcam.peers] == ["captum LayerGradCam", "grad-cam GradCAM"]
+    assert occlusion.params["window"] == 32 and occlusion.kind == "occlusion"
+    assert all(p.requires_grad for p in model.parameters()) and not model._forward_hooks
+
+    text = bench.render_markdown(
+        rows, [], command="python benchmarks/bench_methods.py --quick", info=bench.machine_info(),
+        load=(1.5, 1.0, 1.0), date="today", workload="tiny", calib=calib,
+    )
+    assert text.startswith("# Performance")
+    assert "python benchmarks/bench_methods.py --quick" in text and "shared/noisy" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4  # header + one row per method
+    assert "| gradcam | defaults | 1/1 | 2 x 2 |" in text
+    assert "not registered yet" in text
