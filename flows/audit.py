@@ -98,24 +98,19 @@ def attribution_shares(ds: xr.Dataset, methods: Sequence[str],
     return xr.Dataset(out)
 
 
-def true_classes(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Per sample: the true class name, whether the prediction is right (None if the
-    dataset's classes cannot be matched to the model's), and the class names in order.
+def true_classes(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per sample: the true class name, whether the prediction is right (NaN where the
+    true class is unknown to the model), and the class names in the model's order.
 
-    Labels index the dataset's classes (for a folder: its sorted sub-folder names), the
-    predictions the model's; they are compared by name.
+    Labels index the store's `class` coordinate, like predictions (the study matches a
+    folder's class names to the model's); -1 is a class the model does not know.
     """
     model_classes = [str(c) for c in ds["class"].values]
-    data_classes = [str(c) for c in (ds.attrs.get("dataset_classes") or model_classes)]
     label, prediction = ds.label.values, ds.prediction.values
-    known = (label >= 0) & (label < len(data_classes))
-    names = np.array([data_classes[k] if ok else "(unknown)" for k, ok in zip(label, known)], dtype=object)
-    correct = None
-    if set(data_classes) <= set(model_classes):
-        predicted = np.array([model_classes[p] if 0 <= p < len(model_classes) else None for p in prediction],
-                             dtype=object)
-        correct = np.where(known, predicted == names, np.nan)
-    order = [c for c in model_classes if c in set(names)] + sorted(set(names) - set(model_classes))
+    known = (label >= 0) & (label < len(model_classes))
+    names = np.array([model_classes[k] if ok else "(unknown)" for k, ok in zip(label, known)], dtype=object)
+    correct = np.where(known, prediction == label, np.nan)
+    order = [c for c in model_classes if c in set(names)] + (["(unknown)"] if not known.all() else [])
     return names, correct, order
 
 
@@ -185,7 +180,7 @@ def measure(store: str, methods: list[str], region: list[int] | None) -> dict[st
         "measures": [m for m in MEASURES if m in shares],
         "figure_why": why,
         "samples": int(ds.sizes["sample"]),
-        "accuracy": None if correct is None else _mean(correct),
+        "accuracy": _mean(correct),
         "figure_samples": figure_samples,
         "figure_sample_ids": [str(ds.sample_id.values[i]) for i in figure_samples],
     }

@@ -78,12 +78,12 @@ def test_shares_without_mask_or_region():
     assert isinstance(s.positive_mass.data, dask.array.Array), "computed lazily"
 
 
-def test_classes_are_matched_by_name():
-    """A folder's classes are its sorted sub-folder names; the model's have their own order."""
+def test_labels_and_predictions_name_the_model_classes():
+    """Both index the store's class coordinate (the study maps a folder's classes by name);
+    -1 is a class the model does not know."""
     ds = xr.Dataset(
-        {"label": ("sample", [0, 1, 2, -1]), "prediction": ("sample", [0, 3, 0, 1])},
+        {"label": ("sample", [0, 3, 1, -1]), "prediction": ("sample", [0, 3, 0, 1])},
         coords={"class": ["circle", "square", "triangle", "cross"]},
-        attrs={"dataset_classes": ["circle", "cross", "square"]},
     )
     names, correct, order = true_classes(ds)
     assert list(names) == ["circle", "cross", "square", "(unknown)"]

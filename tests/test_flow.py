@@ -107,3 +107,38 @@ def test_references_only_float16_sharded_store_holds_the_same_maps(finished, tmp
     assert "image" not in ds and ds.attribution.dtype == np.float16
     np.testing.assert_array_equal(ds.attribution.values, ref.attribution.values.astype(np.float16))
     np.testing.assert_array_equal(ds.logits.values, ref.logits.values)
+
+
+def test_task_runners_and_gpu_limits(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    import tasks
+    from flows.study import task_runner
+
+    assert isinstance(task_runner(None, None), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(1, None), ThreadPoolTaskRunner)
+    assert isinstance(task_runner(2, None), DaskTaskRunner)
+    assert isinstance(task_runner(None, "tcp://127.0.0.1:8786"), DaskTaskRunner)
+    with pytest.raises(ValueError, match="not both"):
+        task_runner(2, "tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="--workers must be >= 1"):
+        task_runner(0, None)
+    # Pretend to have two GPUs: a third worker would share one, so it is refused.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert isinstance(task_runner(2, None, "cuda"), DaskTaskRunner)
+    with pytest.raises(ValueError, match="more than the 2 GPU"):
+        task_runner(3, None, "cuda")
+    assert tasks.resolve_device("cuda") == "cuda"  # not in a Dask worker: the default GPU
+
+
+@pytest.mark.slow
+def test_two_dask_workers_equal_one_process(finished, tmp_path):
+    path, _ = finished
+    store = str(tmp_path / "dask.zarr")
+    study(samples=40, store=store, block_size=16, methods=METHODS, params=FAST, device="cpu", workers=2)
+    for var in ("attribution", "image", "logits"):
+        np.testing.assert_array_equal(xr.open_zarr(store)[var].values, xr.open_zarr(path)[var].values)
