@@ -20,6 +20,6 @@ in-place flags, hooks). New methods register with ``xai_methods._registry.regist
 """
 
 from ._registry import MethodSpec, attribute, available, check, spec
-from . import cam, deeplift, gradient, perturbation  # noqa: F401  (registers the methods)
+from . import cam, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
 
 __all__ = ["MethodSpec", "attribute", "available", "check", "spec"]
