@@ -6,7 +6,7 @@ Prefect flow into a Zarr store, against the bare attribution compute of the same
 
 Reports: bare compute seconds, pipeline seconds, overhead = pipeline / bare - 1;
 the time to resume the finished study (in-process, and the whole command line with
-Prefect's temporary server); stored bytes per map for float32 and float16.
+the command line); stored bytes per map for float32 and float16.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main() -> None:
         f"| study flow (Prefect tasks, Zarr writes) | {t_pipe:.1f} s |",
         f"| pipeline overhead | {100 * (t_pipe / t_bare - 1):.1f} % (target <= 15 %) |",
         f"| resume a finished study, flow in process | {t_resume:.2f} s (target < 10 s) |",
-        f"| resume a finished study, whole command incl. Prefect's temporary server | {t_resume_cli:.1f} s |",
+        f"| resume a finished study, the whole command (starts no flow when nothing is pending) | {t_resume_cli:.1f} s |",
         f"| stored bytes per 64x64 map, float32, zstd | {per_map['float32']:.0f} |",
         f"| stored bytes per 64x64 map, float16, zstd | {per_map['float16']:.0f} |",
     ]
