@@ -54,7 +54,7 @@ def compute_blocks(
                 receipt = future.result()
                 receipts.append(receipt)
                 bar.update()
-    return [r for r in receipts if "method" in r]
+    return [r for r in receipts if "xai_method" in r]
 
 
 @flow(name="study", log_prints=False)
@@ -124,7 +124,7 @@ def study(
     log.info("%d of %d block tasks already done; %d to compute", already, total, len(todo_ingest) + len(todo))
     runner = task_runner(workers, dask_address, device)
     receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, total, already)
-    seconds = {m: round(sum(r["seconds"] for r in receipts if r["method"] == m), 3) for m in methods}
+    seconds = {m: round(sum(r["seconds"] for r in receipts if r["xai_method"] == m), 3) for m in methods}
 
     ds = storage.open_dataset(store)
     label, pred = ds.label.values, ds.prediction.values

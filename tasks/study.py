@@ -242,4 +242,4 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     maps = xm.attribute(method, model, images, target=target, **kwargs, **params)
     seconds = time.perf_counter() - t0
     storage.write_attribution(spec.store, method, block, maps.cpu().numpy())
-    return {"method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
+    return {"xai_method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
