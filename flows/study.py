@@ -48,12 +48,15 @@ def compute_blocks(
     """Ingest, then attribute, the pending blocks on the flow's task runner; returns the receipts."""
     receipts: list[dict[str, Any]] = []
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
-        for futures in ([ingest_block.submit(spec, b) for b in todo_ingest],
-                        [attribute_block.submit(spec, m, b) for m, b in todo]):
+
+        def collect(futures: list) -> None:
             for future in as_completed(futures):
-                receipt = future.result()
-                receipts.append(receipt)
+                receipts.append(future.result())
                 bar.update()
+
+        # Inputs and targets first, all of them: attribution reads what ingestion writes.
+        collect([ingest_block.submit(spec, b) for b in todo_ingest])
+        collect([attribute_block.submit(spec, m, b) for m, b in todo])
     return [r for r in receipts if "xai_method" in r]
 
 

@@ -228,6 +228,8 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     """Compute one method's maps for one block and write them; returns a receipt."""
+    if block in storage.pending(spec.store):
+        raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
     if storage.has(spec.store, "image"):

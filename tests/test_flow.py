@@ -142,3 +142,18 @@ def test_two_dask_workers_equal_one_process(finished, tmp_path):
     study(samples=40, store=store, block_size=16, methods=METHODS, params=FAST, device="cpu", workers=2)
     for var in ("attribution", "image", "logits"):
         np.testing.assert_array_equal(xr.open_zarr(store)[var].values, xr.open_zarr(path)[var].values)
+
+
+def test_a_block_is_not_attributed_before_it_is_ingested(finished, tmp_path):
+    import shutil
+
+    import tasks
+
+    path, _ = finished
+    copy = str(tmp_path / "early.zarr")
+    shutil.copytree(path, copy)
+    zarr.open_group(copy, mode="r+", use_consolidated=False)["ingested"][1] = False
+    spec = tasks.StudySpec(samples=40, store=copy, block_size=16, methods=tuple(METHODS), device="cpu",
+                           params=tasks.freeze_params(FAST))
+    with pytest.raises(RuntimeError, match="not ingested yet"):
+        tasks.attribute_block.fn(spec, "saliency", 1)
