@@ -131,7 +131,7 @@ def aggregate(shares: xr.Dataset, classes: np.ndarray, correct: np.ndarray | Non
         for cls in [ALL, *order]:
             sel = np.ones(len(classes), bool) if cls == ALL else classes == cls
             row: dict[str, Any] = {
-                "method": method,
+                "xai_method": method,
                 "class": cls,
                 "samples": int(sel.sum()),
                 "accuracy": None if correct is None else _mean(correct[sel]),
@@ -154,7 +154,7 @@ def threshold_violations(rows: list[dict[str, Any]], limits: dict[str, float | N
                 continue
             where = f"inside the region {list(region)}" if measure == "region_share" else where
             problems.append(
-                f"{name} crossed for method {row['method']!r}: the mean share of positive attribution "
+                f"{name} crossed for method {row['xai_method']!r}: the mean share of positive attribution "
                 f"{where} is {value:.4f} over {row['maps_with_positive_mass']} maps, above the limit {limit}"
             )
     return problems
@@ -189,14 +189,14 @@ def measure(store: str, methods: list[str], region: list[int] | None) -> dict[st
 def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limits: dict[str, float | None],
                        out: str, title: str) -> str:
     """Grouped bars: per measure one panel, classes along x, one bar per method, limits dashed."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["xai_method"] for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
     width_in = min(24.0, 1.2 + 0.55 * len(classes) * len(methods) * len(measures))
     fig, axes = plt.subplots(1, len(measures), figsize=(max(width_in, 4.0), 3.4), squeeze=False)
     width = 0.8 / len(methods)
     for ax, measure_name in zip(axes[0], measures):
         for k, method in enumerate(methods):
-            values = [next((r[measure_name] for r in rows if r["method"] == method and r["class"] == c), None)
+            values = [next((r[measure_name] for r in rows if r["xai_method"] == method and r["class"] == c), None)
                       for c in classes]
             ax.bar(np.arange(len(classes)) + (k - (len(methods) - 1) / 2) * width,
                    [np.nan if v is None else v for v in values], width, label=method)
@@ -259,7 +259,7 @@ def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str
     ]
     if not measured["measures"]:
         lines += ["No share was measured: the dataset has no ground-truth masks and no region was given.", ""]
-    cols = ["method", "samples", "accuracy", "maps_with_positive_mass", *measured["measures"]]
+    cols = ["xai_method", "samples", "accuracy", "maps_with_positive_mass", *measured["measures"]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in (r for r in measured["rows"] if r["class"] == ALL):
         lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")

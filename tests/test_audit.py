@@ -140,7 +140,7 @@ def test_audit_figures_match_the_store(audited, folder):
     pos = np.clip(ds.attribution.values.astype(np.float64), 0, None)
     share = pos[..., :16, :16].sum((2, 3)) / pos.sum((2, 3))
     for k, method in enumerate(ds.xai_method.values):
-        row = next(r for r in rows if r["method"] == method and r["class"] == "all")
+        row = next(r for r in rows if r["xai_method"] == method and r["class"] == "all")
         assert row["region_share"] == pytest.approx(np.nanmean(share[k]), abs=1e-4)
         assert row["samples"] == 12
     # accuracy, straight from the model on the PNG files, classes compared by name
@@ -152,7 +152,7 @@ def test_audit_figures_match_the_store(audited, folder):
     truth = [data.classes[k] for k in batch.labels]
     expected = np.mean([model.classes[p] == t for p, t in zip(pred, truth)])
     assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-4)
-    per_class = {r["class"]: r["samples"] for r in rows if r["method"] == "gradcam" and r["class"] != "all"}
+    per_class = {r["class"]: r["samples"] for r in rows if r["xai_method"] == "gradcam" and r["class"] != "all"}
     assert per_class == {c: truth.count(c) for c in set(truth)}
 
 
@@ -164,7 +164,7 @@ def test_audit_publishes_artifacts(audited):
     assert "Dataset audit" in found["dataset-audit-summary"].data
     table = found["dataset-audit-table"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert {(r["method"], r["class"]) for r in rows} >= {(m, "all") for m in METHODS}
+    assert {(r["xai_method"], r["class"]) for r in rows} >= {(m, "all") for m in METHODS}
     result = state.result()
     for key, name in (("dataset-audit-shares-chart", "shares_chart"), ("dataset-audit-samples-figure", "samples_figure")):
         assert Path(result["files"][name]).resolve().as_uri() in found[key].data
