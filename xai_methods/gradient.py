@@ -34,7 +34,7 @@ from ._core import (
     targets,
     untouched,
 )
-from ._registry import MethodSpec, _check_params, available, register, spec
+from ._registry import MethodFn, MethodSpec, _check_params, available, register, spec
 from ._rules import Rule, backward_rules, deconvnet_rule, guided_rule
 
 
@@ -393,20 +393,33 @@ def _noise_tunnel(
     return out.to(x.dtype)
 
 
-@register("smoothgrad", category="gradient", cost=_tunnel_cost)
-def smoothgrad(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    base: str = "saliency",
-    base_params: Mapping[str, Any] | None = None,
-    samples: int = 16,
-    noise: float = 0.15,
-    seed: int | None = 0,
-    internal_batch: int = 64,
-) -> Tensor:
-    """SmoothGrad (Smilkov et al. 2017): mean of the base method's maps over noisy copies of the input.
+def noise_tunnel_variant(name: str, statistic: str, doc: str) -> MethodFn:
+    """Define and register a noise tunnel with one statistic over the noisy samples' maps
+    (the registry reads the parameters from the signature, so it is written once here)."""
+
+    def method(
+        model: nn.Module,
+        images: Tensor,
+        target: Any,
+        *,
+        base: str = "saliency",
+        base_params: Mapping[str, Any] | None = None,
+        samples: int = 16,
+        noise: float = 0.15,
+        seed: int | None = 0,
+        internal_batch: int = 64,
+    ) -> Tensor:
+        return _noise_tunnel(
+            model, images, target, statistic, base=base, base_params=base_params,
+            samples=samples, noise=noise, seed=seed, internal_batch=internal_batch,
+        )
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return register(name, category="gradient", cost=_tunnel_cost)(method)
+
+
+smoothgrad = noise_tunnel_variant("smoothgrad", "mean", """SmoothGrad (Smilkov et al. 2017): mean of the base method's maps over noisy copies of the input.
 
     base: a registered gradient method (default "saliency"; not a noise
     tunnel itself), run with its own defaults updated by `base_params` (a
@@ -426,60 +439,18 @@ def smoothgrad(
     noisy images go to the base in chunks of `internal_batch` (the base's own
     internal_batch bounds its inner passes, e.g. integrated gradients' path
     points). The target is resolved on the clean images (one extra forward).
-    """
-    return _noise_tunnel(
-        model, images, target, "mean", base=base, base_params=base_params,
-        samples=samples, noise=noise, seed=seed, internal_batch=internal_batch,
-    )
-
-
-@register("smoothgrad_sq", category="gradient", cost=_tunnel_cost)
-def smoothgrad_sq(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    base: str = "saliency",
-    base_params: Mapping[str, Any] | None = None,
-    samples: int = 16,
-    noise: float = 0.15,
-    seed: int | None = 0,
-    internal_batch: int = 64,
-) -> Tensor:
-    """SmoothGrad-Squared (Hooker et al. 2019): mean of the squared base maps over noisy copies of the input.
+    """)
+smoothgrad_sq = noise_tunnel_variant("smoothgrad_sq", "sq", """SmoothGrad-Squared (Hooker et al. 2019): mean of the squared base maps over noisy copies of the input.
 
     Parameters, noise and batching as `smoothgrad` (the base's reduction is
     applied to each sample's map before squaring).
-    """
-    return _noise_tunnel(
-        model, images, target, "sq", base=base, base_params=base_params,
-        samples=samples, noise=noise, seed=seed, internal_batch=internal_batch,
-    )
-
-
-@register("vargrad", category="gradient", cost=_tunnel_cost)
-def vargrad(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    base: str = "saliency",
-    base_params: Mapping[str, Any] | None = None,
-    samples: int = 16,
-    noise: float = 0.15,
-    seed: int | None = 0,
-    internal_batch: int = 64,
-) -> Tensor:
-    """VarGrad (Adebayo et al. 2018; Hooker et al. 2019): variance of the base maps over noisy copies of the input.
+    """)
+vargrad = noise_tunnel_variant("vargrad", "var", """VarGrad (Adebayo et al. 2018; Hooker et al. 2019): variance of the base maps over noisy copies of the input.
 
     The population variance (divided by `samples`, as Captum's NoiseTunnel),
     accumulated in float64. Parameters, noise and batching as `smoothgrad`
     (the base's reduction is applied to each sample's map first).
-    """
-    return _noise_tunnel(
-        model, images, target, "var", base=base, base_params=base_params,
-        samples=samples, noise=noise, seed=seed, internal_batch=internal_batch,
-    )
+    """)
 
 
 # --------------------------------------------------------------------------- FullGrad
