@@ -675,6 +675,120 @@ def test_extremal_single_area_is_the_mask_and_reward() -> None:
     assert (info["reward"][:, 0] > blurred + 2).all()
 
 
+class ChannelFeatures(nn.Module):
+    """8 distinct channels: channel 0 = relu(x_0) inside R only; channel k >= 1 = (1 + k / 10) relu(x_{k % 3})."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inside = torch.zeros(SIZE, SIZE)
+        inside[R] = 1
+        self.register_buffer("inside", inside)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rest = [(1 + k / 10) * torch.relu(x[:, k % 3]) for k in range(1, 8)]
+        return torch.stack([torch.relu(x[:, 0]) * self.inside, *rest], 1)
+
+
+class ChannelModel(nn.Module):
+    """Known channel answer: logit 0 = 8 * mean(channel 0) - 0.5 * sum of the other channels' means."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = ChannelFeatures()
+        self.head = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.head(self.features(x).mean((2, 3)))
+        logit = 8 * a[:, 0] - 0.5 * a[:, 1:].sum(1)
+        return torch.stack([logit, torch.zeros_like(logit), a[:, 1]], 1)
+
+
+@pytest.mark.parametrize("variant", ["preservation", "deletion", "dual"])
+def test_extremal_channels_known_answer(variant: str) -> None:
+    model, x = ChannelModel().eval(), region_images(2)
+    before = snapshot(model)
+    info: dict = {}
+    out = xm.attribute(
+        "extremal_perturbation", model, x, target=0, area=[0.125, 0.25], variant=variant, channels="features",
+        steps=150, report=info.update,
+    )
+    assert snapshot(model) == before
+    assert_no_hooks(model)
+    assert set(info) == {"loss", "steps", "converged", "area", "reward", "channels"}
+    masks = info["channels"]
+    assert masks.shape == (2, 2, 8) and masks.min() >= 0 and masks.max() <= 1
+    torch.testing.assert_close(info["area"], torch.tensor([0.125, 0.25]).expand(2, 2))
+    assert (masks[:, :, 0] > 0.9).all(), masks  # the channel the model reads is kept at every area
+    assert (masks[:, 0, 1:] < 0.1).all(), masks
+    # the map is sum over areas of sum_k m_k A_k, upsampled (here the layer's grid is the image's)
+    with torch.no_grad():
+        acts = model.features(x)
+    torch.testing.assert_close(out, (masks.sum(1)[:, :, None, None] * acts).sum(1), atol=1e-5, rtol=1e-5)
+    smallest = (masks[:, 0, :, None, None] * acts).sum(1)  # the smallest area's part of the map
+    inside = smallest[:, R[0], R[1]].sum((1, 2)) / smallest.sum((1, 2))
+    assert (inside > 0.99).all(), inside  # it keeps channel 0, which fires only inside R
+    # the reward is the target logit with the channels masked
+    if variant == "preservation":
+        with torch.no_grad():
+            handle = model.features.register_forward_hook(lambda m, i, o: o * masks[:, 0, :, None, None])
+            logit = model(x)[:, 0]
+            handle.remove()
+        torch.testing.assert_close(logit, info["reward"][:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_extremal_channels_shapes_cnn_area_and_reward() -> None:
+    """On the built-in model: masks over stage3's channels meet the area and keep more of the logit
+    than random channel subsets of the same size; the map is on the layer's grid, upsampled."""
+    import zoo
+
+    model = zoo.load_model("shapes-cnn").eval()
+    batch = zoo.load_dataset("shapes", limit=2).load(0, 2)
+    x = model.preprocess(torch.from_numpy(batch.images))
+    info: dict = {}
+    out = xm.attribute("extremal_perturbation", model, x, channels="stage3", area=0.25, steps=60, report=info.update)
+    assert out.shape == (2, *x.shape[-2:])
+    keep = info["channels"][:, 0]
+    k = keep.shape[1]
+    torch.testing.assert_close(info["area"][:, 0], torch.full((2,), 0.25), atol=1.5 / k, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    target = torch.as_tensor(batch.labels)
+    for _ in range(5):
+        random = torch.zeros(2, k)
+        random[:, torch.randperm(k, generator=g)[: round(0.25 * k)]] = 1
+        with torch.no_grad():
+            handle = model.stage3.register_forward_hook(lambda m, i, o: o * random[:, :, None, None])
+            logit = model(x).gather(1, target[:, None])[:, 0]
+            handle.remove()
+        assert (info["reward"][:, 0] > logit).all()
+
+
+def test_extremal_channels_bad_layer() -> None:
+    model, x = ChannelModel().eval(), region_images(1)
+    with pytest.raises(ValueError, match="channels: .*valid layer names: features"):
+        xm.attribute("extremal_perturbation", model, x, channels="nope", steps=2)
+    with pytest.raises(ValueError, match="channels=.*head.*convolutional feature map"):
+        xm.attribute("extremal_perturbation", model, x, channels="head", steps=2)
+    with pytest.raises(TypeError, match="channels must be None or the dotted name"):
+        xm.attribute("extremal_perturbation", model, x, channels=3, steps=2)
+    assert_no_hooks(model)
+
+
+def test_area_loss_shares_ties() -> None:
+    reference = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    distinct = torch.tensor([[0.3, 0.9, 0.1, 0.5]], requires_grad=True)
+    plain = ((distinct.sort(1).values - reference) ** 2).mean(1)
+    torch.testing.assert_close(po.area_loss(distinct, reference), plain)
+    (g1,) = torch.autograd.grad(po.area_loss(distinct, reference).sum(), distinct)
+    (g2,) = torch.autograd.grad(plain.sum(), distinct)
+    torch.testing.assert_close(g1, g2)
+    tied = torch.ones(1, 4, requires_grad=True)  # the all-ones start: every parameter is pulled alike
+    (g,) = torch.autograd.grad(po.area_loss(tied, reference).sum(), tied)
+    torch.testing.assert_close(g, torch.full((1, 4), 2 * 0.75 / 4))
+    partly = torch.tensor([[0.2, 0.7, 0.7, 0.1]], requires_grad=True)  # ranks 2 and 3 tie: targets (0 + 1) / 2
+    (g,) = torch.autograd.grad(po.area_loss(partly, reference).sum(), partly)
+    torch.testing.assert_close(g, torch.tensor([[0.2, 0.2, 0.2, 0.1]]) * 2 / 4)
+
+
 def smooth_mask_brute_force(params: torch.Tensor, size: tuple[int, int], step: int, sigma: float) -> torch.Tensor:
     """The smooth max of the definition, pixel by pixel over the margin-extended image."""
     h, w = size

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._core import batched, forward_logits, progress_bar, targets
+from ._core import batched, forward_logits, hooks, progress_bar, resolve_layer, targets, upsample_to
 from ._registry import register
 from .perturbation import (
     _choice,
@@ -365,6 +365,22 @@ def apply_pyramid(pyramid: Tensor, mask: Tensor) -> Tensor:
     return ((1 - frac) * y0 + frac * y1)[:, 0]
 
 
+def area_loss(masks: Tensor, reference: Tensor) -> Tensor:
+    """The ranking loss of the area constraint, mean((sort(m) - r)^2) per row of (n, P) masks against
+    (n, P) sorted references, with ties shared: equal mask values all get the mean of the reference
+    values of their ranks. (A plain sort breaks ties by position, so from the all-ones start the
+    constraint would pull every parameter down but the ones that happen to sort last, which then
+    win whatever the reward says.) Same value and gradient as the plain loss when there is no tie."""
+    values, order = masks.sort(1)
+    new_group = torch.ones_like(values, dtype=torch.long)
+    new_group[:, 1:] = (values[:, 1:] != values[:, :-1]).long()
+    group = new_group.cumsum(1) - 1  # (n, P): the tie group of each rank
+    total = torch.zeros_like(reference).scatter_add_(1, group, reference)
+    count = torch.zeros_like(reference).scatter_add_(1, group, torch.ones_like(reference))
+    shared = (total / count.clamp_min(1)).gather(1, group)
+    return ((values - shared) ** 2).mean(1)
+
+
 def _areas(area: Any) -> list[float]:
     values = list(area) if isinstance(area, (list, tuple)) else [area]
     if not values:
@@ -392,6 +408,7 @@ def extremal_perturbation(
     levels: int = 8,
     max_blur: float | None = None,
     jitter: bool = True,
+    channels: str | None = None,
     tol: float = 1e-4,
     patience: int = 20,
     report: Callable[[dict], Any] | None = None,
@@ -418,6 +435,15 @@ def extremal_perturbation(
     benchmark), so pixels kept by small areas score highest; with one area it
     is the mask itself. `report` gets {"loss", "steps", "converged", "area"
     (fraction of mask > 0.5), "reward"}, each (B, number of areas).
+
+    Channel attribution (the paper's section on intermediate layers):
+    `channels` = the dotted name of a layer. The mask is then one value per
+    channel of that layer's output, the perturbation multiplies the output
+    by it (a deleted channel is zeroed; no blur, no smoothing) and `area` is
+    the fraction of channels kept. The map shows where the kept channels fire:
+    sum over areas of sum_k m_k A_k(x), A the layer's activations on the
+    image, upsampled bilinearly to (H, W). `report` also gets "channels", the
+    masks (B, number of areas, K).
     """
     areas = _areas(area)
     _choice("variant", variant, ("preservation", "deletion", "dual"))
@@ -428,27 +454,55 @@ def extremal_perturbation(
         raise ValueError(f"levels must be >= 2, got {levels}")
     if not isinstance(jitter, bool):
         raise TypeError(f"jitter must be True or False, got {jitter!r}")
+    if channels is not None and not isinstance(channels, str):
+        raise TypeError(f"channels must be None or the dotted name of a layer, got {channels!r}")
     b, c, h, w = images.shape
     scale = min(h, w) / 224.0
     step = max(1, round(7 * scale)) if mask_step is None else _positive_int("mask_step", mask_step)
     sigma = 3.0 * step if mask_sigma is None else _number("mask_sigma", mask_sigma, 0.0, low_open=True)
     blur = 20.0 * scale if max_blur is None else _number("max_blur", max_blur, 0.0, low_open=True)
-    x, t, _ = _prepare(model, images, target, internal_batch)
+    module = None if channels is None else _channel_layer(model, channels)
+    seen: list[Tensor] = []  # channel variant: the layer's activations on the images
+    with hooks() as handles:
+        if module is not None:
+            handles.append(module.register_forward_hook(lambda mod, inputs, out: seen.append(out.detach())))
+        x, t, _ = _prepare(model, images, target, internal_batch)
     n_areas = len(areas)
-    with torch.inference_mode(False):
-        generate = SmoothMask((h, w), step, sigma, x.device, x.dtype)
-        pyramid = blur_pyramid(x, levels, blur)  # (B, L, C, H, W)
-        # Sorted target of the full mask (margin included): round(a * H * W) ones, so a mask that is
-        # zero on the margin covers the fraction a of the image.
+    keep: list[Tensor] = []  # channel variant: the mask the layer's hook applies in the next forward pass
+    if module is None:
+        with torch.inference_mode(False):
+            generate = SmoothMask((h, w), step, sigma, x.device, x.dtype)
+            pyramid = blur_pyramid(x, levels, blur)  # (B, L, C, H, W)
         pixels = (h + 2 * generate.margin) * (w + 2 * generate.margin)
-        ones = torch.tensor([round(a * h * w) for a in areas], device=x.device)
+        ones = [round(a * h * w) for a in areas]  # a mask zero on the margin covers the fraction a of the image
+        shape = generate.grid
+    else:
+        with torch.inference_mode(False):
+            activations = torch.cat(seen).clone()  # (B, K, h, w)
+        if activations.dim() != 4:
+            raise ValueError(
+                f"channels={channels!r}: the layer outputs shape {tuple(activations.shape)}; the channel "
+                "variant needs a convolutional feature map (B, K, h, w)"
+            )
+        pixels = activations.shape[1]
+        ones = [round(a * pixels) for a in areas]
+        shape = (pixels,)
+    with torch.inference_mode(False):
+        # Sorted target of the full mask, `ones` ones per area.
         ranks = torch.arange(pixels, device=x.device)
-        reference_area = (ranks >= pixels - ones[:, None]).to(x.dtype)  # (A, pixels), sorted ascending
+        reference_area = (ranks >= pixels - torch.tensor(ones, device=x.device)[:, None]).to(x.dtype)  # (A, pixels)
     growth = 1.0035 ** (800 / steps)
 
+    def scale_channels(mod: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+        return out * keep[0][:, :, None, None].to(out.dtype)
+
     def reward(mask: Tensor, img: Tensor, flip: bool) -> Tensor:
-        def logit(keep: Tensor) -> Tensor:
-            inputs = apply_pyramid(pyramid[img], keep)
+        def logit(kept: Tensor) -> Tensor:
+            if module is None:
+                inputs = apply_pyramid(pyramid[img], kept)
+            else:
+                keep[:] = [kept]
+                inputs = x[img]
             if flip:
                 inputs = inputs.flip(3)
             return target_score(model(inputs), t[img], "logit")
@@ -459,35 +513,55 @@ def extremal_perturbation(
             return -logit(1 - mask)
         return logit(mask) - logit(1 - mask)
 
+    def masks_of(params: Tensor) -> tuple[Tensor, Tensor]:
+        """(full mask the area constraint sees, mask applied)."""
+        if module is not None:
+            return params, params
+        full = generate.full(params)
+        return full, generate.crop(full)
+
     def objective(params: Tensor, i: Tensor, step_: int) -> Tensor:
         img, which = i // n_areas, i % n_areas
-        full = generate.full(params)
-        mask = generate.crop(full)
-        regul = ((full.flatten(1).sort(1).values - reference_area[which]) ** 2).mean(1)
+        full, mask = masks_of(params)
+        regul = area_loss(full.flatten(1), reference_area[which])
         flip = jitter and step_ % 2 == 0
         return -reward(mask, img, flip) + 300.0 * growth**step_ * regul
 
     # Start from the unperturbed image: all kept (preservation, dual, as TorchRay) or nothing deleted
     # (deletion: from TorchRay's all-deleted start, blurred detail has no gradient to come back by).
     initial = 0.0 if variant == "deletion" else 1.0
-    start = torch.full((b * n_areas, *generate.grid), initial, dtype=x.dtype, device=x.device)
+    start = torch.full((b * n_areas, *shape), initial, dtype=x.dtype, device=x.device)
     inputs_per_mask = 2 if variant == "dual" else 1
-    params, info = optimise(
-        start, objective, steps=steps, lr=lr, method="sgd", tol=tol, patience=patience,
-        chunk=max(1, internal_batch // inputs_per_mask), progress=progress, desc="extremal_perturbation",
-    )
-    with torch.inference_mode():
-        masks = torch.cat([generate(params[part]) for part in batched(len(params), internal_batch)])
-    masks = masks.view(b, n_areas, h, w)
-    if report is not None:
+    per_pass = max(1, internal_batch // inputs_per_mask)
+    with hooks() as handles:
+        if module is not None:
+            handles.append(module.register_forward_hook(scale_channels))
+        params, info = optimise(
+            start, objective, steps=steps, lr=lr, method="sgd", tol=tol, patience=patience,
+            chunk=per_pass, progress=progress, desc="extremal_perturbation",
+        )
         with torch.inference_mode():
-            flat = masks.flatten(0, 1)
-            img = torch.arange(b, device=x.device).repeat_interleave(n_areas)
-            per_pass = max(1, internal_batch // inputs_per_mask)
-            rewards = torch.cat([reward(flat[part], img[part], False) for part in batched(len(flat), per_pass)])
+            masks = torch.cat([masks_of(params[part])[1] for part in batched(len(params), internal_batch)])
+            masks = masks.view(b, n_areas, *masks.shape[1:])
+            if report is not None:
+                flat = masks.flatten(0, 1)
+                img = torch.arange(b, device=x.device).repeat_interleave(n_areas)
+                rewards = torch.cat([reward(flat[part], img[part], False) for part in batched(len(flat), per_pass)])
+    if report is not None:
         report({
             **{k: v.view(b, n_areas) for k, v in info._asdict().items()},
             "area": (masks > 0.5).flatten(2).float().mean(2),
             "reward": rewards.view(b, n_areas),
+            **({} if module is None else {"channels": masks}),
         })
-    return masks.sum(1)
+    if module is None:
+        return masks.sum(1)
+    evidence = (masks.sum(1)[:, :, None, None] * activations).sum(1)
+    return upsample_to(evidence, (h, w))
+
+
+def _channel_layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return resolve_layer(model, name)
+    except ValueError as err:
+        raise ValueError(f"channels: {err}") from None
