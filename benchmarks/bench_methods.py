@@ -893,8 +893,18 @@ def run_memory(
 # --------------------------------------------------------------------------- workload and report
 
 
-def build_workload(batch: int, size: int, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
-    """Seeded ResNet-18 (random weights), smooth random images, target = top-1, contrast = top-2."""
+def build_workload(batch: int, size: int, seed: int = 0, model_name: str = "resnet18") -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """Seeded ResNet-18 (random weights), smooth random images, target = top-1, contrast = top-2;
+    or the built-in shapes-cnn (with its generative model) on built-in test images."""
+    if model_name == "shapes-cnn":
+        import zoo
+
+        model = zoo.load_model("shapes-cnn")
+        data = zoo.load_dataset("shapes", split="test", limit=batch).load(0, batch)
+        images = model.preprocess(torch.from_numpy(data.images))
+        with torch.inference_mode():
+            top = model(images).topk(2, dim=1).indices
+        return model, images, top[:, 0].clone(), top[:, 1].clone()
     import torchvision
 
     torch.manual_seed(seed)
@@ -1076,8 +1086,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
     batch = args.batch or (2 if args.quick else 8)
     repeats = args.repeats or (2 if args.quick else 5)
     budget = args.budget or (20.0 if args.quick else 60.0)
-    model, images, target, contrast = build_workload(batch, args.size)
-    classes = 1000
+    if args.model == "shapes-cnn":
+        args.size = 64
+    model, images, target, contrast = build_workload(batch, args.size, model_name=args.model)
+    classes = 1000 if args.model == "resnet18" else len(model.classes)
     names = args.methods.split(",") if args.methods else sorted(set(xm.available()) | set(KNOWN_METHODS))
     unknown = [n for n in names if n not in xm.available() and n not in KNOWN_METHODS]
     if unknown:
@@ -1147,9 +1159,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
         [".venv/bin/python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if sys.argv else "bench_methods.py"]
         + [shlex.quote(a) for a in sys.argv[1:]]
     )
+    described = ("torchvision ResNet-18 (weights=None, seed 0, eval)" if args.model == "resnet18"
+                 else "the built-in shapes-cnn on built-in test images (cdeepex with its shapes VAE)")
     workload = (
-        f"torchvision ResNet-18 (weights=None, seed 0, eval), {args.size}x{args.size}, batch {batch}, CPU, "
-        f"torch.set_num_threads({args.threads}), target = top-1 class, layer methods on `layer4` "
+        f"{described}, {args.size}x{args.size}, batch {batch}, CPU, "
+        f"torch.set_num_threads({args.threads}), target = top-1 class, contrast = top-2 class, "
+        f"layer methods on `{default_layer(model, images)}` "
         f"(passed explicitly, as to the peers), up to {repeats} rounds after one warm-up, "
         f"budget {budget:.0f} s per method"
         + (" -- **--quick: smoke run with reduced sample counts, not a measurement**" if args.quick else "")
@@ -1175,7 +1190,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, 2 rounds, capped sample counts")
     p.add_argument("--out", help="write the markdown table here (e.g. docs/performance.md); always printed")
     p.add_argument("--batch", type=int, help="images per call (default 8; --quick 2)")
-    p.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    p.add_argument("--size", type=int, default=224, help="image side (default 224; 64 with shapes-cnn)")
+    p.add_argument("--model", choices=("resnet18", "shapes-cnn"), default="resnet18",
+                   help="the workload's model (default resnet18; shapes-cnn for methods that need its generator)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument(
         "--budget", type=float, help="seconds per method; expensive methods use fewer images/rounds (default 75)"

@@ -14,6 +14,8 @@ examples:
       --methods saliency,gradcam,occlusion --samples 256 --store runs/shapes.zarr
   saliency-atlas study --dataset ~/photos --model resnet18 --weights resnet18.pt \\
       --methods gradcam --layer layer4 --store runs/photos.zarr
+  saliency-atlas study --methods contrastive_gradcam,cem_pn,cdeepex --contrast square \
+      --samples 64 --store runs/why-not-square.zarr
   saliency-atlas status runs/shapes.zarr
   saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png
   saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run block tasks on a local Dask cluster of N processes (default: one at a time here)")
     where.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
                        help="run block tasks on an existing Dask cluster (its workers need this package installed)")
+    s.add_argument("--contrast", default="runner-up", metavar="runner-up|CLASS",
+                   help="contrastive methods explain 'why the prediction, not CLASS?': the runner-up class of each "
+                        "sample, or a class name (samples predicted as CLASS fall back to their runner-up)")
     s.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="a method parameter, e.g. occlusion.window=8 (repeatable)")
     s.add_argument("--figure", default=None, help="figure path (default: the store path with .png); 'none' for no figure")
@@ -111,14 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_methods() -> None:
     import xai_methods as xm
 
-    rows = [("name", "category", "layer", "passes/image (64x64)", "what it is")]
+    rows = [("name", "category", "layer", "contrast", "passes/image (64x64)", "what it is")]
     for name in xm.available():
         s = xm.spec(name)
         fwd, bwd = s.passes((64, 64))
-        rows.append((name, s.category, "yes" if s.needs_layer else "-", f"{fwd} fwd + {bwd} bwd", s.summary))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((name, s.category, "yes" if s.needs_layer else "-", "yes" if s.needs_contrast else "-",
+                     f"{fwd} fwd + {bwd} bwd", s.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -137,7 +143,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
                      store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
                      device=args.device, params=freeze_params(params), dtype=args.dtype,
-                     compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images)
+                     compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images,
+                     contrast=args.contrast)
     p = plan(spec)  # raises on a bad argument or a store of another study
     if finished(p, args.store):
         # Nothing to compute: skip Prefect (and its temporary server) altogether.
@@ -152,7 +159,8 @@ def cmd_study(args: argparse.Namespace) -> None:
                     device=args.device, params=params or None,
                     figure=None if figure.lower() == "none" else figure,
                     workers=args.workers, dask_address=args.dask_address, dtype=args.dtype,
-                    compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images)
+                    compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images,
+                    contrast=args.contrast)
     print(f"store:   {summary['store']}")
     if "figure" in summary:
         print(f"figure:  {summary['figure']}")

@@ -80,6 +80,7 @@ def study(
     compression: str = "zstd",
     chunk_samples: int | None = None,
     keep_images: bool = True,
+    contrast: str = "runner-up",
 ) -> dict[str, Any]:
     """Explain ``model`` on ``dataset`` with each of ``methods`` and store every map.
 
@@ -105,12 +106,16 @@ def study(
         compression: codec of a new store's maps, images and masks: zstd, blosc or none.
         chunk_samples: samples per chunk inside a block's shard (None: one chunk per block).
         keep_images: store the model inputs (True) or only sample ids (False).
+        contrast: the foil of contrastive methods ("why the prediction, not this class?"):
+            "runner-up" (the best other class of each sample) or a class name; recorded per
+            sample in the store's `contrast` variable.
     """
     log = get_run_logger()
     spec = StudySpec(
         dataset=dataset, model=model, methods=tuple(methods), samples=samples, store=store,
         weights=weights, layer=layer, block_size=block_size, device=device, params=freeze_params(params),
         dtype=dtype, compression=compression, chunk_samples=chunk_samples, keep_images=keep_images,
+        contrast=contrast,
     )
     plan = prepare_store(spec)
     for skipped in plan["skipped_files"]:

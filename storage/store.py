@@ -8,6 +8,7 @@ Layout (see docs/architecture.md for the full contract)::
     image       (sample, channel, y, x)      the exact model input
     mask        (sample, y, x)               ground-truth region, when the dataset has one
     label, prediction, target (sample); logits (sample, class)
+    contrast    (sample)                     the class contrastive methods contrast the target with
 
 The template (metadata, coordinates and the small flag arrays) is written once by
 :func:`create`; afterwards tasks fill whole blocks of samples with :func:`write_samples`
@@ -31,8 +32,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-SCHEMA_VERSION = 1
-SAMPLE_VARIABLES = ("image", "mask", "label", "prediction", "target", "logits")
+SCHEMA_VERSION = 2  # 2: the contrast variable and attribute
+SAMPLE_VARIABLES = ("image", "mask", "label", "prediction", "target", "contrast", "logits")
 
 
 COMPRESSIONS = {
@@ -115,6 +116,7 @@ def create(path: str, t: Template) -> None:
         "label": (("sample",), lazy((n,), "int64", -1, (b,))),
         "prediction": (("sample",), lazy((n,), "int64", -1, (b,))),
         "target": (("sample",), lazy((n,), "int64", -1, (b,))),
+        "contrast": (("sample",), lazy((n,), "int64", -1, (b,))),
         "logits": (("sample", "class"), lazy((n, len(t.classes)), "float32", np.nan, (b, len(t.classes)))),
     }
     if t.keep_images:
@@ -210,7 +212,15 @@ def check_compatible(path: str, t: Template, stored_digest: str | None = None) -
     stored = attrs(path)
     problems: list[str] = []
     if stored.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema version {stored.get('schema_version')} != {SCHEMA_VERSION}")
+        problems.append(
+            f"the store has schema version {stored.get('schema_version')}, this saliency-atlas writes "
+            f"{SCHEMA_VERSION} (an older store is read by `open_dataset` but not extended)"
+        )
+    if stored.get("contrast", "runner-up") != t.attrs.get("contrast", "runner-up"):
+        problems.append(
+            f"contrast differs: the store contrasts with {stored.get('contrast')!r}, this run asks for "
+            f"{t.attrs.get('contrast')!r} (use --contrast {stored.get('contrast')})"
+        )
     digests = {"model_fingerprint": t.attrs.get("model_fingerprint"),
                "dataset_fingerprint": stored_digest or t.attrs.get("dataset_fingerprint")}
     for key, now in digests.items():
@@ -326,8 +336,8 @@ def _aligned(g: zarr.Group, block: int) -> slice:
 
 
 def write_samples(path: str, block: int, **arrays: np.ndarray) -> None:
-    """Write per-sample variables (image, mask, label, prediction, target, logits) of one
-    whole block, then mark the block ingested."""
+    """Write per-sample variables (image, mask, label, prediction, target, contrast, logits)
+    of one whole block, then mark the block ingested."""
     g = _group(path)
     s = _aligned(g, block)
     unknown = set(arrays) - set(SAMPLE_VARIABLES)

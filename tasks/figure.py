@@ -15,6 +15,7 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import storage  # noqa: E402
+import xai_methods as xm  # noqa: E402
 
 
 def _display_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -48,6 +49,7 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
     if missing:
         raise ValueError(f"methods {missing} are not in the store; it has {list(ds.xai_method.values)}")
     classes = [str(c) for c in ds["class"].values]
+    contrastive = {m for m in names if m in xm.available() and xm.spec(m).needs_contrast}
     mean, std = ds.attrs["image_mean"], ds.attrs["image_std"]
     sel = ds.isel(sample=list(samples)).sel(xai_method=names).compute()
 
@@ -58,6 +60,7 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
         # Stores of references only have no inputs to show: heatmaps then stand alone.
         img = _display_image(s.image.values, mean, std) if "image" in s else np.full((*s.attribution.shape[-2:], 3), 0.5)
         label, pred, target = (int(s[v]) for v in ("label", "prediction", "target"))
+        contrast = int(s["contrast"]) if "contrast" in s else -1
         truth = classes[label] if 0 <= label < len(classes) else "?"
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(f"{s.sample_id.item()}\ntrue {truth}, pred {classes[pred]}", fontsize=7)
@@ -69,13 +72,17 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
             ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi, alpha=0.55)
             if "mask" in s:
                 ax.contour(s.mask.values.astype(float), levels=[0.5], colors="white", linewidths=0.6)
-            if r == 0:
+            if name in contrastive and 0 <= contrast < len(classes):
+                # every row: the contrast differs from sample to sample
+                ax.set_title(f"{name}\n{classes[target]} vs {classes[contrast]}", fontsize=7)
+            elif r == 0:
                 ax.set_title(f"{name}\n(for {classes[target]})" if rows == 1 else name, fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{ds.attrs.get('model')} on {ds.attrs.get('dataset')}: explained class = prediction; "
-                 "white outline = ground-truth object", fontsize=8)
+    fig.suptitle(f"{ds.attrs.get('model')} on {ds.attrs.get('dataset')}: explained class = prediction"
+                 + ("; contrastive maps: why target, not contrast" if contrastive else "")
+                 + "; white outline = ground-truth object", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=130)

@@ -69,6 +69,7 @@ class StudySpec:
     block_size: int = 64
     device: str = "cpu"
     params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-method parameters, hashable
+    contrast: str = "runner-up"  # contrastive methods: "runner-up" or a class name of the model
     # Layout of a new store (an existing store keeps the layout it was made with):
     dtype: str = "float32"
     compression: str = "zstd"
@@ -115,6 +116,7 @@ def plan(spec: StudySpec) -> Plan:
             raise ValueError(f"parameters given for {m!r}, which is not among --methods {list(spec.methods)}")
     model = load_model(spec.model, spec.weights, "cpu")
     pre = model.preprocess
+    contrast_class(spec, model)  # validates --contrast
     for m in spec.methods:
         params = dict(dict(spec.params).get(m, ()))
         xm.check(m, model, pre.size, spec.layer if xm.spec(m).needs_layer else None, **params)
@@ -151,11 +153,38 @@ def plan(spec: StudySpec) -> Plan:
             "image_mean": list(pre.mean),
             "image_std": list(pre.std),
             "package_version": metadata.version("saliency-atlas"),
+            "contrast": spec.contrast,
         },
     )
     if exists:
         storage.check_compatible(spec.store, template, stored_digest=dataset.digest(stored))
     return Plan(template, dataset, model, exists)
+
+
+def contrast_class(spec: StudySpec, model: torch.nn.Module) -> int | None:
+    """The model's class index named by ``spec.contrast``; None for "runner-up"."""
+    if spec.contrast == "runner-up":
+        return None
+    classes = model.classes or []
+    if spec.contrast in classes:
+        return classes.index(spec.contrast)
+    if spec.contrast.isdigit() and not classes:  # an unnamed head: class indices
+        return int(spec.contrast)
+    valid = ", ".join(["runner-up", *classes]) if classes else "runner-up or a class index"
+    raise ValueError(f"--contrast {spec.contrast!r} is not a class of the model; valid: {valid}")
+
+
+def contrasts_of(spec: StudySpec, model: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample, the class contrastive methods contrast the target with: the --contrast class,
+    or the runner-up (the best class other than the target) where the target is that class, or
+    for "runner-up"."""
+    runner_up = xm.contrasts(logits, None, target)
+    fixed = contrast_class(spec, model)
+    if fixed is None:
+        return runner_up
+    if not 0 <= fixed < logits.shape[1]:
+        raise ValueError(f"--contrast {fixed} is outside the model's classes 0..{logits.shape[1] - 1}")
+    return torch.where(target == fixed, runner_up, torch.full_like(target, fixed))
 
 
 def finished(p: Plan, store: str) -> bool:
@@ -218,6 +247,7 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
         logits=logits.cpu().numpy(),
         prediction=prediction.cpu().numpy(),
         target=prediction.cpu().numpy(),  # the class explained: the model's own answer
+        contrast=contrasts_of(spec, model, logits, prediction).cpu().numpy(),
     )
     if batch.masks is not None:
         arrays["mask"] = batch.masks
@@ -236,10 +266,13 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
         images = torch.from_numpy(storage.read_samples(spec.store, block, "image")["image"]).to(device)
     else:  # a store of references only: remake the exact inputs from the dataset
         images, _ = model_inputs(spec, block, model, device)
-    target = torch.from_numpy(storage.read_samples(spec.store, block, "target")["target"]).to(device)
+    stored = storage.read_samples(spec.store, block, "target", "contrast")
+    target = torch.from_numpy(stored["target"]).to(device)
     params = spec.method_params(method)
     layer = params.pop("layer", None)
-    kwargs = {"layer": layer} if xm.spec(method).needs_layer else {}
+    kwargs: dict[str, Any] = {"layer": layer} if xm.spec(method).needs_layer else {}
+    if xm.spec(method).needs_contrast:
+        kwargs["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
     t0 = time.perf_counter()
     maps = xm.attribute(method, model, images, target=target, **kwargs, **params)
     seconds = time.perf_counter() - t0

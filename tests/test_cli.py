@@ -20,6 +20,9 @@ def test_methods_table(capsys):
     for name in ("saliency", "gradcam", "occlusion"):
         assert name in out
     assert "1 fwd + 1 bwd" in out and "perturbation" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["contrastive_gradcam"][1:4] == ["contrastive", "yes", "yes"]
+    assert rows["cem_pp"][1:4] == ["contrastive", "-", "-"]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_methods_table(capsys):
         (["study", "--param", "occlusion.window=0"], "window must be a positive int"),
         (["study", "--param", "lime.samples=3"], "not among --methods"),
         (["study", "--device", "tpu"], "--device must be"),
+        (["study", "--contrast", "hexagon"], "--contrast 'hexagon' is not a class of the model; valid: runner-up, circle"),
         (["status", "/nonexistent/store.zarr"], "no study store"),
         (["figure", "/nonexistent/store.zarr"], "no study store"),
     ],

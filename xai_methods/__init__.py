@@ -13,13 +13,15 @@ Usage::
     maps = xm.attribute("gradcam", model, images, target=3)             # (4, 96, 96), layer4 by default
     maps = xm.attribute("occlusion", model, images, window=16, stride=8)  # target=None: top-1 class
     grads = xm.attribute("saliency", model, images, reduce=None)        # (4, 3, 96, 96)
+    why = xm.attribute("contrastive_gradcam", model, images, contrast=5)  # why top-1, not class 5?
 
 Maps are float32 on ``images.device``, larger = more evidence for the target,
 and not rescaled. The model is left exactly as found (mode, requires_grad,
 in-place flags, hooks). New methods register with ``xai_methods._registry.register``.
 """
 
+from ._core import contrasts
 from ._registry import MethodSpec, attribute, available, check, spec
-from . import cam, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
+from . import cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
 
-__all__ = ["MethodSpec", "attribute", "available", "check", "spec"]
+__all__ = ["MethodSpec", "attribute", "available", "check", "contrasts", "spec"]

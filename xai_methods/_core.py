@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -212,6 +212,21 @@ def targets(
     return t
 
 
+def contrasts(logits: Tensor, contrast: Any, target: Tensor) -> Tensor:
+    """Contrast (foil) classes (B,): as given, or None -> the best-scoring class other than the
+    target (the runner-up when the target is the prediction). Refuses a contrast equal to the target."""
+    if contrast is None:
+        return logits.detach().scatter(1, target[:, None], float("-inf")).argmax(1)
+    c = targets(logits, contrast, logits.shape[0], logits.device, name="contrast")
+    same = (c == target).nonzero()[:, 0].tolist()
+    if same:
+        raise ValueError(
+            f"contrast equals the target for images {same[:5]}: a contrastive method explains 'why target, "
+            "not contrast'; pass another contrast class, or contrast=None for the runner-up"
+        )
+    return c
+
+
 def class_score(logits: Tensor, target: Tensor) -> Tensor:
     """Score (B,) of the target class: the logit, not the softmax."""
     if logits.dim() != 2:
@@ -243,8 +258,9 @@ def backprop(
     images: Tensor,
     target: Any,
     layer: nn.Module | None = None,
+    score: Callable[[Tensor, Tensor], Tensor] = class_score,
 ) -> Backprop:
-    """One forward and one backward pass of the target logit.
+    """One forward and one backward pass of the target logit (or of ``score(logits, target)``, (B,)).
 
     Without `layer` the gradient is taken w.r.t. the input; with `layer` w.r.t.
     that module's output (captured by a forward hook; if the module runs more
@@ -267,11 +283,11 @@ def backprop(
         x = _fresh_input(images)
         logits = model(x)
         t = targets(logits, target, images.shape[0], images.device)
-        score = class_score(logits, t).sum()
+        total = score(logits, t).sum()
         if layer is not None and not captured:
             raise ValueError("layer: the given layer did not run in the model's forward pass")
         wrt = captured[0] if layer is not None else x
-        (grad,) = torch.autograd.grad(score, wrt)
+        (grad,) = torch.autograd.grad(total, wrt)
     return Backprop(
         logits=logits.detach(),
         target=t,

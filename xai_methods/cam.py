@@ -113,11 +113,17 @@ def to_grid(output: Tensor, model: nn.Module, layer: nn.Module, reshape: Reshape
 
 
 def layer_activation_and_grad(
-    model: nn.Module, images: Tensor, target: Any, layer: nn.Module, reshape: Reshape | None = None
+    model: nn.Module,
+    images: Tensor,
+    target: Any,
+    layer: nn.Module,
+    reshape: Reshape | None = None,
+    score: Callable[[Tensor, Tensor], Tensor] = class_score,
 ) -> tuple[Tensor, Tensor]:
-    """Activation grid (B, K, h, w) of `layer` and the gradient of the target logit w.r.t. it."""
+    """Activation grid (B, K, h, w) of `layer` and the gradient of the target logit (or of
+    ``score(logits, target)``) w.r.t. it."""
     check_reshape(reshape)
-    bp = backprop(model, images, target, layer=layer)
+    bp = backprop(model, images, target, layer=layer, score=score)
     assert bp.activation is not None
     return to_grid(bp.activation, model, layer, reshape), to_grid(bp.grad, model, layer, reshape)
 
@@ -154,9 +160,10 @@ def gradient_cam(
     relu: bool,
     upsample: bool,
     reshape: Reshape | None = None,
+    score: Callable[[Tensor, Tensor], Tensor] = class_score,
 ) -> Tensor:
-    """The template for gradient-weighted CAM variants."""
-    activation, grad = layer_activation_and_grad(model, images, target, layer, reshape)
+    """The template for gradient-weighted CAM variants (`score`: what is differentiated, default the target logit)."""
+    activation, grad = layer_activation_and_grad(model, images, target, layer, reshape, score)
     return finish(combine(activation, weights(activation, grad)), images.shape[2:], relu=relu, upsample=upsample)
 
 

@@ -9,8 +9,9 @@
 from .base import Batch, Dataset, Preprocess
 from .datasets import DATASETS, load_dataset
 from .folder import FolderDataset
+from .generative import GENERATORS, Generative, ShapesVAE, load_generator
 from .models import MODELS, ShapesCNN, load_model, model_fingerprint
 from .shapes import ShapesDataset
 
-__all__ = ["DATASETS", "MODELS", "Batch", "Dataset", "FolderDataset", "Preprocess", "ShapesCNN",
-           "ShapesDataset", "load_dataset", "load_model", "model_fingerprint"]
+__all__ = ["DATASETS", "GENERATORS", "MODELS", "Batch", "Dataset", "FolderDataset", "Generative", "Preprocess",
+           "ShapesCNN", "ShapesDataset", "ShapesVAE", "load_dataset", "load_generator", "load_model", "model_fingerprint"]

@@ -114,7 +114,8 @@ def torchvision_names() -> list[str]:
 
 
 def load_model(name: str, weights: str | os.PathLike | None = None) -> nn.Module:
-    """A model in eval mode on CPU with ``preprocess``, ``classes`` and ``arch`` attributes.
+    """A model in eval mode on CPU with ``preprocess``, ``classes`` and ``arch`` attributes
+    (and ``generative``, the shapes VAE, for shapes-cnn).
 
     ``name`` is a built-in model (``shapes-cnn``, shipped weights unless ``weights`` is
     given) or a torchvision architecture name, which needs a local state dict in
@@ -146,6 +147,11 @@ def load_model(name: str, weights: str | os.PathLike | None = None) -> nn.Module
     model.preprocess = preprocess
     model.classes = classes
     model.arch = name
+    if name == "shapes-cnn":
+        from .generative import SHAPES_VAE_WEIGHTS, load_generator
+
+        if SHAPES_VAE_WEIGHTS.exists():  # the data's generative model, for cdeepex (not part of the state dict)
+            model.generative = load_generator("shapes-vae")
     return model
 
 

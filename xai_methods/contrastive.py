@@ -1,0 +1,468 @@
+"""Contrastive methods: "why the target, and not the contrast class?"
+
+- `contrastive_gradcam` (Prabhushankar et al. 2020): Grad-CAM of the loss between the
+  network's output and the contrast class, one backward pass.
+- `cem_pp`, `cem_pn` (Dhurandhar et al. 2018, the Contrastive Explanation Method):
+  pertinent positives (the least of the input that alone keeps the target) and
+  pertinent negatives (the least addition that makes the contrast class win), by
+  projected FISTA on the paper's elastic-net objective with a bisection over `c`.
+- `cdeepex` (Feghahati et al. 2020): the nearest point of a generative model's latent
+  space that the classifier gives to the contrast class while staying ambiguous between
+  the two; the map is the difference of the two decoded images.
+
+The contrast class comes as ``contrast=`` (B,); ``None`` means the best-scoring class
+other than the target (the runner-up of the prediction). `cem_pp` asks only "what is
+enough for the target?" and takes no contrast (its hinge is against every other class,
+as in the paper).
+
+CEM works in the data range: inputs are normalised images, and a model with a
+``preprocess`` attribute (``mean``, ``std``, as every `zoo` model has) maps them back to
+pixels in [0, 1], where 0 is "absent" (the paper's convention for MNIST); without it the
+inputs are taken as pixels in [0, 1] already. Optimisation outcomes (the perturbed
+inputs, decoded images, success flags) go to an optional ``report`` callable, as for the
+optimisation-based perturbation methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._core import batched, contrasts, forward_logits, progress_bar, reduce_channels, targets
+from ._registry import MethodFn, register
+from .cam import Reshape, _gradcam_weights, gradient_cam
+from .gradient import one_pass
+from .perturbation import _choice, _number, _positive_int
+
+
+def _check_report(report: Any) -> None:
+    if report is not None and not callable(report):
+        raise TypeError(f"report must be None or a callable taking a dict, got {type(report).__name__}")
+
+
+# --------------------------------------------------------------------------- contrastive Grad-CAM
+
+
+CONTRAST_LOSSES = ("cross_entropy", "pair")
+
+
+@register("contrastive_gradcam", category="contrastive", cost=one_pass)
+def contrastive_gradcam(
+    model: nn.Module,
+    images: Tensor,
+    target: Any,
+    *,
+    layer: nn.Module,
+    contrast: Any,
+    loss: str = "cross_entropy",
+    relu: bool = True,
+    upsample: bool = True,
+    reshape: Reshape | None = None,
+) -> Tensor:
+    """Contrastive Grad-CAM (Prabhushankar et al. 2020): Grad-CAM of the loss towards the contrast class.
+
+    The loss J is back-propagated to the layer's activation A in one pass and,
+    as in Grad-CAM, the channel weights are the spatial means of dJ/dA; map =
+    ReLU(sum_k w_k A_k). `loss="cross_entropy"` (the paper): J = cross-entropy
+    of the logits with the contrast as label, dJ/dz = softmax(z) - onehot(contrast),
+    so the map shows what the network saw that argues against the contrast
+    (the target enters only through the prediction). `loss="pair"`: the
+    cross-entropy of the softmax over the target and contrast logits alone,
+    dJ/dz = q_t (onehot(target) - onehot(contrast)): evidence for the target
+    over the contrast whichever class the network predicts.
+    """
+    _choice("loss", loss, CONTRAST_LOSSES)
+
+    def score(logits: Tensor, t: Tensor) -> Tensor:
+        c = contrasts(logits, contrast, t)
+        if loss == "pair":
+            logits = torch.stack([logits.gather(1, t[:, None])[:, 0], logits.gather(1, c[:, None])[:, 0]], 1)
+            c = torch.ones_like(c)
+        return F.cross_entropy(logits, c, reduction="none")
+
+    return gradient_cam(
+        model, images, target, layer, _gradcam_weights, relu=relu, upsample=upsample, reshape=reshape, score=score
+    )
+
+
+# --------------------------------------------------------------------------- data range
+
+
+class PixelSpace(NamedTuple):
+    """Normalised input = (pixel - mean) / std, per channel; pixels live in [0, 1]."""
+
+    mean: Tensor  # (1, C, 1, 1)
+    std: Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, images: Tensor) -> PixelSpace:
+        c = images.shape[1]
+        pre = getattr(model, "preprocess", None)
+        mean, std = (getattr(pre, "mean", None), getattr(pre, "std", None)) if pre is not None else (None, None)
+        if mean is None or std is None:
+            mean, std = (0.0,) * c, (1.0,) * c
+        if len(mean) != c or len(std) != c:
+            raise ValueError(
+                f"model.preprocess has {len(mean)} channel means for images with {c} channels; "
+                "fix the model's preprocess or pass images with matching channels"
+            )
+        as_tensor = lambda v: torch.tensor(v, dtype=images.dtype, device=images.device).view(1, c, 1, 1)  # noqa: E731
+        return cls(as_tensor(mean), as_tensor(std))
+
+    def pixels(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+    def inputs(self, p: Tensor) -> Tensor:
+        return (p - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------- CEM
+
+
+def _margin(logits: Tensor, cls: Tensor) -> Tensor:
+    """z_cls - max_{i != cls} z_i (B,): > 0 when cls wins."""
+    own = logits.gather(1, cls[:, None])[:, 0]
+    other = logits.scatter(1, cls[:, None], float("-inf")).amax(1)
+    return own - other
+
+
+def _cem_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
+    return (params["c_steps"] * params["steps"] + 1, params["c_steps"] * params["steps"])
+
+
+def cem(
+    model: nn.Module,
+    images: Tensor,
+    target: Any,
+    contrast: Any,
+    *,
+    pertinent: str,
+    kappa: float,
+    beta: float,
+    c_init: float,
+    c_steps: int,
+    steps: int,
+    lr: float,
+    gamma: float,
+    autoencoder: Callable[[Tensor], Tensor] | None,
+    reduce: str | None,
+    report: Callable[[dict], Any] | None,
+    internal_batch: int,
+    progress: bool,
+) -> Tensor:
+    """Pertinent positive ("pp") or negative ("pn") of every image, batched; see `cem_pp`."""
+    _number("kappa", kappa, 0.0)
+    _number("beta", beta, 0.0)
+    _number("c_init", c_init, 0.0, low_open=True)
+    _positive_int("c_steps", c_steps)
+    _number("lr", lr, 0.0, low_open=True)
+    _number("gamma", gamma, 0.0)
+    _check_report(report)
+    if autoencoder is not None and not callable(autoencoder):
+        raise TypeError(f"autoencoder must be None or a callable images -> reconstructions, got {autoencoder!r}")
+    if gamma > 0 and autoencoder is None:
+        generative = getattr(model, "generative", None)
+        if generative is None:
+            raise ValueError(
+                "gamma > 0 needs an autoencoder: pass autoencoder= (normalised images -> reconstructions) "
+                "or use a model with a .generative attribute (zoo's shapes-cnn has one)"
+            )
+        autoencoder = generative.reconstruct
+    b = images.shape[0]
+    space = PixelSpace.of(model, images)
+    logits = forward_logits(model, images, internal_batch)
+    with torch.inference_mode(False):
+        x = images.detach().clone()
+        t = targets(logits, target, b, x.device).clone()
+        goal = t if pertinent == "pp" else contrasts(logits.clone(), contrast, t).clone()
+        p = space.pixels(x).clamp(0.0, 1.0)
+        upper = p if pertinent == "pp" else 1.0 - p  # 0 <= delta <= upper
+
+    def model_input(delta: Tensor, i: Tensor) -> Tensor:
+        return space.inputs(delta if pertinent == "pp" else p[i] + delta)
+
+    def hinge_and_margin(delta: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = model_input(delta, i)
+        margin = _margin(model(inputs), goal[i])
+        loss = (kappa - margin).clamp_min(0.0)  # max(max_{j != goal} z_j - z_goal, -kappa) + kappa
+        if gamma > 0:
+            loss = loss + gamma / c_now[i] * (autoencoder(inputs) - inputs).pow(2).flatten(1).sum(1)
+        return loss, margin
+
+    lower_c = torch.zeros(b, dtype=x.dtype, device=x.device)
+    upper_c = torch.full_like(lower_c, float("inf"))
+    c_now = torch.full_like(lower_c, float(c_init))
+    best = torch.zeros_like(x)
+    best_cost = torch.full_like(lower_c, float("inf"))
+    rows = torch.arange(b, device=x.device)
+    total = c_steps * steps
+    bar = progress_bar(range(total), progress, total=total, desc=f"cem_{pertinent}")
+    ticks = iter(bar)
+    with torch.inference_mode(False):
+        for _ in range(c_steps):
+            delta = torch.zeros_like(x)
+            y = delta.clone()
+            found = torch.zeros(b, dtype=torch.bool, device=x.device)
+            for k in range(steps):
+                next(ticks, None)
+                rate = lr * (1 - k / steps) ** 0.5  # the paper's polynomial decay
+                grad = torch.zeros_like(y)
+                with torch.enable_grad():
+                    for part in batched(b, internal_batch):
+                        i = rows[part]
+                        leaf = y[part].detach().requires_grad_(True)
+                        hinge, margin = hinge_and_margin(leaf, i)
+                        # c * hinge + ||delta||_2^2; the L1 term is the proximal step below
+                        smooth = c_now[i] * hinge + leaf.pow(2).flatten(1).sum(1)
+                        (grad[part],) = torch.autograd.grad(smooth.sum(), leaf)
+                step = y - rate * grad
+                new = (step - rate * beta).clamp_min(0.0).minimum(upper)  # shrinkage, then projection
+                y = (new + k / (k + 3) * (new - delta)).clamp_min(0.0).minimum(upper)
+                delta = new
+                with torch.no_grad():
+                    margins = torch.cat([
+                        _margin(model(model_input(delta[part], rows[part])), goal[part]) for part in batched(b, internal_batch)
+                    ])
+                    cost = beta * delta.abs().flatten(1).sum(1) + delta.pow(2).flatten(1).sum(1)
+                    better = (margins > 0) & (cost < best_cost)
+                    best[better] = delta[better]
+                    best_cost[better] = cost[better]
+                    found |= margins > 0
+            # bisection on c: success -> smaller c (sparser), failure -> larger
+            upper_c = torch.where(found, torch.minimum(upper_c, c_now), upper_c)
+            lower_c = torch.where(found, lower_c, torch.maximum(lower_c, c_now))
+            c_now = torch.where(upper_c.isfinite(), (lower_c + upper_c) / 2, c_now * 10)
+    success = best_cost.isfinite()
+    if report is not None:
+        with torch.inference_mode():
+            perturbed = model_input(best, rows)
+            out_logits = forward_logits(model, perturbed, internal_batch)
+        report({
+            "delta": best, "perturbed": perturbed, "success": success, "logits": out_logits,
+            "class": goal, "c": upper_c.where(success, c_now),
+        })
+    return reduce_channels(best, reduce)
+
+
+def _cem_variant(name: str, pertinent: str, doc: str) -> MethodFn:
+    """Define and register `cem_pp` or `cem_pn` (the registry reads the parameters from the signature,
+    so it is written once here; the pertinent positive's signature drops `contrast`, see `cem_pp`)."""
+
+    def method(
+        model: nn.Module,
+        images: Tensor,
+        target: Any,
+        *,
+        contrast: Any = None,
+        kappa: float = 0.1,
+        beta: float = 0.1,
+        c_init: float = 10.0,
+        c_steps: int = 5,
+        steps: int = 200,
+        lr: float = 0.01,
+        gamma: float = 0.0,
+        autoencoder: Callable[[Tensor], Tensor] | None = None,
+        reduce: str | None = "sum",
+        report: Callable[[dict], Any] | None = None,
+        internal_batch: int = 32,
+        progress: bool = False,
+    ) -> Tensor:
+        return cem(
+            model, images, target, contrast, pertinent=pertinent, kappa=kappa, beta=beta, c_init=c_init,
+            c_steps=c_steps, steps=steps, lr=lr, gamma=gamma, autoencoder=autoencoder, reduce=reduce,
+            report=report, internal_batch=internal_batch, progress=progress,
+        )
+
+    if pertinent == "pp":
+        signature = inspect.signature(method)
+        method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p for p in signature.parameters.values() if p.name != "contrast"]
+        )
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return register(name, category="contrastive", cost=_cem_cost)(method)
+
+
+cem_pp = _cem_variant("cem_pp", "pp", """CEM pertinent positive (Dhurandhar et al. 2018): the least of the input that alone keeps the target class.
+
+    In pixels p in [0, 1] (see the module docstring), delta with
+    0 <= delta <= p minimises c * max(max_{i != t} z_i(delta) - z_t(delta), -kappa)
+    + beta ||delta||_1 + ||delta||_2^2 + gamma ||AE(delta) - delta||_2^2, the
+    model seeing delta alone (everything else absent = black). Projected FISTA
+    (`steps` iterations, step `lr` with the paper's square-root decay, the L1
+    term by soft-thresholding), `c_steps` rounds of bisection on c from
+    `c_init` (success: c shrinks; failure: c grows tenfold until a success
+    brackets it). The answer is the feasible iterate (target wins) of least
+    elastic-net cost; none found: zeros and success False. `autoencoder`
+    (normalised images -> reconstructions; default the model's
+    ``generative.reconstruct`` when `gamma` > 0) keeps delta on the data
+    manifold. Map: delta summed over channels (`reduce`; None keeps delta).
+    `report` gets {"delta", "perturbed" (the model input of delta alone),
+    "success", "logits" (of it), "class" (the target), "c" (the least c that
+    succeeded)}. No `contrast`: what is enough for the target is
+    contrasted with every other class, as in the paper.
+    """)
+
+cem_pn = _cem_variant("cem_pn", "pn", """CEM pertinent negative (Dhurandhar et al. 2018): the least addition to the input that makes the contrast class win.
+
+    In pixels p in [0, 1], delta >= 0 with p + delta <= 1 minimises
+    c * max(max_{i != q} z_i(p + delta) - z_q(p + delta), -kappa)
+    + beta ||delta||_1 + ||delta||_2^2 + gamma ||AE(p + delta) - (p + delta)||_2^2,
+    q the contrast class. The paper's PN asks for any class but the target;
+    here the contrast is named (default: the runner-up), so the answer says
+    what is missing for that class. Solver, bisection, `report` and map as
+    `cem_pp`; "perturbed" is the model input of p + delta and "class" the contrast.
+    """)
+
+
+# --------------------------------------------------------------------------- CDeepEx
+
+
+def _cdeepex_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
+    return (params["steps"] + 2, params["steps"])
+
+
+@register("cdeepex", category="contrastive", cost=_cdeepex_cost)
+def cdeepex(
+    model: nn.Module,
+    images: Tensor,
+    target: Any,
+    *,
+    contrast: Any,
+    generator: Callable[[Tensor], Tensor] | None = None,
+    encoder: Callable[[Tensor], Tensor] | None = None,
+    latent_dim: int | None = None,
+    steps: int = 300,
+    lr: float = 0.05,
+    margin: float = 0.5,
+    penalty: float = 10.0,
+    inversion_steps: int = 300,
+    seed: int | None = 0,
+    reduce: str | None = "abs_sum",
+    report: Callable[[dict], Any] | None = None,
+    internal_batch: int = 32,
+    progress: bool = False,
+) -> Tensor:
+    """CDeepEx (Feghahati et al. 2020): the nearest latent point the model gives to the contrast, ambiguously.
+
+    A generative model G (latent z -> normalised image; default the model's
+    ``generative``, which zoo's shapes-cnn carries) explains in its own terms:
+    z0 = the latent code of the image (`encoder`, else inversion: Adam on
+    ||G(z) - x||^2 from `seed`-drawn N(0, 1) starts, `inversion_steps`
+    steps), then Adam (`lr`, `steps`) on z from z0 minimises
+    ||z - z0||^2 / dim + w * (relu(margin - d)^2 + relu(d - 2 margin)^2
+    + relu(max_{i not in t, q} z_i - z_q + margin)^2), d = z_q - z_t the
+    logit lead of the contrast q over the target t on G(z), the weight w
+    growing from `penalty` tenfold over the run: the decoded point is the
+    contrast class, barely (its lead over the target in [margin, 2 margin]),
+    the other classes out of the way. The answer is the iterate nearest z0
+    whose decoded image the model gives to the contrast. Map: the difference
+    G(z0) - G(z*) reduced over channels (`reduce`, default "abs_sum"; None
+    keeps the signed difference): what would have to change, in the
+    generator's terms, to turn the target into the contrast. `report` gets
+    {"decoded" G(z0), "contrast_image" G(z*), "latent" z0, "contrast_latent"
+    z*, "success" (a contrast point was found), "distance" ||z* - z0||,
+    "logits" (of G(z*)), "reconstruction_error" (mean squared, G(z0) vs x)}.
+    """
+    _positive_int("inversion_steps", inversion_steps)
+    _number("lr", lr, 0.0, low_open=True)
+    _number("margin", margin, 0.0, low_open=True)
+    _number("penalty", penalty, 0.0, low_open=True)
+    _check_report(report)
+    generative = getattr(model, "generative", None)
+    if generator is None:
+        if generative is None:
+            raise ValueError(
+                "cdeepex needs a generative model of the data: pass generator= (latent (N, dim) -> normalised "
+                "images) and encoder= or latent_dim=, or use a model with a .generative attribute "
+                "(zoo's shapes-cnn carries the shapes VAE)"
+            )
+        generator, encoder = generative.decode, generative.encode if encoder is None else encoder
+        latent_dim = generative.latent_dim if latent_dim is None else latent_dim
+    if not callable(generator) or (encoder is not None and not callable(encoder)):
+        raise TypeError("generator and encoder must be callables (latent -> images, images -> latent)")
+    if encoder is None and latent_dim is None:
+        raise ValueError("cdeepex inverts the generator by optimisation without an encoder: pass latent_dim=")
+    b = images.shape[0]
+    logits = forward_logits(model, images, internal_batch)
+    rows = torch.arange(b, device=images.device)
+    with torch.inference_mode(False):
+        x = images.detach().clone()
+        t = targets(logits, target, b, x.device).clone()
+        q = contrasts(logits.clone(), contrast, t).clone()
+        if encoder is not None:
+            with torch.no_grad():
+                z0 = torch.cat([encoder(x[part]) for part in batched(b, internal_batch)]).detach()
+        else:
+            z0 = _invert(generator, x, latent_dim, inversion_steps, lr, seed, internal_batch)
+        if z0.dim() != 2 or z0.shape[0] != b:
+            raise ValueError(f"the encoder must return latent codes (B, dim), got {tuple(z0.shape)}")
+        dim = z0.shape[1]
+
+        def objective(z: Tensor, i: Tensor, step: int) -> tuple[Tensor, Tensor]:
+            out = model(generator(z))
+            zt, zq = out.gather(1, t[i, None])[:, 0], out.gather(1, q[i, None])[:, 0]
+            lead = zq - zt
+            others = out.scatter(1, t[i, None], float("-inf")).scatter(1, q[i, None], float("-inf")).amax(1)
+            others = torch.where(others.isfinite(), others - zq + margin, torch.zeros_like(zq))
+            violation = (margin - lead).relu() ** 2 + (lead - 2 * margin).relu() ** 2 + others.relu() ** 2
+            weight = penalty * 10 ** (step / max(steps - 1, 1))
+            loss = (z - z0[i]).pow(2).sum(1) / dim + weight * violation
+            return loss, out.argmax(1) == q[i]
+
+        z = z0.clone()
+        first, second = torch.zeros_like(z), torch.zeros_like(z)
+        best = z0.clone()
+        best_distance = torch.full((b,), float("inf"), dtype=z.dtype, device=z.device)
+        for step in progress_bar(range(steps), progress, total=steps, desc="cdeepex"):
+            grad = torch.zeros_like(z)
+            wins = torch.zeros(b, dtype=torch.bool, device=z.device)
+            with torch.enable_grad():
+                for part in batched(b, internal_batch):
+                    leaf = z[part].detach().requires_grad_(True)
+                    loss, won = objective(leaf, rows[part], step)
+                    (grad[part],) = torch.autograd.grad(loss.sum(), leaf)
+                    wins[part] = won
+            # the iterate just evaluated: keep it if it is the contrast class and nearer z0
+            distance = (z - z0).norm(dim=1)
+            better = wins & (distance < best_distance)
+            best[better], best_distance[better] = z[better], distance[better]
+            first = 0.9 * first + 0.1 * grad
+            second = 0.999 * second + 0.001 * grad * grad
+            z = z - lr * (first / (1 - 0.9 ** (step + 1))) / ((second / (1 - 0.999 ** (step + 1))).sqrt() + 1e-8)
+        with torch.no_grad():
+            decoded = torch.cat([generator(z0[part]) for part in batched(b, internal_batch)])
+            contrast_image = torch.cat([generator(best[part]) for part in batched(b, internal_batch)])
+    success = best_distance.isfinite()
+    if report is not None:
+        report({
+            "decoded": decoded, "contrast_image": contrast_image, "latent": z0, "contrast_latent": best,
+            "success": success, "distance": (best - z0).norm(dim=1).where(success, best_distance),
+            "logits": forward_logits(model, contrast_image, internal_batch),
+            "reconstruction_error": (decoded - x).pow(2).flatten(1).mean(1),
+        })
+    return reduce_channels(decoded - contrast_image, reduce)
+
+
+def _invert(
+    generator: Callable[[Tensor], Tensor], x: Tensor, dim: int, steps: int, lr: float, seed: int | None, chunk: int
+) -> Tensor:
+    """Latent codes z (B, dim) with G(z) ~ x: Adam on the mean squared error from seeded N(0, 1) starts."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(0 if seed is None else seed)
+    z = torch.randn(x.shape[0], dim, generator=g, device=x.device, dtype=x.dtype)
+    for part in batched(x.shape[0], chunk):
+        leaf = z[part].clone().requires_grad_(True)
+        opt = torch.optim.Adam([leaf], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                # autograd.grad, not backward(): the generator's own parameters get no .grad
+                (leaf.grad,) = torch.autograd.grad((generator(leaf) - x[part]).pow(2).mean(), leaf)
+                opt.step()
+        z[part] = leaf.detach()
+    return z
