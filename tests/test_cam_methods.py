@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import xai_methods as xm
 import zoo
+from helpers import TinyCNN, assert_no_hooks, images, mix_state, model_left_as_is, pearson, resnet18, tiny_cnn
 from xai_methods import cam as cam_module
 from xai_methods._core import reduce_channels
 
@@ -29,7 +29,6 @@ CAMS = [
 GRADIENT_CAMS = ["gradcam", "hirescam", "xgradcam", "layercam", "gradcam_pp"]
 # internal_batch 7 mixes (image, channel) pairs of different images in one forward pass
 FAST = {"scorecam": {"internal_batch": 7}, "ablationcam": {"internal_batch": 7}}
-HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks")
 
 
 @pytest.fixture(autouse=True)
@@ -39,27 +38,6 @@ def _seed() -> None:
 
 
 # --------------------------------------------------------------------------- models and helpers
-
-
-class TinyCNN(nn.Module):
-    """Three conv stages (BatchNorm + in-place ReLU), global average pooling, linear head."""
-
-    def __init__(self, classes: int = 5) -> None:
-        super().__init__()
-
-        def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-            )
-
-        self.stage1 = stage(3, 8, 1)
-        self.stage2 = stage(8, 16, 2)
-        self.stage3 = stage(16, 16, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.stage3(self.stage2(self.stage1(x)))).flatten(1))
 
 
 class DoubledPool(TinyCNN):
@@ -132,27 +110,9 @@ class TinyViT(nn.Module):
         return self.head(self.block(self.tokens(x)).mean(1))
 
 
-def tiny_cnn() -> TinyCNN:
-    torch.manual_seed(0)
-    model = TinyCNN()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
 def tiny_vit(cls_token: bool = True) -> TinyViT:
     torch.manual_seed(0)
     return TinyViT(cls_token).eval()
-
-
-def resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=10).eval()
 
 
 def shapes(n: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -160,36 +120,6 @@ def shapes(n: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     model = zoo.load_model("shapes-cnn")
     batch = zoo.load_dataset("shapes", limit=n).load(0, n)
     return model, model.preprocess(torch.from_numpy(batch.images)), torch.as_tensor(batch.labels, dtype=torch.long)
-
-
-def images(b: int = 3, c: int = 3, h: int = 16, w: int = 16) -> torch.Tensor:
-    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
-        "grad": {n: p.grad is None for n, p in model.named_parameters()},
-        "state": {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k},
-    }
-
-
-def assert_same_snapshot(a: dict, b: dict) -> None:
-    assert {k: v for k, v in a.items() if k != "state"} == {k: v for k, v in b.items() if k != "state"}
-    assert a["state"].keys() == b["state"].keys()
-    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        for attr in HOOK_DICTS:
-            assert not getattr(m, attr), f"{attr} left on {name!r}"
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel())[0, 1])
 
 
 def grid_shape(name: str) -> tuple[int, ...]:
@@ -271,22 +201,15 @@ def test_batched_equals_per_image(name: str) -> None:
 @pytest.mark.parametrize("name", CAMS)
 def test_model_untouched(name: str, mode: str) -> None:
     model = tiny_cnn()
-    model.train(mode == "train")
-    model.stage2.train(mode != "train")  # mixed modes must survive per module
-    model.stage1[0].weight.requires_grad_(False)  # mixed requires_grad
-    model.stage2[2].inplace = False  # mixed in-place flags
-    before = snapshot(model)
-    xm.attribute(name, model, images(), target=2, **FAST.get(name, {}))
-    assert_same_snapshot(snapshot(model), before)
-    assert_no_hooks(model)
-    with pytest.raises(ValueError, match="target"):  # raises inside the method, after the forward pass
+    mix_state(model, mode, flip=model.stage2, freeze=model.stage1[0].weight, not_inplace=model.stage2[2])
+    with model_left_as_is(model, state=True):
+        xm.attribute(name, model, images(), target=2, **FAST.get(name, {}))
+    # raises inside the method, after the forward pass
+    with model_left_as_is(model, state=True), pytest.raises(ValueError, match="target"):
         xm.attribute(name, model, images(), target=7, **FAST.get(name, {}))
-    assert_same_snapshot(snapshot(model), before)
-    assert_no_hooks(model)
-    with pytest.raises(ValueError, match="4-D"):  # raises with the layer hook in place
+    # raises with the layer hook in place
+    with model_left_as_is(model, state=True), pytest.raises(ValueError, match="4-D"):
         xm.attribute(name, model, images(), layer="fc", target=2, **FAST.get(name, {}))
-    assert_same_snapshot(snapshot(model), before)
-    assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("name", CAMS)
@@ -373,11 +296,9 @@ def test_cam_refuses_models_without_gap_linear_head(case: str) -> None:
         model, x, layer = DoubledPool(), images(2), "stage3"
         model.load_state_dict(tiny_cnn().state_dict())
         model.eval()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"global-average-pooling \+ linear head.*gradcam"):
-        xm.attribute("cam", model, x, layer=layer)
-    assert_same_snapshot(snapshot(model), before)
-    assert_no_hooks(model)
+    with model_left_as_is(model, state=True):
+        with pytest.raises(ValueError, match=r"global-average-pooling \+ linear head.*gradcam"):
+            xm.attribute("cam", model, x, layer=layer)
     assert xm.attribute("gradcam", model, x, layer=layer).shape == x.shape[:1] + x.shape[2:]
 
 
@@ -537,11 +458,9 @@ def test_gradcam_on_token_layer_equals_explicit_reshape_and_manual() -> None:
 def test_every_method_on_token_layer(name: str) -> None:
     model, x = tiny_vit(cls_token=False), images(2)
     t = torch.tensor([0, 2])
-    before = snapshot(model)
-    out = xm.attribute(name, model, x, target=t, layer="block", **FAST.get(name, {}))
-    assert out.shape == (2, 16, 16) and torch.isfinite(out).all() and out.abs().sum() > 0
-    assert_same_snapshot(snapshot(model), before)
-    assert_no_hooks(model)
+    with model_left_as_is(model, state=True):
+        out = xm.attribute(name, model, x, target=t, layer="block", **FAST.get(name, {}))
+        assert out.shape == (2, 16, 16) and torch.isfinite(out).all() and out.abs().sum() > 0
     if name == "cam":  # mean over all tokens == GAP of the grid: CAM applies and is 16 x Grad-CAM
         grad = xm.attribute("gradcam", model, x, target=t, layer="block", relu=False, upsample=False)
         cam = xm.attribute("cam", model, x, target=t, layer="block", relu=False, upsample=False)

@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import xai_methods as xm
 import zoo
+from helpers import ALL_HOOK_DICTS, LinearModel, model_left_as_is, resnet18
 from xai_methods.deeplift import deeplift_attribution, deeplift_delta
 
 METHODS = ["deeplift", "deeplift_revealcancel"]
 RULE = {"deeplift": "rescale", "deeplift_revealcancel": "reveal_cancel"}
-HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks")
 
 
 @pytest.fixture(autouse=True)
@@ -88,28 +87,8 @@ def shapes_images(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return model.preprocess(torch.from_numpy(batch.images)), torch.as_tensor(batch.labels)
 
 
-def resnet18(dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=10).eval().to(dtype)
-
-
 def randn(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
-        "grad": {n: p.grad is None for n, p in model.named_parameters()},
-    }
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        for attr in HOOK_DICTS:
-            assert not getattr(m, attr), f"{attr} left on {name!r}"
 
 
 def relative_gap(  # noqa: ANN001, ANN003
@@ -154,7 +133,7 @@ def test_summation_to_delta_resnet18(method: str, baseline: str) -> None:
     an overlapping 3x3/2 max pool. (Captum's DeepLift raises RuntimeError on this model:
     "A Module ReLU(inplace=True) was detected that does not contain some of the input/output
     attributes ... if your module is being used more than once in the network".)"""
-    model = resnet18(torch.float64)
+    model = resnet18(dtype=torch.float64)
     x, t = randn(1, 3, 64, 64), torch.tensor([3])
     assert relative_gap(model, x, t, method, _baseline(baseline, x)).max() < 1e-9
 
@@ -192,18 +171,9 @@ def test_summation_to_delta_float32_through_attribute(method: str) -> None:
 # --------------------------------------------------------------------------- closed forms
 
 
-class LinearModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(3 * 5 * 5, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_linear_model_closed_form(method: str) -> None:
-    model = LinearModel().double().eval()
+    model = LinearModel((3, 5, 5), 4).double().eval()
     x, ref, t = randn(3, 3, 5, 5), randn(3, 3, 5, 5, seed=2), torch.tensor([0, 2, 3])
     out = xm.attribute(method, model, x, target=t, baseline=ref, reduce=None)
     expected = (x - ref) * model.linear.weight[t].view(3, 3, 5, 5)
@@ -405,23 +375,18 @@ def test_output_contract_and_batched_equals_per_image(method: str) -> None:
 def test_resnet18_left_untouched(method: str) -> None:
     model = resnet18()
     model.layer1[0].relu.inplace = False  # mixed flags survive
-    before = snapshot(model)
-    out = xm.attribute(method, model, randn(1, 3, 32, 32, dtype=torch.float32), target=1)
-    assert out.shape == (1, 32, 32) and out.abs().sum() > 0
-    assert snapshot(model) == before
+    with model_left_as_is(model, hooks=ALL_HOOK_DICTS):
+        out = xm.attribute(method, model, randn(1, 3, 32, 32, dtype=torch.float32), target=1)
+        assert out.shape == (1, 32, 32) and out.abs().sum() > 0
     assert model.relu.inplace and not model.layer1[0].relu.inplace
-    assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_train_mode_raises_and_leaves_model_untouched(method: str) -> None:
     model = resnet18().train()
     model.layer2.eval()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"eval mode.*model\.eval\(\)"):
+    with model_left_as_is(model, hooks=ALL_HOOK_DICTS), pytest.raises(ValueError, match=r"eval mode.*model\.eval\(\)"):
         xm.attribute(method, model, randn(1, 3, 32, 32, dtype=torch.float32), target=1)
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 def test_batch_statistics_in_eval_mode_raise() -> None:
@@ -429,11 +394,8 @@ def test_batch_statistics_in_eval_mode_raise() -> None:
                           nn.Flatten(), nn.LazyLinear(2)).eval()
     x = randn(2, 3, 6, 6, dtype=torch.float32)
     model(x)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="running statistics"):
+    with model_left_as_is(model, hooks=ALL_HOOK_DICTS), pytest.raises(ValueError, match="running statistics"):
         xm.attribute("deeplift", model, x, target=0)
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 class BatchMixer(nn.Module):

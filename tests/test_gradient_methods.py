@@ -12,11 +12,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import xai_methods as xm
 import zoo
+from helpers import (
+    ALL_HOOK_DICTS,
+    TinyCNN,
+    assert_no_hooks,
+    images,
+    linear_model,
+    mix_state,
+    model_left_as_is,
+    pearson,
+    randomise_batchnorm,
+    resnet18,
+)
 from xai_methods import _core, gradient
 from xai_methods.gradient import fullgrad_terms, ig_baseline, ig_completeness_gap, ig_nodes
 
@@ -44,7 +55,6 @@ FAST = {
 MIXING = {"integrated_gradients": {"internal_batch": 5}, "smoothgrad": {"internal_batch": 5},
           "smoothgrad_sq": {"internal_batch": 5}, "vargrad": {"internal_batch": 5}}
 WITH_REDUCE = [n for n in NEW if "reduce" in xm.spec(n).defaults]
-HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks")
 
 
 @pytest.fixture(autouse=True)
@@ -54,36 +64,6 @@ def _seed() -> None:
 
 
 # --------------------------------------------------------------------------- models and helpers
-
-
-class TinyCNN(nn.Module):
-    """Three conv stages (conv with bias + BatchNorm + in-place ReLU), max pooling, GAP, linear head."""
-
-    def __init__(self, classes: int = 5) -> None:
-        super().__init__()
-
-        def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-        self.stage1 = stage(3, 8, 1)
-        self.stage2 = nn.Sequential(nn.MaxPool2d(2), *stage(8, 16, 1))
-        self.stage3 = stage(16, 16, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.stage3(self.stage2(self.stage1(x)))).flatten(1))
-
-
-class LinearModel(nn.Module):
-    """f(x) = W x + b on the flattened image."""
-
-    def __init__(self, shape: tuple[int, int, int] = (3, 8, 8), classes: int = 4) -> None:
-        super().__init__()
-        self.linear = nn.Linear(int(np.prod(shape)), classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
 
 
 class SmoothCNN(nn.Module):
@@ -123,36 +103,10 @@ class Grey(nn.Module):
         return self.model(x.expand(-1, 3, -1, -1))
 
 
-def randomise_batchnorm(model: nn.Module) -> nn.Module:
-    """Non-trivial running statistics and affine parameters (so BatchNorm's effective bias is not 0)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
 def tiny_cnn() -> TinyCNN:
+    """TinyCNN with conv biases and max pooling in stage2, from seed 0 with randomised BatchNorm."""
     torch.manual_seed(0)
-    return randomise_batchnorm(TinyCNN())
-
-
-def linear_model() -> LinearModel:
-    torch.manual_seed(0)
-    return LinearModel().eval()
-
-
-def resnet18(bn: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    return randomise_batchnorm(model) if bn else model
-
-
-def images(b: int = 3, c: int = 3, h: int = 16, w: int = 16) -> torch.Tensor:
-    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
+    return randomise_batchnorm(TinyCNN(conv_bias=True, max_pool=True))
 
 
 _SHAPES: dict = {}
@@ -166,25 +120,6 @@ def shapes(n: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         _SHAPES.update(model=model, x=model.preprocess(torch.from_numpy(batch.images)),
                        y=torch.as_tensor(batch.labels, dtype=torch.long))
     return _SHAPES["model"], _SHAPES["x"][:n].clone(), _SHAPES["y"][:n].clone()
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
-        "grad": {n: p.grad is None for n, p in model.named_parameters()},
-    }
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        for attr in HOOK_DICTS:
-            assert not getattr(m, attr), f"{attr} left on {name!r}"
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
 
 
 def no_inplace(model: nn.Module) -> nn.Module:
@@ -259,18 +194,12 @@ def test_ig_baselines_batched_equals_per_image(baseline: str) -> None:
 @pytest.mark.parametrize("name", NEW)
 def test_model_untouched(name: str, mode: str) -> None:
     model = tiny_cnn()
-    model.train(mode == "train")
-    model.stage2.train(mode != "train")  # mixed modes must survive per module
-    model.stage1[0].weight.requires_grad_(False)  # mixed requires_grad
-    model.stage2[3].inplace = False  # mixed in-place flags
-    before = snapshot(model)
-    xm.attribute(name, model, images(), target=2, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
-    with pytest.raises(ValueError, match="target"):  # raises inside the method, with hooks in place
+    mix_state(model, mode, flip=model.stage2, freeze=model.stage1[0].weight, not_inplace=model.stage2[3])
+    with model_left_as_is(model, hooks=ALL_HOOK_DICTS):
+        xm.attribute(name, model, images(), target=2, **FAST[name])
+    # raises inside the method, with hooks in place
+    with model_left_as_is(model, hooks=ALL_HOOK_DICTS), pytest.raises(ValueError, match="target"):
         xm.attribute(name, model, images(), target=7, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -468,7 +397,7 @@ def test_modified_gradients_match_captum(name: str) -> None:
         default = xm.spec(name).defaults["reduce"]
         for i in range(2):
             assert pearson(reduced[i], _core.reduce_channels(theirs, default)[i]) >= 0.99
-        assert_no_hooks(model)
+        assert_no_hooks(model, ALL_HOOK_DICTS)
 
 
 def test_modified_backward_is_not_the_gradient_and_handles_reused_relus() -> None:
@@ -481,12 +410,12 @@ def test_modified_backward_is_not_the_gradient_and_handles_reused_relus() -> Non
     assert (guided - grad).abs().max() > 1e-3 * grad.abs().max()
     assert (deconv - guided).abs().max() > 1e-3 * guided.abs().max()
     assert all(m.inplace for m in relus)
-    assert_no_hooks(model)
+    assert_no_hooks(model, ALL_HOOK_DICTS)
     # every call of a reused module gets the rule
     with _core.untouched(model), gradient.backward_rules(model, {nn.ReLU: gradient.guided_rule}) as scope:
         _core.backprop(model, x, 3)
     assert scope.calls == 17
-    assert_no_hooks(model)
+    assert_no_hooks(model, ALL_HOOK_DICTS)
 
 
 def test_guided_rule_by_hand() -> None:
@@ -769,4 +698,4 @@ def test_fullgrad_vs_pytorch_grad_cam() -> None:
         ours = minmax(xm.attribute("fullgrad", model, x, target=t))
         for i in range(2):
             assert pearson(ours[i], theirs[i]) >= 0.9, label
-        assert_no_hooks(model)
+        assert_no_hooks(model, ALL_HOOK_DICTS)

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import xai_methods as xm
+from helpers import assert_no_hooks, images, linear_model, mix_state, model_left_as_is, pearson, resnet18, tiny_cnn
 from xai_methods import _core, _registry
 
 FOUNDATION = ["gradcam", "occlusion", "saliency"]
 # Small parameters per method so every test stays fast on CPU.
 FAST = {"saliency": {}, "gradcam": {}, "occlusion": {"window": 4, "stride": 4}}
-HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks")
 
 
 @pytest.fixture(autouse=True)
@@ -26,85 +25,7 @@ def _seed() -> None:
     np.random.seed(0)
 
 
-# --------------------------------------------------------------------------- models
-
-
-class TinyCNN(nn.Module):
-    """Three conv stages (BatchNorm + in-place ReLU), global average pooling, linear head."""
-
-    def __init__(self, classes: int = 5) -> None:
-        super().__init__()
-
-        def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-            )
-
-        self.stage1 = stage(3, 8, 1)
-        self.stage2 = stage(8, 16, 2)
-        self.stage3 = stage(16, 16, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.stage3(self.stage2(self.stage1(x)))).flatten(1))
-
-
-class LinearModel(nn.Module):
-    """f(x) = W x + b on the flattened image."""
-
-    def __init__(self, shape: tuple[int, int, int] = (3, 8, 8), classes: int = 4) -> None:
-        super().__init__()
-        self.linear = nn.Linear(int(np.prod(shape)), classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
-
-
-def tiny_cnn() -> TinyCNN:
-    torch.manual_seed(0)
-    model = TinyCNN()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
-def linear_model() -> LinearModel:
-    torch.manual_seed(0)
-    return LinearModel().eval()
-
-
-def resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=10).eval()
-
-
-def images(b: int = 3, c: int = 3, h: int = 16, w: int = 16) -> torch.Tensor:
-    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
-        "grad": {n: p.grad is None for n, p in model.named_parameters()},
-    }
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        for attr in HOOK_DICTS:
-            assert not getattr(m, attr), f"{attr} left on {name!r}"
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+# --------------------------------------------------------------------------- helpers
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -273,19 +194,14 @@ def test_default_layer() -> None:
     assert _core.default_layer(model, images()) == "stage2"
     # the probe neither changes modes nor leaves hooks
     model = tiny_cnn().train()
-    before = snapshot(model)
-    _core.default_layer(model, images())
-    assert snapshot(model) == before
-    assert_no_hooks(model)
+    with model_left_as_is(model):
+        _core.default_layer(model, images())
 
 
 def test_untouched_restores_on_error() -> None:
     model = tiny_cnn().train()
-    model.stage2.eval()
-    model.stage1[0].weight.requires_grad_(False)
-    model.stage2[2].inplace = False
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match="boom"):
+    mix_state(model, "train", flip=model.stage2, freeze=model.stage1[0].weight, not_inplace=model.stage2[2])
+    with model_left_as_is(model), pytest.raises(RuntimeError, match="boom"):
         with _core.untouched(model):
             model.stage3.register_forward_hook(lambda m, i, o: None)
             model.fc.register_forward_pre_hook(lambda m, i: None)
@@ -294,8 +210,6 @@ def test_untouched_restores_on_error() -> None:
             assert model.training and not model.stage2.training
             model.eval()
             raise RuntimeError("boom")
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 def test_helpers() -> None:
@@ -344,23 +258,15 @@ def test_batched_equals_per_image(name: str) -> None:
 @pytest.mark.parametrize("name", FOUNDATION)
 def test_model_untouched(name: str, mode: str) -> None:
     model = tiny_cnn()
-    model.train(mode == "train")
-    model.stage2.train(mode != "train")  # mixed modes must survive per module
-    model.stage1[0].weight.requires_grad_(False)  # mixed requires_grad
-    model.stage2[2].inplace = False  # mixed in-place flags
-    before = snapshot(model)
-    xm.attribute(name, model, images(), target=2, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
-    with pytest.raises(ValueError, match="target"):  # raises inside the method, after the forward pass
+    mix_state(model, mode, flip=model.stage2, freeze=model.stage1[0].weight, not_inplace=model.stage2[2])
+    with model_left_as_is(model):
+        xm.attribute(name, model, images(), target=2, **FAST[name])
+    # raises inside the method, after the forward pass
+    with model_left_as_is(model), pytest.raises(ValueError, match="target"):
         xm.attribute(name, model, images(), target=7, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
     if name == "gradcam":
-        with pytest.raises(ValueError, match="4-D"):  # raises with the layer hook in place
+        with model_left_as_is(model), pytest.raises(ValueError, match="4-D"):  # raises with the layer hook in place
             xm.attribute(name, model, images(), layer="fc", target=2)
-        assert snapshot(model) == before
-        assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("name", FOUNDATION)

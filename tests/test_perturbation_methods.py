@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xai_methods as xm
+from helpers import LinearModel, assert_no_hooks, mix_state, model_left_as_is, pearson
 from xai_methods import perturbation as pt
 from xai_methods import perturbation_opt as po
 
@@ -25,7 +26,6 @@ FAST = {
     "meaningful_perturbation": {"steps": 5, "mask_size": 4},
     "extremal_perturbation": {"steps": 5},
 }
-HOOK_DICTS = ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks")
 SIZE = 32
 R = (slice(4, 12), slice(20, 28))  # the region the known-answer model reads for class 0
 R2 = (slice(20, 28), slice(4, 12))  # ... and for class 2
@@ -84,15 +84,6 @@ class TinyCNN(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
-class LinearModel(nn.Module):
-    def __init__(self, shape: tuple[int, int, int] = (3, 16, 16), classes: int = 3) -> None:
-        super().__init__()
-        self.linear = nn.Linear(int(np.prod(shape)), classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
-
-
 def tiny_cnn() -> TinyCNN:
     torch.manual_seed(0)
     model = TinyCNN()
@@ -126,25 +117,6 @@ def block_segmentation(size: int = SIZE, block: int = 4) -> torch.Tensor:
     """Superpixels = block x block squares (R is a union of blocks)."""
     i = torch.arange(size) // block
     return i[:, None] * (size // block) + i[None, :]
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "inplace": {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")},
-        "grad": {n: p.grad is None for n, p in model.named_parameters()},
-    }
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        for attr in HOOK_DICTS:
-            assert not getattr(m, attr), f"{attr} left on {name!r}"
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
 
 
 def max_batch_seen(model: nn.Module) -> tuple[list[int], object]:
@@ -192,18 +164,12 @@ def test_output_contract_and_float64(name: str) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_model_untouched(name: str, mode: str) -> None:
     model = tiny_cnn()
-    model.train(mode == "train")
-    model.features[1].train(mode != "train")  # mixed modes survive per module
-    model.features[0].weight.requires_grad_(False)  # mixed requires_grad
-    model.features[5].inplace = False  # mixed in-place flags
-    before = snapshot(model)
-    xm.attribute(name, model, images(), target=2, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
-    with pytest.raises(ValueError, match="target"):  # raises inside the method, after the forward pass
+    mix_state(model, mode, flip=model.features[1], freeze=model.features[0].weight, not_inplace=model.features[5])
+    with model_left_as_is(model):
+        xm.attribute(name, model, images(), target=2, **FAST[name])
+    # raises inside the method, after the forward pass
+    with model_left_as_is(model), pytest.raises(ValueError, match="target"):
         xm.attribute(name, model, images(), target=7, **FAST[name])
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -287,11 +253,8 @@ def test_optimisation_batches_bounded(name: str) -> None:
 )
 def test_bad_parameters(name: str, params: dict, error: type, match: str) -> None:
     model = tiny_cnn()
-    before = snapshot(model)
-    with pytest.raises(error, match=match):
+    with model_left_as_is(model), pytest.raises(error, match=match):
         xm.attribute(name, model, images(2), **{**FAST[name], **params})
-    assert snapshot(model) == before
-    assert_no_hooks(model)
 
 
 # --------------------------------------------------------------------------- known answer
@@ -396,7 +359,7 @@ def test_lime_matches_captum_with_the_same_samples() -> None:
 def test_lime_exact_on_linear_model() -> None:
     """With the logit of a linear model the surrogate is exact: coefficient of superpixel k =
     sum over its pixels of w * (x - baseline), whatever the samples and weights (ridge=0)."""
-    model = LinearModel().eval()
+    model = LinearModel((3, 16, 16), 3).eval()
     x = images(2, 16, 16)
     t = torch.tensor([0, 2])
     seg = block_segmentation(16, 4)
@@ -706,14 +669,12 @@ class ChannelModel(nn.Module):
 @pytest.mark.parametrize("variant", ["preservation", "deletion", "dual"])
 def test_extremal_channels_known_answer(variant: str) -> None:
     model, x = ChannelModel().eval(), region_images(2)
-    before = snapshot(model)
     info: dict = {}
-    out = xm.attribute(
-        "extremal_perturbation", model, x, target=0, area=[0.125, 0.25], variant=variant, channels="features",
-        steps=150, report=info.update,
-    )
-    assert snapshot(model) == before
-    assert_no_hooks(model)
+    with model_left_as_is(model):
+        out = xm.attribute(
+            "extremal_perturbation", model, x, target=0, area=[0.125, 0.25], variant=variant, channels="features",
+            steps=150, report=info.update,
+        )
     assert set(info) == {"loss", "steps", "converged", "area", "reward", "channels"}
     masks = info["channels"]
     assert masks.shape == (2, 2, 8) and masks.min() >= 0 and masks.max() <= 1
