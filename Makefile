@@ -28,11 +28,12 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Study the built-in dataset with the built-in model and three methods; leaves
-# runs/shapes.zarr and runs/shapes.png.
+# Study the built-in dataset with the built-in model and four methods (one contrastive:
+# why the prediction, not the runner-up?); leaves runs/shapes.zarr and runs/shapes.png.
 demo: install
 	$(BIN)/saliency-atlas study --dataset shapes --model shapes-cnn \
-		--methods saliency,gradcam,occlusion --samples 256 --store runs/shapes.zarr --figure runs/shapes.png
+		--methods saliency,gradcam,occlusion,contrastive_gradcam --samples 256 --store runs/shapes.zarr \
+		--figure runs/shapes.png
 	$(BIN)/saliency-atlas status runs/shapes.zarr
 
 # The whole test suite (what CI runs). pytest's exit code is kept: 5 (no test ran) fails.

@@ -16,6 +16,7 @@ from zoo.models import SHAPES_WEIGHTS
 from zoo.shapes import CLASSES, ShapesDataset, class_area, render, sample_rng
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+RECONSTRUCTION_CLASS_KEPT = 0.5  # share of shapes-vae reconstructions that shapes-cnn classifies as the original
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -262,3 +263,49 @@ def test_shapes_cnn_accepts_weights_file(tmp_path: Path) -> None:
     model = zoo.load_model("shapes-cnn", weights=path)
     assert torch.equal(model.fc.weight, fresh.fc.weight)
     assert zoo.model_fingerprint(model) != zoo.model_fingerprint(zoo.load_model("shapes-cnn"))
+
+
+# --------------------------------------------------------------------------- the generative model
+
+
+def test_shipped_generator_reconstructs_the_class() -> None:
+    """The shapes VAE (weights_only, float16 file) reproduces images well enough that shapes-cnn
+    gives most reconstructions the class of the original."""
+    gen = zoo.load_generator()
+    model = zoo.load_model("shapes-cnn")
+    assert isinstance(model.generative, zoo.Generative) and model.generative.latent_dim == gen.latent_dim
+    batch = ShapesDataset(seed=0, split="test", length=200).load(0, 200)
+    x = model.preprocess(torch.from_numpy(batch.images))
+    with torch.no_grad():
+        z = gen.encode(x)
+        rec = gen.decode(z)
+        kept = (model(rec).argmax(1).numpy() == batch.labels).mean()
+    assert z.shape == (200, gen.latent_dim) and rec.shape == x.shape
+    torch.testing.assert_close(gen.reconstruct(x[:4]), rec[:4])
+    pixels = rec * 0.25 + 0.5
+    assert pixels.min() >= 0 and pixels.max() <= 1  # a sigmoid in pixel space, normalised like the inputs
+    assert kept >= RECONSTRUCTION_CLASS_KEPT, kept
+
+
+def test_generator_is_not_part_of_the_classifier() -> None:
+    with_gen = zoo.load_model("shapes-cnn")
+    assert not any(k.startswith(("generative", "vae")) for k in with_gen.state_dict())
+    assert all(not isinstance(m, zoo.ShapesVAE) for m in with_gen.modules())
+    del with_gen.generative
+    assert zoo.model_fingerprint(with_gen) == zoo.model_fingerprint(zoo.load_model("shapes-cnn"))
+
+
+def test_generator_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown generator 'gan'.*shapes-vae"):
+        zoo.load_generator("gan")
+    bad = tmp_path / "bad.pt"
+    torch.save({"encoder.0.weight": torch.zeros(2, 3, 4, 4)}, bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        zoo.load_generator(weights=bad)
+    # a broken generator file does not stop the classifier from loading; cdeepex then says what is missing
+    from zoo import generative
+
+    monkeypatch.setattr(generative, "SHAPES_VAE_WEIGHTS", tmp_path / "missing.pt")
+    with pytest.warns(UserWarning, match="without its generative model"):
+        model = zoo.load_model("shapes-cnn")
+    assert not hasattr(model, "generative")

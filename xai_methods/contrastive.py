@@ -186,13 +186,13 @@ def cem(
     def model_input(delta: Tensor, i: Tensor) -> Tensor:
         return space.inputs(delta if pertinent == "pp" else p[i] + delta)
 
-    def hinge_and_margin(delta: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    def terms(delta: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(hinge, margin of the goal class, gamma * autoencoder error) per image."""
         inputs = model_input(delta, i)
         margin = _margin(model(inputs), goal[i])
-        loss = (kappa - margin).clamp_min(0.0)  # max(max_{j != goal} z_j - z_goal, -kappa) + kappa
-        if gamma > 0:
-            loss = loss + gamma / c_now[i] * (autoencoder(inputs) - inputs).pow(2).flatten(1).sum(1)
-        return loss, margin
+        hinge = (kappa - margin).clamp_min(0.0)  # max(max_{j != goal} z_j - z_goal, -kappa) + kappa
+        manifold = gamma * (autoencoder(inputs) - inputs).pow(2).flatten(1).sum(1) if gamma > 0 else torch.zeros_like(hinge)
+        return hinge, margin, manifold
 
     lower_c = torch.zeros(b, dtype=x.dtype, device=x.device)
     upper_c = torch.full_like(lower_c, float("inf"))
@@ -212,27 +212,25 @@ def cem(
                 next(ticks, None)
                 rate = lr * (1 - k / steps) ** 0.5  # the paper's polynomial decay
                 grad = torch.zeros_like(y)
+                margins, manifold = torch.zeros_like(lower_c), torch.zeros_like(lower_c)
                 with torch.enable_grad():
                     for part in batched(b, internal_batch):
                         i = rows[part]
                         leaf = y[part].detach().requires_grad_(True)
-                        hinge, margin = hinge_and_margin(leaf, i)
-                        # c * hinge + ||delta||_2^2; the L1 term is the proximal step below
-                        smooth = c_now[i] * hinge + leaf.pow(2).flatten(1).sum(1)
+                        hinge, margin, ae = terms(leaf, i)
+                        # c * hinge + ||delta||_2^2 + gamma * AE error; the L1 term is the proximal step below
+                        smooth = c_now[i] * hinge + leaf.pow(2).flatten(1).sum(1) + ae
                         (grad[part],) = torch.autograd.grad(smooth.sum(), leaf)
+                        margins[part], manifold[part] = margin.detach(), ae.detach()
+                # y is in the box (projected); keep it if the class wins at the least cost so far
+                cost = beta * y.abs().flatten(1).sum(1) + y.pow(2).flatten(1).sum(1) + manifold
+                better = (margins > 0) & (cost < best_cost)
+                best[better], best_cost[better] = y[better], cost[better]
+                found |= margins > 0
                 step = y - rate * grad
                 new = (step - rate * beta).clamp_min(0.0).minimum(upper)  # shrinkage, then projection
                 y = (new + k / (k + 3) * (new - delta)).clamp_min(0.0).minimum(upper)
                 delta = new
-                with torch.no_grad():
-                    margins = torch.cat([
-                        _margin(model(model_input(delta[part], rows[part])), goal[part]) for part in batched(b, internal_batch)
-                    ])
-                    cost = beta * delta.abs().flatten(1).sum(1) + delta.pow(2).flatten(1).sum(1)
-                    better = (margins > 0) & (cost < best_cost)
-                    best[better] = delta[better]
-                    best_cost[better] = cost[better]
-                    found |= margins > 0
             # bisection on c: success -> smaller c (sparser), failure -> larger
             upper_c = torch.where(found, torch.minimum(upper_c, c_now), upper_c)
             lower_c = torch.where(found, lower_c, torch.maximum(lower_c, c_now))
@@ -355,19 +353,24 @@ def cdeepex(
     z0 = the latent code of the image (`encoder`, else inversion: Adam on
     ||G(z) - x||^2 from `seed`-drawn N(0, 1) starts, `inversion_steps`
     steps), then Adam (`lr`, `steps`) on z from z0 minimises
-    ||z - z0||^2 / dim + w * (relu(margin - d)^2 + relu(d - 2 margin)^2
+    ||z - z0||^2 + w * (relu(margin - d)^2 + relu(d - 2 margin)^2
     + relu(max_{i not in t, q} z_i - z_q + margin)^2), d = z_q - z_t the
     logit lead of the contrast q over the target t on G(z), the weight w
     growing from `penalty` tenfold over the run: the decoded point is the
     contrast class, barely (its lead over the target in [margin, 2 margin]),
-    the other classes out of the way. The answer is the iterate nearest z0
+    the other classes out of the way. The distance is the plain squared
+    norm (not a per-dimension mean): Adam moves every coordinate at a similar
+    pace, so only a pull as strong as the penalty keeps the coordinates the
+    classifier does not care about at z0. The answer is the iterate nearest z0
     whose decoded image the model gives to the contrast. Map: the difference
     G(z0) - G(z*) reduced over channels (`reduce`, default "abs_sum"; None
     keeps the signed difference): what would have to change, in the
     generator's terms, to turn the target into the contrast. `report` gets
     {"decoded" G(z0), "contrast_image" G(z*), "latent" z0, "contrast_latent"
     z*, "success" (a contrast point was found), "distance" ||z* - z0||,
-    "logits" (of G(z*)), "reconstruction_error" (mean squared, G(z0) vs x)}.
+    "logits" (of G(z*)), "decoded_logits" (of G(z0): is the generator's
+    version of the image still the target?), "reconstruction_error" (mean
+    squared, G(z0) vs x)}.
     """
     _positive_int("inversion_steps", inversion_steps)
     _number("lr", lr, 0.0, low_open=True)
@@ -402,7 +405,6 @@ def cdeepex(
             z0 = _invert(generator, x, latent_dim, inversion_steps, lr, seed, internal_batch)
         if z0.dim() != 2 or z0.shape[0] != b:
             raise ValueError(f"the encoder must return latent codes (B, dim), got {tuple(z0.shape)}")
-        dim = z0.shape[1]
 
         def objective(z: Tensor, i: Tensor, step: int) -> tuple[Tensor, Tensor]:
             out = model(generator(z))
@@ -412,7 +414,7 @@ def cdeepex(
             others = torch.where(others.isfinite(), others - zq + margin, torch.zeros_like(zq))
             violation = (margin - lead).relu() ** 2 + (lead - 2 * margin).relu() ** 2 + others.relu() ** 2
             weight = penalty * 10 ** (step / max(steps - 1, 1))
-            loss = (z - z0[i]).pow(2).sum(1) / dim + weight * violation
+            loss = (z - z0[i]).pow(2).sum(1) + weight * violation
             return loss, out.argmax(1) == q[i]
 
         z = z0.clone()
@@ -444,6 +446,7 @@ def cdeepex(
             "decoded": decoded, "contrast_image": contrast_image, "latent": z0, "contrast_latent": best,
             "success": success, "distance": (best - z0).norm(dim=1).where(success, best_distance),
             "logits": forward_logits(model, contrast_image, internal_batch),
+            "decoded_logits": forward_logits(model, decoded, internal_batch),
             "reconstruction_error": (decoded - x).pow(2).flatten(1).mean(1),
         })
     return reduce_channels(decoded - contrast_image, reduce)

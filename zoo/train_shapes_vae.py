@@ -2,8 +2,8 @@
 
     python -m zoo.train_shapes_vae [--out zoo/weights/shapes_vae.pt] [--epochs N] [--seed 0]
 
-Trains on split "train" (seed ``--seed``) with the usual VAE loss (squared error summed
-over pixels + ``--kl`` x KL divergence), saves the state dict in float16, reloads it
+Trains on split "train" (seed ``--seed``) with the VAE loss (squared error summed over
+pixels + ``--kl`` x KL divergence), saves the state dict in float16, reloads it
 through ``zoo.load_generator`` and reports, on 1000 "test" samples, the reconstruction
 error and how often shapes-cnn gives a reconstruction the class of the original.
 """
@@ -41,14 +41,14 @@ def reconstruction_report(generator_weights: Path, seed: int, n: int = 1000) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=SHAPES_VAE_WEIGHTS, help="where to save the state dict")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-samples", type=int, default=10000)
+    ap.add_argument("--train-samples", type=int, default=8000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--kl", type=float, default=0.1, help="weight of the KL term")
-    ap.add_argument("--latent", type=int, default=64, help="latent dimensions")
-    ap.add_argument("--width", type=int, default=48, help="channels of the inner convolutions")
+    ap.add_argument("--kl", type=float, default=0.01, help="weight of the KL term")
+    ap.add_argument("--channels", type=int, default=8, help="latent channels of the 8x8 latent grid")
+    ap.add_argument("--width", type=int, default=64, help="channels of the inner convolutions")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.from_numpy(ShapesDataset(seed=args.seed, split="train", length=args.train_samples)
                               .load(0, args.train_samples).images)
     print(f"generated {len(images)} train images in {time.time() - t0:.1f}s", flush=True)
-    vae = ShapesVAE(latent_dim=args.latent, width=args.width)
+    vae = ShapesVAE(channels=args.channels, width=args.width)
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
     steps = args.epochs * (len(images) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             loss = error + args.kl * kl
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 100.0)  # a rare huge step made the KL explode
             opt.step()
             sched.step()
             total += loss.item()
