@@ -106,3 +106,23 @@ def test_bench_method_and_table_on_a_tiny_model(bench):
     assert len(table) == 1 + 4  # header + one row per method
     assert "| gradcam | defaults | 1/1 | 2 x 2 |" in text
     assert "not registered yet" in text
+
+
+def test_shapes_cnn_workload_for_generator_methods(bench):
+    """`--model shapes-cnn`: the built-in model with its generator, built-in images, target top-1, contrast top-2."""
+    model, images, target, contrast = bench.build_workload(4, 64, model_name="shapes-cnn")
+    assert images.shape == (4, 3, 64, 64) and hasattr(model, "generative")
+    with torch.no_grad():
+        top = model(images).topk(2, dim=1).indices
+    assert (target == top[:, 0]).all() and (contrast == top[:, 1]).all()
+
+
+def test_overhead_script_prints_a_row_per_method(capsys):
+    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT.parent / "bench_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--methods", "occlusion,rise", "--size", "32", "--batch", "2", "--repeats", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["occlusion", "rise"]
+    assert int(rows[0][3]) == 2 and int(rows[1][3]) == 4001  # one 32x32 window on 32x32 + the unperturbed pass
+    assert all(float(r[5]) > 0 for r in rows)
