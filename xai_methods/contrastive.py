@@ -418,7 +418,7 @@ def cdeepex(
             return loss, out.argmax(1) == q[i]
 
         z = z0.clone()
-        first, second = torch.zeros_like(z), torch.zeros_like(z)
+        opt = torch.optim.Adam([z], lr=lr)  # z itself needs no grad: its .grad is set by hand
         best = z0.clone()
         best_distance = torch.full((b,), float("inf"), dtype=z.dtype, device=z.device)
         for step in progress_bar(range(steps), progress, total=steps, desc="cdeepex"):
@@ -434,9 +434,8 @@ def cdeepex(
             distance = (z - z0).norm(dim=1)
             better = wins & (distance < best_distance)
             best[better], best_distance[better] = z[better], distance[better]
-            first = 0.9 * first + 0.1 * grad
-            second = 0.999 * second + 0.001 * grad * grad
-            z = z - lr * (first / (1 - 0.9 ** (step + 1))) / ((second / (1 - 0.999 ** (step + 1))).sqrt() + 1e-8)
+            z.grad = grad
+            opt.step()
         with torch.no_grad():
             decoded = torch.cat([generator(z0[part]) for part in batched(b, internal_batch)])
             contrast_image = torch.cat([generator(best[part]) for part in batched(b, internal_batch)])

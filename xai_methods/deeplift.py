@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._core import class_score, reduce_channels, targets, untouched
-from ._registry import _check_params, register, spec
+from ._registry import MethodFn, _check_params, register, spec
 from .gradient import ig_baseline
 
 RULES = ("rescale", "reveal_cancel")
@@ -660,17 +660,28 @@ def _cost(forward: int, backward: int) -> Callable[[Mapping[str, Any], tuple[int
     return cost
 
 
-@register("deeplift", category="gradient", cost=_cost(2, 2))
-def deeplift(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    baseline: float | str | Tensor = "zeros",
-    blur_sigma: float | None = None,
-    reduce: str | None = "sum",
-) -> Tensor:
-    """DeepLIFT (Shrikumar et al. 2017): (x - x0) times multipliers with (f(x) - f(x0)) / (x - x0) at each nonlinearity.
+def _rule_variant(name: str, rule: str, doc: str) -> MethodFn:
+    """Define and register a DeepLIFT rule (the registry reads the parameters from the signature,
+    so it is written once here)."""
+
+    def method(
+        model: nn.Module,
+        images: Tensor,
+        target: Any,
+        *,
+        baseline: float | str | Tensor = "zeros",
+        blur_sigma: float | None = None,
+        reduce: str | None = "sum",
+    ) -> Tensor:
+        out = deeplift_attribution(model, images, target, rule=rule, baseline=baseline, blur_sigma=blur_sigma)
+        return reduce_channels(out.attribution, reduce)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return register(name, category="gradient", cost=_cost(2, 2))(method)
+
+
+deeplift = _rule_variant("deeplift", "rescale", """DeepLIFT (Shrikumar et al. 2017): (x - x0) times multipliers with (f(x) - f(x0)) / (x - x0) at each nonlinearity.
 
     Every call of an elementwise nonlinearity (modules reused within a
     forward pass and functional calls included) back-propagates the ratio of
@@ -685,22 +696,9 @@ def deeplift(
     its own row), "mean" (per-image per-channel mean) or "blur" (Gaussian of
     `blur_sigma` pixels, None = min(H, W) / 16). reduce: "sum" (default,
     keeps summation-to-delta), "abs_sum", "max_abs" or None for (B, C, H, W).
-    """
-    out = deeplift_attribution(model, images, target, rule="rescale", baseline=baseline, blur_sigma=blur_sigma)
-    return reduce_channels(out.attribution, reduce)
+    """)
 
-
-@register("deeplift_revealcancel", category="gradient", cost=_cost(2, 2))
-def deeplift_revealcancel(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    baseline: float | str | Tensor = "zeros",
-    blur_sigma: float | None = None,
-    reduce: str | None = "sum",
-) -> Tensor:
-    """DeepLIFT RevealCancel (Shrikumar et al. 2017): DeepLIFT with own multipliers for positive and negative terms.
+deeplift_revealcancel = _rule_variant("deeplift_revealcancel", "reveal_cancel", """DeepLIFT RevealCancel (Shrikumar et al. 2017): DeepLIFT with own multipliers for positive and negative terms.
 
     At a nonlinearity with input difference dz = dz+ + dz- (the sums of its
     positive and of its negative terms), dy+ = 1/2 (f(x0 + dz+) - f(x0)) +
@@ -710,9 +708,7 @@ def deeplift_revealcancel(
     layers split by sign; see the module doc). Captum has no RevealCancel.
     Summation-to-delta holds as for `deeplift`; about twice its cost.
     Parameters as for `deeplift`.
-    """
-    out = deeplift_attribution(model, images, target, rule="reveal_cancel", baseline=baseline, blur_sigma=blur_sigma)
-    return reduce_channels(out.attribution, reduce)
+    """)
 
 
 def deeplift_delta(model: nn.Module, images: Tensor, target: Any = None, *, method: str = "deeplift",
