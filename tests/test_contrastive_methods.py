@@ -334,7 +334,7 @@ def test_cdeepex_needs_a_generator() -> None:
         xm.attribute("cdeepex", TwoRegionModel(), a_images(1), contrast=1)
     with pytest.raises(ValueError, match="latent_dim="):
         xm.attribute("cdeepex", TwoRegionModel(), a_images(1), contrast=1, generator=LinearGenerator())
-    with pytest.raises(TypeError, match="callables"):
+    with pytest.raises(TypeError, match="generator must be None or a callable"):
         xm.attribute("cdeepex", TwoRegionModel(), a_images(1), contrast=1, generator=3, latent_dim=2)
 
 

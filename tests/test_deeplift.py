@@ -411,8 +411,10 @@ def test_model_that_moves_the_batch_dimension_raises() -> None:
 
 def test_bad_baselines() -> None:
     model, x = mlp(), randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"baseline='uniform'.*zeros.*blur"):
-        xm.attribute("deeplift", model, x, target=0, baseline="uniform")
+    with pytest.raises(ValueError, match=r"baseline='black'.*zeros.*blur.*uniform"):
+        xm.attribute("deeplift", model, x, target=0, baseline="black")
+    # the shared names all work here, "uniform" included (one resolver for every method)
+    assert torch.isfinite(xm.attribute("deeplift", model, x, target=0, baseline="uniform")).all()
     with pytest.raises(ValueError, match="does not broadcast"):
         xm.attribute("deeplift_revealcancel", model, x, target=0, baseline=torch.zeros(3, 5, 5))
     with pytest.raises(ValueError, match="blur_sigma"):

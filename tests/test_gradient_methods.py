@@ -29,7 +29,8 @@ from helpers import (
     resnet18,
 )
 from xai_methods import _core, gradient
-from xai_methods.gradient import fullgrad_terms, ig_baseline, ig_completeness_gap, ig_nodes
+from xai_methods._core import resolve_baseline
+from xai_methods.gradient import fullgrad_terms, ig_completeness_gap, ig_nodes
 
 NEW = [
     "input_x_gradient",
@@ -253,32 +254,48 @@ def test_ig_named_baselines_linear(baseline: str) -> None:
     model, x = linear_model(), images(3, 3, 8, 8)
     t = torch.tensor([1, 1, 0])
     w = model.linear.weight.detach()[t].view(3, 3, 8, 8)
-    x0 = ig_baseline(x, baseline, blur_sigma=1.5, seed=4)
+    x0 = resolve_baseline(x, baseline, blur_sigma=1.5, seed=4)
     out = xm.attribute("integrated_gradients", model, x, target=t, steps=3, baseline=baseline, blur_sigma=1.5,
                        seed=4, reduce=None)
     torch.testing.assert_close(out, (x - x0) * w)
     assert (out - x * w).abs().max() > 1e-3  # the baseline matters
 
 
-def test_ig_baseline_values() -> None:
+def test_baseline_values() -> None:
+    """The one baseline resolver: the same names give the same reference in every method."""
     from scipy.ndimage import gaussian_filter
 
     x = images(2, 3, 12, 12)
-    blurred = ig_baseline(x, "blur", blur_sigma=2.0)
-    # torch's "reflect" padding is scipy's "mirror"; radius ceil(3 sigma) = int(3 sigma + 0.5) here
-    expected = gaussian_filter(x.double().numpy(), sigma=(0, 0, 2.0, 2.0), mode="mirror", truncate=3.0)
+    blurred = resolve_baseline(x, "blur", blur_sigma=2.0)
+    # the replicated border is scipy's "nearest"; radius ceil(3 sigma) = int(3 sigma + 0.5) here
+    expected = gaussian_filter(x.double().numpy(), sigma=(0, 0, 2.0, 2.0), mode="nearest", truncate=3.0)
     torch.testing.assert_close(blurred, torch.from_numpy(expected).float(), atol=1e-5, rtol=1e-5)
-    # default sigma min(H, W) / 16; a sigma larger than the image still works (replicate padding)
-    torch.testing.assert_close(ig_baseline(x, "blur"), ig_baseline(x, "blur", blur_sigma=12 / 16))
-    assert torch.isfinite(ig_baseline(x, "blur", blur_sigma=50.0)).all()
+    # default sigma 10 * min(H, W) / 224, as every blur of the project; a sigma larger than the image works
+    torch.testing.assert_close(resolve_baseline(x, "blur"), resolve_baseline(x, "blur", blur_sigma=10 * 12 / 224))
+    assert torch.isfinite(resolve_baseline(x, "blur", blur_sigma=50.0)).all()
 
-    u = ig_baseline(x, "uniform", seed=1)
+    u = resolve_baseline(x, "uniform", seed=1)
     lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
     assert u.shape == x.shape and bool(((u >= lo) & (u <= hi)).all())
-    torch.testing.assert_close(u, ig_baseline(x, "uniform", seed=1))
-    assert not torch.equal(u, ig_baseline(x, "uniform", seed=2))
+    torch.testing.assert_close(u, resolve_baseline(x, "uniform", seed=1))
+    assert not torch.equal(u, resolve_baseline(x, "uniform", seed=2))
     # the unit-noise pattern is shared: image 1 alone gets the same baseline
-    torch.testing.assert_close(ig_baseline(x[1:], "uniform", seed=1), u[1:])
+    torch.testing.assert_close(resolve_baseline(x[1:], "uniform", seed=1), u[1:])
+
+
+def test_one_blur_everywhere() -> None:
+    """baseline="blur" is one image for IG, DeepLIFT, occlusion and meaningful perturbation's substrate."""
+    model, x = linear_model(), images(2, 3, 8, 8)
+    w = model.linear.weight.detach()[[0, 0]].view(2, 3, 8, 8)
+    x0 = resolve_baseline(x, "blur")
+    ig = xm.attribute("integrated_gradients", model, x, target=0, steps=2, baseline="blur", reduce=None)
+    torch.testing.assert_close(ig, (x - x0) * w)
+    dl = xm.attribute("deeplift", model, x, target=0, baseline="blur", reduce=None)
+    torch.testing.assert_close(dl, (x - x0) * w)
+    # occlusion with one window covering the image: the drop is S(x) - S(blur(x)) everywhere
+    occ = xm.attribute("occlusion", model, x, target=0, window=8, stride=8, baseline="blur")
+    drop = (x * w).sum((1, 2, 3)) - (x0 * w).sum((1, 2, 3))
+    torch.testing.assert_close(occ, drop[:, None, None].expand(2, 8, 8))
 
 
 def test_ig_nodes() -> None:

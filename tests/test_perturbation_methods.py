@@ -13,7 +13,7 @@ from torch import nn
 
 import xai_methods as xm
 from helpers import LinearModel, assert_no_hooks, mix_state, model_left_as_is, pearson
-from xai_methods import perturbation as pt
+from xai_methods import _core, perturbation as pt
 from xai_methods import perturbation_opt as po
 
 METHODS = ["occlusion", "lime", "prediction_difference", "rise", "meaningful_perturbation", "extremal_perturbation"]
@@ -297,7 +297,7 @@ def test_occlusion_blur_baseline_matches_captum(model_fn) -> None:  # noqa: ANN0
 
     model, x = model_fn(), images(2)
     t = torch.tensor([0, 2])
-    blurred = pt.gaussian_blur(x, pt.blur_sigma((SIZE, SIZE)))
+    blurred = _core.gaussian_blur(x, _core.default_blur_sigma((SIZE, SIZE)))
     ours = xm.attribute("occlusion", model, x, target=t, window=8, stride=4, baseline="blur")
     theirs = Occlusion(model).attribute(
         x, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), baselines=blurred, target=t
@@ -311,10 +311,10 @@ def test_gaussian_blur_matches_scipy() -> None:
     from scipy.ndimage import gaussian_filter
 
     x = images(1, 20, 24).double()
-    ours = pt.gaussian_blur(x, 1.7)
+    ours = _core.gaussian_blur(x, 1.7)
     theirs = gaussian_filter(x.numpy(), sigma=(0, 0, 1.7, 1.7), mode="nearest", truncate=math.ceil(3 * 1.7) / 1.7)
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-10)
-    assert pt.gaussian_blur(x, 0) is x
+    assert _core.gaussian_blur(x, 0) is x
 
 
 # --------------------------------------------------------------------------- LIME
@@ -428,7 +428,7 @@ def test_rise_seed_masks_and_formula() -> None:
     expected = torch.einsum("bn,nhw->bhw", probs, masks) / (64 * 0.5)
     torch.testing.assert_close(a, expected, atol=1e-5, rtol=1e-4)
     logit = xm.attribute("rise", model, x, target=0, score="logit", baseline="blur", **FAST["rise"])
-    ref = pt.gaussian_blur(x, pt.blur_sigma((SIZE, SIZE)))
+    ref = _core.gaussian_blur(x, _core.default_blur_sigma((SIZE, SIZE)))
     with torch.no_grad():
         scores = torch.stack([model(ref + m * (x - ref))[:, 0] for m in masks], 1)
     torch.testing.assert_close(logit, torch.einsum("bn,nhw->bhw", scores, masks) / 32, atol=1e-4, rtol=1e-4)
@@ -535,7 +535,7 @@ def test_meaningful_perturbation_drops_the_score_known_answer() -> None:
     # the map is 1 - the upsampled mask, and applying that mask gives the reported score
     assert out.min() >= 0 and out.max() <= 1
     keep = 1 - out[:, None]
-    blurred = pt.gaussian_blur(x, pt.blur_sigma((SIZE, SIZE)))
+    blurred = _core.gaussian_blur(x, _core.default_blur_sigma((SIZE, SIZE)))
     with torch.no_grad():
         score = model(x * keep + blurred * (1 - keep)).softmax(1)[:, 0]
     torch.testing.assert_close(score, info["score"], atol=1e-5, rtol=1e-4)
@@ -791,7 +791,7 @@ def test_blur_pyramid_levels() -> None:
     pyramid = po.blur_pyramid(x, 5, 3.0)
     assert pyramid.shape == (2, 5, 3, 12, 12)
     torch.testing.assert_close(pyramid[:, -1], x)
-    torch.testing.assert_close(pyramid[:, 0], pt.gaussian_blur(x, 3.0))
+    torch.testing.assert_close(pyramid[:, 0], _core.gaussian_blur(x, 3.0))
     ones, zeros = torch.ones(2, 12, 12), torch.zeros(2, 12, 12)
     torch.testing.assert_close(po.apply_pyramid(pyramid, ones), x)
     torch.testing.assert_close(po.apply_pyramid(pyramid, zeros), pyramid[:, 0])

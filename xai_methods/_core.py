@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -237,6 +238,38 @@ def class_score(logits: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- one pass
 
 
+class Capture:
+    """The output of a layer's last call in a forward pass (see `layer_output`)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Tensor] = []
+
+    @property
+    def output(self) -> Tensor:
+        if not self.outputs:
+            raise ValueError("layer: the given layer did not run in the model's forward pass")
+        return self.outputs[-1]
+
+
+@contextlib.contextmanager
+def layer_output(layer: nn.Module | None) -> Iterator[Capture]:
+    """Scope that captures `layer`'s output (nothing is hooked for layer=None). Downstream
+    modules get a copy, so a later in-place op (ResNet's ``out += identity``) cannot rewrite
+    the capture. The hook is removed on exit, also on error."""
+    captured = Capture()
+
+    def capture(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ValueError(f"layer: {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        captured.outputs[:] = [output]
+        return output.clone()
+
+    with hooks() as handles:
+        if layer is not None:
+            handles.append(layer.register_forward_hook(capture))
+        yield captured
+
+
 class Backprop(NamedTuple):
     """Result of `backprop`: all tensors detached."""
 
@@ -268,32 +301,19 @@ def backprop(
     depends only on that image (in eval mode), so summing the scores gives
     per-image gradients in one backward pass. Call inside `untouched(model)`.
     """
-    captured: list[Tensor] = []
-
-    def capture(module: nn.Module, inputs: Any, output: Any) -> Tensor:
-        if not isinstance(output, Tensor):
-            raise ValueError(f"layer: {type(module).__name__} returns {type(output).__name__}, not a tensor")
-        captured[:] = [output]
-        # Downstream code gets a copy, so a later in-place op cannot rewrite the captured tensor.
-        return output.clone()
-
-    with torch.inference_mode(False), torch.enable_grad(), hooks() as handles:
-        if layer is not None:
-            handles.append(layer.register_forward_hook(capture))
+    with torch.inference_mode(False), torch.enable_grad(), layer_output(layer) as captured:
         x = _fresh_input(images)
         logits = model(x)
         t = targets(logits, target, images.shape[0], images.device)
         total = score(logits, t).sum()
-        if layer is not None and not captured:
-            raise ValueError("layer: the given layer did not run in the model's forward pass")
-        wrt = captured[0] if layer is not None else x
+        wrt = captured.output if layer is not None else x
         (grad,) = torch.autograd.grad(total, wrt)
     return Backprop(
         logits=logits.detach(),
         target=t,
         inputs=x.detach(),
         grad=grad.detach(),
-        activation=captured[0].detach() if captured else None,
+        activation=captured.output.detach() if layer is not None else None,
     )
 
 
@@ -326,29 +346,127 @@ def upsample_to(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def baseline_like(images: Tensor, baseline: float | str | Tensor) -> Tensor:
-    """Reference input broadcastable to `images` (B, C, H, W).
+BASELINES = ("zeros", "mean", "blur", "uniform")
+BASELINE_CHOICES = "a number (0.0 = the normalisation mean), 'zeros', 'mean', 'blur', 'uniform' or a tensor"
 
-    float -> constant (0.0 is the normalisation mean, i.e. grey);
-    "zeros" -> 0.0; "mean" -> per-image per-channel mean (B, C, 1, 1);
-    tensor -> broadcast to (B, C, H, W).
+
+def check_baseline(name: str, value: Any, ctx: Any) -> None:
+    """A baseline name of `BASELINES`, a number or a tensor (its shape is checked against the images)."""
+    if isinstance(value, str):
+        if value not in BASELINES:
+            raise ValueError(f"{name}={value!r} is not valid; use {BASELINE_CHOICES}")
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be {BASELINE_CHOICES}, got {type(value).__name__}")
+
+
+def default_blur_sigma(size: tuple[int, int]) -> float:
+    """The blur of every "blur" baseline and substrate: sigma 10 px at 224 x 224 (Fong & Vedaldi 2017), scaled with min(H, W)."""
+    return 10.0 * min(size) / 224.0
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with standard deviation `sigma` pixels, per channel.
+
+    The kernel is truncated at 3 sigma and the border replicated; sigma <= 0 returns `x`.
     """
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    y = F.pad(x, (0, 0, radius, radius), mode="replicate")
+    y = F.conv2d(y, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    y = F.pad(y, (radius, radius, 0, 0), mode="replicate")
+    return F.conv2d(y, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+
+def seeded_rng(seed: int | None) -> torch.Generator:
+    """The random policy of every stochastic method: draws come from a CPU generator seeded with
+    `seed` and are moved to the images' device, so a seed gives the same maps on every device.
+    seed=None seeds it from the operating system (never from torch's global RNG): not reproducible."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def resolve_baseline(x: Tensor, baseline: float | str | Tensor, *, seed: int | None = 0,
+                     blur_sigma: float | None = None) -> Tensor:
+    """The reference input of `x` (B, C, H, W), as a 4-D tensor broadcastable to it (first dim B or 1).
+
+    A number (0.0 = the normalisation mean, grey) or "zeros" (0.0); "mean": per-image
+    per-channel mean; "blur": `gaussian_blur` with `blur_sigma` (None = `default_blur_sigma`);
+    "uniform": uniform noise in each image's per-channel [min, max], one pattern (C, H, W) drawn
+    with `seeded_rng(seed)` and shared by all images (an image's baseline does not depend on the
+    batch); a tensor broadcastable to the images. The same names mean the same in every method.
+    """
+    check_baseline("baseline", baseline, None)
     if isinstance(baseline, str):
-        if baseline == "zeros":
-            return images.new_zeros(())
+        if baseline == "blur":
+            return gaussian_blur(x, default_blur_sigma(x.shape[-2:]) if blur_sigma is None else float(blur_sigma))
         if baseline == "mean":
-            return images.mean(dim=(2, 3), keepdim=True)
-        raise ValueError(f"baseline={baseline!r} is not valid; use a number, 'zeros', 'mean' or a tensor")
-    if isinstance(baseline, bool) or not isinstance(baseline, (numbers.Real, Tensor)):
-        raise TypeError(f"baseline must be a number, 'zeros', 'mean' or a tensor, got {type(baseline).__name__}")
-    ref = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+            return x.mean(dim=(2, 3), keepdim=True)
+        if baseline == "uniform":
+            lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+            noise = torch.rand(tuple(x.shape[1:]), generator=seeded_rng(seed), dtype=torch.float32)
+            return lo + (hi - lo) * noise.to(device=x.device, dtype=x.dtype)
+        baseline = 0.0
+    ref = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     try:
-        fits = torch.broadcast_shapes(ref.shape, images.shape) == images.shape
+        fits = torch.broadcast_shapes(ref.shape, x.shape) == x.shape
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(f"baseline of shape {tuple(ref.shape)} does not broadcast to images {tuple(images.shape)}")
-    return ref
+        raise ValueError(f"baseline of shape {tuple(ref.shape)} does not broadcast to images {tuple(x.shape)}")
+    return ref.reshape((1,) * (4 - ref.dim()) + tuple(ref.shape))
+
+
+def rows(ref: Tensor, index: Tensor | slice) -> Tensor:
+    """Rows `index` of a per-image tensor, or the tensor itself when it is shared (first dim 1)."""
+    return ref[index] if ref.shape[0] > 1 else ref
+
+
+def completeness_gap(attribution: Tensor, score: Tensor, reference_score: Tensor) -> Tensor:
+    """Relative completeness (summation-to-delta) error per image (B,) of (B, C, H, W) maps:
+    (sum(map) - (S(x) - S(x0))) / |S(x) - S(x0)|; not finite where S(x) = S(x0)."""
+    delta = score - reference_score
+    return (attribution.sum(dim=(1, 2, 3)) - delta) / delta.abs()
+
+
+def spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """Solve matrix @ X = rhs for batches of symmetric positive definite matrices, by Cholesky.
+
+    Not ``torch.linalg.solve``: its batched LU fails on CPU with more than one thread for
+    matrices of about 192 rows and more (oneMKL "DLASWP" error, torch 2.14)."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info > 0).any()):
+        raise ValueError("the matrix to solve is not positive definite")
+    return torch.cholesky_solve(rhs, chol)
+
+
+def grad_rows(
+    fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]], values: Tensor, index: Tensor, chunk: int
+) -> tuple[Tensor, list[Tensor]]:
+    """Gradients of ``fn(leaf, i)[0].sum()`` w.r.t. the rows ``values[i]``, `chunk` rows at a time.
+
+    `fn` returns a loss per row and any further per-row tensors. Returns the gradient (shape of
+    `values`, zero outside `index`) and, per output of `fn`, its detached values for `index`.
+    Rows must be independent (each loss depends on its own row only).
+    """
+    grad = torch.zeros_like(values)
+    outputs: list[list[Tensor]] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for part in batched(index.numel(), chunk):
+            i = index[part]
+            leaf = values[i].detach().requires_grad_(True)
+            out = fn(leaf, i)
+            (grad[i],) = torch.autograd.grad(out[0].sum(), leaf)
+            outputs.append([o.detach() for o in out])
+    return grad, [torch.cat(column) for column in zip(*outputs)]
 
 
 def batched(n: int, internal_batch: int) -> Iterator[slice]:

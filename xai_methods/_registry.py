@@ -11,7 +11,6 @@ runs the method inside `untouched(model)` and checks what it returns.
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._core import REDUCE_CHOICES, default_layer, resolve_layer, targets, untouched
+from . import _checks as C
+from ._core import REDUCE_CHOICES, check_baseline, default_layer, resolve_layer, targets, untouched
 
 CATEGORIES = ("gradient", "cam", "perturbation", "contrastive")
 
@@ -40,19 +40,24 @@ class MethodSpec:
     needs_contrast: bool
     cost: CostFn  # (params, (H, W)) -> (forward passes, backward passes) per image
     summary: str  # one line
+    checks: Mapping[str, C.Check]  # parameter -> check, beyond SHARED_CHECKS
 
     def passes(self, size: tuple[int, int], **params: Any) -> tuple[int, int]:
         """(forward, backward) passes per image of size (H, W) with `params` over the defaults."""
-        _check_params(self, params)
+        _check_params(self, params, C.Context(size=tuple(size)))
         return self.cost({**self.defaults, **params}, tuple(size))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, category: str, cost: CostFn, summary: str | None = None) -> Callable[[MethodFn], MethodFn]:
+def register(
+    name: str, *, category: str, cost: CostFn, checks: Mapping[str, C.Check] | None = None, summary: str | None = None
+) -> Callable[[MethodFn], MethodFn]:
     """Decorator that registers ``fn(model, images, target, *, ...)`` under `name`.
 
+    `checks`: how the method's own parameters are validated (see `_checks`), run by `check`
+    before any work; parameters of `SHARED_CHECKS` are checked without being listed.
     `summary` defaults to the first line of the function's docstring.
     """
     if category not in CATEGORIES:
@@ -70,6 +75,9 @@ def register(name: str, *, category: str, cost: CostFn, summary: str | None = No
         missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty]
         if missing:
             raise TypeError(f"{fn.__qualname__}: parameters {missing} need defaults")
+        unknown = set(checks or {}) - set(defaults)
+        if unknown:
+            raise TypeError(f"{fn.__qualname__}: checks for parameters it does not have: {sorted(unknown)}")
         line = summary or (inspect.getdoc(fn) or name).splitlines()[0]
         _REGISTRY[name] = MethodSpec(
             name=name,
@@ -80,6 +88,7 @@ def register(name: str, *, category: str, cost: CostFn, summary: str | None = No
             needs_contrast="contrast" in keyword,
             cost=cost,
             summary=line,
+            checks=MappingProxyType(dict(checks or {})),
         )
         return fn
 
@@ -102,51 +111,37 @@ def spec(name: str) -> MethodSpec:
 # --------------------------------------------------------------------------- validation
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_reduce(name: str, value: Any) -> None:
+def _check_reduce(name: str, value: Any, ctx: C.Context) -> None:
     if value not in REDUCE_CHOICES:
         raise ValueError(f"reduce={value!r} is not valid; choose one of {REDUCE_CHOICES}")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_seed(name: str, value: Any) -> None:
-    if value is not None and not _is_int(value):
-        raise TypeError(f"seed must be an int or None, got {value!r}")
-
-
-# Shared parameter names are checked once here, for every method that has them.
-_SHARED_CHECKS: dict[str, Callable[[str, Any], None]] = {
+# Shared parameter names are checked the same way in every method that has them; a method's
+# own table (`register(checks=...)`) adds its other parameters or overrides these.
+SHARED_CHECKS: dict[str, C.Check] = {
     "reduce": _check_reduce,
-    "upsample": _check_bool,
-    "relu": _check_bool,
-    "progress": _check_bool,
-    "internal_batch": _check_positive_int,
-    "steps": _check_positive_int,
-    "samples": _check_positive_int,
-    "seed": _check_seed,
+    "upsample": C.boolean,
+    "relu": C.boolean,
+    "progress": C.boolean,
+    "internal_batch": C.positive_int,
+    "steps": C.positive_int,
+    "samples": C.positive_int,
+    "seed": C.seed,
+    "baseline": check_baseline,
+    "report": C.callable_or_none,
 }
 
 
-def _check_params(s: MethodSpec, params: Mapping[str, Any]) -> None:
+def _check_params(s: MethodSpec, params: Mapping[str, Any], ctx: C.Context | None = None) -> None:
+    """Unknown names, then every value (given or default) against the shared and the method's checks."""
     for key in params:
         if key not in s.defaults:
             valid = ", ".join(s.defaults) or "none"
             raise TypeError(f"{s.name}() got an unknown parameter {key!r}; valid parameters: {valid}")
-    for key, value in params.items():
-        if key in _SHARED_CHECKS:
-            _SHARED_CHECKS[key](key, value)
+    merged = {**s.defaults, **params}
+    ctx = ctx or C.Context(size=(0, 0))
+    ctx = C.Context(size=ctx.size, model=ctx.model, params=merged)
+    C.run({**{k: v for k, v in SHARED_CHECKS.items() if k in s.defaults}, **s.checks}, merged, ctx)
 
 
 def _check_images(images: Any) -> None:
@@ -194,7 +189,7 @@ def check(
     s = spec(name)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_params(s, params)
+    _check_params(s, params, C.Context(size=tuple(size), model=model))
     if layer is not None and not s.needs_layer:
         raise TypeError(f"{name}() takes no layer (it works on the input); pass layer=None, got layer={layer!r}")
     if layer is not None:

@@ -36,6 +36,7 @@ from ._core import (
     class_score,
     hooks,
     layer_name,
+    layer_output,
     progress_bar,
     reduce_channels,
     targets,
@@ -133,20 +134,10 @@ def layer_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward pass without gradients: (logits, target (B,), raw layer output, activation grid (B, K, h, w))."""
     check_reshape(reshape)
-    captured: list[Tensor] = []
-
-    def capture(module: nn.Module, inputs: Any, output: Any) -> Tensor:
-        if not isinstance(output, Tensor):
-            raise ValueError(f"layer: {type(module).__name__} returns {type(output).__name__}, not a tensor")
-        captured[:] = [output]
-        return output.clone()  # a later in-place op (ResNet's `out += identity`) cannot rewrite the capture
-
-    with torch.no_grad(), hooks(layer.register_forward_hook(capture)):
+    with torch.no_grad(), layer_output(layer) as captured:
         logits = model(images)
-    if not captured:
-        raise ValueError("layer: the given layer did not run in the model's forward pass")
     t = targets(logits, target, images.shape[0], images.device)
-    raw = captured[0]
+    raw = captured.output
     return logits, t, raw, to_grid(raw, model, layer, reshape)
 
 

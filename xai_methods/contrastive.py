@@ -33,16 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._core import batched, contrasts, forward_logits, progress_bar, reduce_channels, targets
+from . import _checks as C
+from ._core import batched, contrasts, forward_logits, grad_rows, progress_bar, reduce_channels, seeded_rng, targets
 from ._registry import MethodFn, register
 from .cam import Reshape, _gradcam_weights, gradient_cam
 from .gradient import one_pass
-from .perturbation import _choice, _number, _positive_int
-
-
-def _check_report(report: Any) -> None:
-    if report is not None and not callable(report):
-        raise TypeError(f"report must be None or a callable taking a dict, got {type(report).__name__}")
 
 
 # --------------------------------------------------------------------------- contrastive Grad-CAM
@@ -51,7 +46,7 @@ def _check_report(report: Any) -> None:
 CONTRAST_LOSSES = ("cross_entropy", "pair")
 
 
-@register("contrastive_gradcam", category="contrastive", cost=one_pass)
+@register("contrastive_gradcam", category="contrastive", cost=one_pass, checks={"loss": C.one_of(*CONTRAST_LOSSES)})
 def contrastive_gradcam(
     model: nn.Module,
     images: Tensor,
@@ -76,8 +71,6 @@ def contrastive_gradcam(
     dJ/dz = q_t (onehot(target) - onehot(contrast)): evidence for the target
     over the contrast whichever class the network predicts.
     """
-    _choice("loss", loss, CONTRAST_LOSSES)
-
     def score(logits: Tensor, t: Tensor) -> Tensor:
         c = contrasts(logits, contrast, t)
         if loss == "pair":
@@ -156,23 +149,8 @@ def cem(
     progress: bool,
 ) -> Tensor:
     """Pertinent positive ("pp") or negative ("pn") of every image, batched; see `cem_pp`."""
-    _number("kappa", kappa, 0.0)
-    _number("beta", beta, 0.0)
-    _number("c_init", c_init, 0.0, low_open=True)
-    _positive_int("c_steps", c_steps)
-    _number("lr", lr, 0.0, low_open=True)
-    _number("gamma", gamma, 0.0)
-    _check_report(report)
-    if autoencoder is not None and not callable(autoencoder):
-        raise TypeError(f"autoencoder must be None or a callable images -> reconstructions, got {autoencoder!r}")
     if gamma > 0 and autoencoder is None:
-        generative = getattr(model, "generative", None)
-        if generative is None:
-            raise ValueError(
-                "gamma > 0 needs an autoencoder: pass autoencoder= (normalised images -> reconstructions) "
-                "or use a model with a .generative attribute (zoo's shapes-cnn has one)"
-            )
-        autoencoder = generative.reconstruct
+        autoencoder = model.generative.reconstruct  # there, see _check_gamma
     b = images.shape[0]
     space = PixelSpace.of(model, images)
     logits = forward_logits(model, images, internal_batch)
@@ -194,6 +172,11 @@ def cem(
         manifold = gamma * (autoencoder(inputs) - inputs).pow(2).flatten(1).sum(1) if gamma > 0 else torch.zeros_like(hinge)
         return hinge, margin, manifold
 
+    def smooth(delta: Tensor, i: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """c * hinge + ||delta||_2^2 + gamma * AE error (the L1 term is the proximal step), margin, AE error."""
+        hinge, margin, ae = terms(delta, i)
+        return c[i] * hinge + delta.pow(2).flatten(1).sum(1) + ae, margin, ae
+
     lower_c = torch.zeros(b, dtype=x.dtype, device=x.device)
     upper_c = torch.full_like(lower_c, float("inf"))
     c_now = torch.full_like(lower_c, float(c_init))
@@ -211,17 +194,7 @@ def cem(
             for k in range(steps):
                 next(ticks, None)
                 rate = lr * (1 - k / steps) ** 0.5  # the paper's polynomial decay
-                grad = torch.zeros_like(y)
-                margins, manifold = torch.zeros_like(lower_c), torch.zeros_like(lower_c)
-                with torch.enable_grad():
-                    for part in batched(b, internal_batch):
-                        i = rows[part]
-                        leaf = y[part].detach().requires_grad_(True)
-                        hinge, margin, ae = terms(leaf, i)
-                        # c * hinge + ||delta||_2^2 + gamma * AE error; the L1 term is the proximal step below
-                        smooth = c_now[i] * hinge + leaf.pow(2).flatten(1).sum(1) + ae
-                        (grad[part],) = torch.autograd.grad(smooth.sum(), leaf)
-                        margins[part], manifold[part] = margin.detach(), ae.detach()
+                grad, (_, margins, manifold) = grad_rows(lambda leaf, i: smooth(leaf, i, c_now), y, rows, internal_batch)
                 # y is in the box (projected); keep it if the class wins at the least cost so far
                 cost = beta * y.abs().flatten(1).sum(1) + y.pow(2).flatten(1).sum(1) + manifold
                 better = (margins > 0) & (cost < best_cost)
@@ -245,6 +218,23 @@ def cem(
             "class": goal, "c": upper_c.where(success, c_now),
         })
     return reduce_channels(best, reduce)
+
+
+def _check_gamma(name: str, value: Any, ctx: C.Context) -> None:
+    C.number(0.0)(name, value, ctx)
+    has_generative = ctx.model is None or getattr(ctx.model, "generative", None) is not None
+    if value > 0 and ctx.params.get("autoencoder") is None and not has_generative:
+        raise ValueError(
+            "gamma > 0 needs an autoencoder: pass autoencoder= (normalised images -> reconstructions) "
+            "or use a model with a .generative attribute (zoo's shapes-cnn has one)"
+        )
+
+
+CEM_CHECKS: dict[str, C.Check] = {
+    "kappa": C.number(0.0), "beta": C.number(0.0), "c_init": C.number(0.0, low_open=True),
+    "c_steps": C.positive_int, "lr": C.number(0.0, low_open=True), "gamma": _check_gamma,
+    "autoencoder": C.callable_or_none,
+}
 
 
 def _cem_variant(name: str, pertinent: str, doc: str) -> MethodFn:
@@ -283,7 +273,7 @@ def _cem_variant(name: str, pertinent: str, doc: str) -> MethodFn:
         )
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
-    return register(name, category="contrastive", cost=_cem_cost)(method)
+    return register(name, category="contrastive", cost=_cem_cost, checks=CEM_CHECKS)(method)
 
 
 cem_pp = _cem_variant("cem_pp", "pp", """CEM pertinent positive (Dhurandhar et al. 2018): the least of the input that alone keeps the target class.
@@ -325,7 +315,23 @@ def _cdeepex_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int
     return (params["steps"] + 2, params["steps"])
 
 
-@register("cdeepex", category="contrastive", cost=_cdeepex_cost)
+def _check_generator(name: str, value: Any, ctx: C.Context) -> None:
+    C.callable_or_none(name, value, ctx)
+    if value is None and ctx.model is not None and getattr(ctx.model, "generative", None) is None:
+        raise ValueError(
+            "cdeepex needs a generative model of the data: pass generator= (latent (N, dim) -> normalised "
+            "images) and encoder= or latent_dim=, or use a model with a .generative attribute "
+            "(zoo's shapes-cnn carries the shapes VAE)"
+        )
+    if value is not None and ctx.params.get("encoder") is None and ctx.params.get("latent_dim") is None:
+        raise ValueError("cdeepex inverts the generator by optimisation without an encoder: pass latent_dim=")
+
+
+@register("cdeepex", category="contrastive", cost=_cdeepex_cost, checks={
+    "encoder": C.callable_or_none, "latent_dim": C.optional(C.positive_int), "lr": C.number(0.0, low_open=True),
+    "margin": C.number(0.0, low_open=True), "penalty": C.number(0.0, low_open=True),
+    "inversion_steps": C.positive_int, "generator": _check_generator,
+})
 def cdeepex(
     model: nn.Module,
     images: Tensor,
@@ -372,25 +378,10 @@ def cdeepex(
     version of the image still the target?), "reconstruction_error" (mean
     squared, G(z0) vs x)}.
     """
-    _positive_int("inversion_steps", inversion_steps)
-    _number("lr", lr, 0.0, low_open=True)
-    _number("margin", margin, 0.0, low_open=True)
-    _number("penalty", penalty, 0.0, low_open=True)
-    _check_report(report)
-    generative = getattr(model, "generative", None)
-    if generator is None:
-        if generative is None:
-            raise ValueError(
-                "cdeepex needs a generative model of the data: pass generator= (latent (N, dim) -> normalised "
-                "images) and encoder= or latent_dim=, or use a model with a .generative attribute "
-                "(zoo's shapes-cnn carries the shapes VAE)"
-            )
+    if generator is None:  # the model's own (checked: it has one)
+        generative = model.generative
         generator, encoder = generative.decode, generative.encode if encoder is None else encoder
         latent_dim = generative.latent_dim if latent_dim is None else latent_dim
-    if not callable(generator) or (encoder is not None and not callable(encoder)):
-        raise TypeError("generator and encoder must be callables (latent -> images, images -> latent)")
-    if encoder is None and latent_dim is None:
-        raise ValueError("cdeepex inverts the generator by optimisation without an encoder: pass latent_dim=")
     b = images.shape[0]
     logits = forward_logits(model, images, internal_batch)
     rows = torch.arange(b, device=images.device)
@@ -422,14 +413,7 @@ def cdeepex(
         best = z0.clone()
         best_distance = torch.full((b,), float("inf"), dtype=z.dtype, device=z.device)
         for step in progress_bar(range(steps), progress, total=steps, desc="cdeepex"):
-            grad = torch.zeros_like(z)
-            wins = torch.zeros(b, dtype=torch.bool, device=z.device)
-            with torch.enable_grad():
-                for part in batched(b, internal_batch):
-                    leaf = z[part].detach().requires_grad_(True)
-                    loss, won = objective(leaf, rows[part], step)
-                    (grad[part],) = torch.autograd.grad(loss.sum(), leaf)
-                    wins[part] = won
+            grad, (_, wins) = grad_rows(lambda leaf, i: objective(leaf, i, step), z, rows, internal_batch)
             # the iterate just evaluated: keep it if it is the contrast class and nearer z0
             distance = (z - z0).norm(dim=1)
             better = wins & (distance < best_distance)
@@ -455,9 +439,7 @@ def _invert(
     generator: Callable[[Tensor], Tensor], x: Tensor, dim: int, steps: int, lr: float, seed: int | None, chunk: int
 ) -> Tensor:
     """Latent codes z (B, dim) with G(z) ~ x: Adam on the mean squared error from seeded N(0, 1) starts."""
-    g = torch.Generator(device=x.device)
-    g.manual_seed(0 if seed is None else seed)
-    z = torch.randn(x.shape[0], dim, generator=g, device=x.device, dtype=x.dtype)
+    z = torch.randn(x.shape[0], dim, generator=seeded_rng(seed), dtype=x.dtype).to(x.device)
     for part in batched(x.shape[0], chunk):
         leaf = z[part].clone().requires_grad_(True)
         opt = torch.optim.Adam([leaf], lr=lr)

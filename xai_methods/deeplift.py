@@ -71,12 +71,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._core import class_score, reduce_channels, targets, untouched
+from ._checks import Context
+from ._core import class_score, completeness_gap, reduce_channels, resolve_baseline, targets, untouched
 from ._registry import MethodFn, _check_params, register, spec
-from .gradient import ig_baseline
+from .gradient import BLUR_SIGMA
 
 RULES = ("rescale", "reveal_cancel")
-BASELINES = ("zeros", "mean", "blur")
 
 _ABS = "_deeplift_abs"  # tensor attribute holding A = dz+ - dz- (RevealCancel only)
 
@@ -617,8 +617,6 @@ def deeplift_attribution(
     """DeepLIFT attribution of every input element, with the logits of both halves (see the module doc)."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not valid; choose one of {RULES}")
-    if isinstance(baseline, str) and baseline not in BASELINES:
-        raise ValueError(f"baseline={baseline!r} is not valid; use a number, a tensor or one of {BASELINES}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         shown = ", ".join(training[:5]) + (" ..." if len(training) > 5 else "")
@@ -629,7 +627,7 @@ def deeplift_attribution(
     b = images.shape[0]
     with torch.inference_mode(False), torch.enable_grad(), untouched(model):
         x = images.detach().clone()
-        ref = ig_baseline(x, baseline, blur_sigma=blur_sigma).to(dtype=x.dtype).expand_as(x).clone()
+        ref = resolve_baseline(x, baseline, blur_sigma=blur_sigma).to(dtype=x.dtype).expand_as(x).clone()
         x.requires_grad_(True)
         paired = torch.cat([x, ref])
         reveal = rule == "reveal_cancel"
@@ -678,7 +676,7 @@ def _rule_variant(name: str, rule: str, doc: str) -> MethodFn:
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
-    return register(name, category="gradient", cost=_cost(2, 2))(method)
+    return register(name, category="gradient", cost=_cost(2, 2), checks={"blur_sigma": BLUR_SIGMA})(method)
 
 
 deeplift = _rule_variant("deeplift", "rescale", """DeepLIFT (Shrikumar et al. 2017): (x - x0) times multipliers with (f(x) - f(x0)) / (x - x0) at each nonlinearity.
@@ -693,8 +691,9 @@ deeplift = _rule_variant("deeplift", "rescale", """DeepLIFT (Shrikumar et al. 20
     and baseline together, one backward pass; the model must be in eval mode.
     baseline x0: "zeros" (default: 0 in normalised space, the dataset mean
     colour), a number, a tensor broadcastable to the images (each image gets
-    its own row), "mean" (per-image per-channel mean) or "blur" (Gaussian of
-    `blur_sigma` pixels, None = min(H, W) / 16). reduce: "sum" (default,
+    its own row), "mean" (per-image per-channel mean), "blur" (the shared Gaussian of
+    `blur_sigma` pixels, None = 10 * min(H, W) / 224) or "uniform" (seed 0), as
+    `_core.resolve_baseline`. reduce: "sum" (default,
     keeps summation-to-delta), "abs_sum", "max_abs" or None for (B, C, H, W).
     """)
 
@@ -720,10 +719,9 @@ def deeplift_delta(model: nn.Module, images: Tensor, target: Any = None, *, meth
     if method not in ("deeplift", "deeplift_revealcancel"):
         raise ValueError(f"method={method!r} is not valid; choose 'deeplift' or 'deeplift_revealcancel'")
     s = spec(method)
-    _check_params(s, params)
+    _check_params(s, params, Context(size=tuple(images.shape[-2:]), model=model))
     kwargs = {**s.defaults, **params}
     kwargs.pop("reduce")
     rule = "rescale" if method == "deeplift" else "reveal_cancel"
     out = deeplift_attribution(model, images, target, rule=rule, **kwargs)
-    delta = out.score - out.reference_score
-    return (out.attribution.sum(dim=(1, 2, 3)) - delta) / delta.abs()
+    return completeness_gap(out.attribution, out.score, out.reference_score)

@@ -11,8 +11,6 @@ fullgrad: input-gradient and bias-gradients of every layer, from one backward.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -22,15 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks as C
 from ._core import (
     REDUCE_CHOICES,
     backprop,
-    baseline_like,
     batched,
     class_score,
+    completeness_gap,
     forward_logits,
     hooks,
     reduce_channels,
+    resolve_baseline,
+    seeded_rng,
     targets,
     untouched,
 )
@@ -113,7 +114,6 @@ def guided_backprop(model: nn.Module, images: Tensor, target: Any, *, reduce: st
 # --------------------------------------------------------------------------- integrated gradients
 
 IG_RULES = ("gauss_legendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
-IG_BASELINES = ("zeros", "mean", "blur", "uniform")
 
 
 def ig_nodes(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,65 +140,16 @@ def ig_nodes(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(n) + offset) / n, np.full(n, 1.0 / n)
 
 
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) per channel, radius ceil(3 sigma), reflect padding."""
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    mode = "reflect" if radius < min(images.shape[-2:]) else "replicate"
-    out = F.pad(images, (radius, radius, 0, 0), mode=mode)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode=mode)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def _unit_noise(
-    shape: tuple[int, ...], seed: int | None, kind: str, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """Noise of `shape` from a CPU generator seeded by `seed` (the same on every device), moved to `device`.
-
-    seed=None seeds the generator non-deterministically (never from the global RNG): not reproducible.
-    """
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    draw = torch.rand if kind == "uniform" else torch.randn
-    return draw(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
-def ig_baseline(images: Tensor, baseline: Any, *, blur_sigma: float | None = None, seed: int | None = 0) -> Tensor:
-    """The reference input of integrated gradients, broadcastable to `images`.
-
-    "zeros" / a number / a tensor / "mean": as `baseline_like` (0 is the
-    normalisation mean). "blur": each image blurred by a Gaussian of
-    `blur_sigma` pixels (None = min(H, W) / 16). "uniform": uniform noise
-    between each image's per-channel min and max; one unit-noise pattern
-    (C, H, W) is drawn from a generator seeded by `seed` and shared by all
-    images, so an image's baseline does not depend on the rest of the batch.
-    """
-    if isinstance(baseline, str) and baseline not in IG_BASELINES:
-        raise ValueError(f"baseline={baseline!r} is not valid; use a number, a tensor or one of {IG_BASELINES}")
-    if blur_sigma is not None and (
-        isinstance(blur_sigma, bool) or not isinstance(blur_sigma, numbers.Real) or not blur_sigma > 0
-    ):
-        raise ValueError(f"blur_sigma must be a positive number (pixels) or None, got {blur_sigma!r}")
-    x = images.detach()
-    if isinstance(baseline, str) and baseline == "blur":
-        sigma = float(blur_sigma) if blur_sigma is not None else min(x.shape[-2:]) / 16
-        return gaussian_blur(x, sigma)
-    if isinstance(baseline, str) and baseline == "uniform":
-        lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
-        return lo + (hi - lo) * _unit_noise(tuple(x.shape[1:]), seed, "uniform", x.device, x.dtype)
-    return baseline_like(x, baseline)
-
-
 def _ig_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
-    ig_nodes(params["rule"], params["steps"])  # validates rule and steps
     return (params["steps"] + 1, params["steps"])
+
+
+def _check_rule(name: str, value: Any, ctx: C.Context) -> None:
+    ig_nodes(value, ctx.params["steps"])  # the rule, and its least number of steps
+
+
+#: blur_sigma of the methods whose baseline may be "blur" (None: `default_blur_sigma`)
+BLUR_SIGMA = C.optional(C.number(0.0, low_open=True))
 
 
 class IGResult(NamedTuple):
@@ -236,7 +187,7 @@ def _integrated_gradients(
     alphas, weights = ig_nodes(rule, steps)
     b = images.shape[0]
     x = images.detach().clone()  # a normal tensor even if the caller is in inference mode
-    ref = ig_baseline(x, baseline, blur_sigma=blur_sigma, seed=seed).expand_as(x)
+    ref = resolve_baseline(x, baseline, seed=seed, blur_sigma=blur_sigma).expand_as(x)
     logits = forward_logits(model, x, internal_batch)
     t = targets(logits, target, b, x.device).clone()
     alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
@@ -254,7 +205,8 @@ def _integrated_gradients(
     return IGResult((x - ref) * total, t, ref, class_score(logits, t))
 
 
-@register("integrated_gradients", category="gradient", cost=_ig_cost)
+@register("integrated_gradients", category="gradient", cost=_ig_cost,
+          checks={"rule": _check_rule, "blur_sigma": BLUR_SIGMA})
 def integrated_gradients(
     model: nn.Module,
     images: Tensor,
@@ -272,11 +224,11 @@ def integrated_gradients(
 
     baseline x0: "zeros" (default: 0 in normalised space, i.e. the
     normalisation mean colour), a number, a tensor broadcastable to the images, "mean"
-    (per-image per-channel mean), "blur" (the image blurred by a Gaussian of
-    `blur_sigma` pixels, None = min(H, W) / 16) or "uniform" (uniform noise
-    in each image's per-channel range, from a generator seeded by `seed`,
-    one pattern shared by all images so the result does not depend on the
-    batch; seed=None: not reproducible). steps: path points; rule:
+    (per-image per-channel mean), "blur" (the image blurred by the shared Gaussian of
+    `blur_sigma` pixels, None = 10 * min(H, W) / 224, as every "blur" of the project) or
+    "uniform" (uniform noise in each image's per-channel range, from a generator seeded
+    by `seed`, one pattern shared by all images so the result does not depend on the
+    batch; seed=None: not reproducible); see `_core.resolve_baseline`. steps: path points; rule:
     "gauss_legendre" (default, as Captum), "riemann_trapezoid",
     "riemann_left", "riemann_right", "riemann_middle" (see `ig_nodes`;
     weights sum to 1, so on a linear model every rule is exact).
@@ -304,14 +256,13 @@ def ig_completeness_gap(model: nn.Module, images: Tensor, target: Any = None, **
     finite where S(x) = S(x0). One more forward pass for S(x0). Leaves the
     model untouched."""
     s = spec("integrated_gradients")
-    _check_params(s, params)
+    _check_params(s, params, C.Context(size=tuple(images.shape[-2:]), model=model))
     kwargs = {**s.defaults, **params}
     kwargs.pop("reduce", None)
     with untouched(model):
         out = _integrated_gradients(model, images, target, **kwargs)
         ref_score = class_score(forward_logits(model, out.baseline, kwargs["internal_batch"]), out.target)
-    delta = out.score - ref_score
-    return (out.attribution.sum(dim=(1, 2, 3)) - delta) / delta.abs()
+    return completeness_gap(out.attribution, out.score, ref_score)
 
 
 # --------------------------------------------------------------------------- noise tunnels (SmoothGrad family)
@@ -319,7 +270,7 @@ def ig_completeness_gap(model: nn.Module, images: Tensor, target: Any = None, **
 TUNNELS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def _tunnel_base(base: Any, base_params: Any) -> tuple[MethodSpec, dict[str, Any]]:
+def _tunnel_base(base: Any, base_params: Any, ctx: C.Context | None = None) -> tuple[MethodSpec, dict[str, Any]]:
     """Validate `base` and `base_params`; return the base's spec and its full keyword arguments."""
     gradient_methods = [n for n in available() if spec(n).category == "gradient" and n not in TUNNELS]
     if not isinstance(base, str) or base not in gradient_methods:
@@ -332,13 +283,20 @@ def _tunnel_base(base: Any, base_params: Any) -> tuple[MethodSpec, dict[str, Any
     if not isinstance(base_params, Mapping):
         raise TypeError(f"base_params must be a dict of {base}'s parameters or None, got {type(base_params).__name__}")
     s = spec(base)
-    _check_params(s, base_params)
+    _check_params(s, base_params, ctx)
     if "reduce" in base_params and base_params["reduce"] is None:
         raise ValueError(
             "base_params: reduce=None is not supported here (the tunnel returns (B, H, W) maps); "
             f"choose one of {[r for r in REDUCE_CHOICES if r is not None]}"
         )
     return s, {**s.defaults, **base_params}
+
+
+def _check_tunnel_base(name: str, value: Any, ctx: C.Context) -> None:
+    _tunnel_base(value, ctx.params.get("base_params"), ctx)
+
+
+TUNNEL_CHECKS: dict[str, C.Check] = {"base": _check_tunnel_base, "noise": C.number(0.0)}
 
 
 def _tunnel_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
@@ -362,15 +320,13 @@ def _noise_tunnel(
     internal_batch: int,
 ) -> Tensor:
     s, kwargs = _tunnel_base(base, base_params)
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not noise >= 0:
-        raise ValueError(f"noise must be a number >= 0 (a fraction of each image's max - min), got {noise!r}")
     b = images.shape[0]
     x = images.detach().clone()  # a normal tensor even if the caller is in inference mode
     t = targets(forward_logits(model, x, internal_batch), target, b, x.device).clone()
     sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (B,) per the paper
     # One unit-noise pattern per sample, shared by all images (scaled by each image's sigma):
     # an image's map does not depend on the other images in the batch.
-    eps = _unit_noise((samples, *x.shape[1:]), seed, "normal", x.device, x.dtype)
+    eps = torch.randn((samples, *x.shape[1:]), generator=seeded_rng(seed)).to(device=x.device, dtype=x.dtype)
     acc = torch.float64 if x.device.type != "mps" else torch.float32
     total = sq_total = None
     for chunk in batched(b * samples, internal_batch):
@@ -416,7 +372,7 @@ def noise_tunnel_variant(name: str, statistic: str, doc: str) -> MethodFn:
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
-    return register(name, category="gradient", cost=_tunnel_cost)(method)
+    return register(name, category="gradient", cost=_tunnel_cost, checks=TUNNEL_CHECKS)(method)
 
 
 smoothgrad = noise_tunnel_variant("smoothgrad", "mean", """SmoothGrad (Smilkov et al. 2017): mean of the base method's maps over noisy copies of the input.

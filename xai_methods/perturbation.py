@@ -12,16 +12,16 @@ model's forward passes and little else. They work on any model (no layer).
 - `rise` (Petsiuk et al. 2018): random smooth masks weighted by the target probability.
 
 The optimisation-based methods (meaningful and extremal perturbation) live in
-`perturbation_opt`. Shared machinery: `reference` (baselines incl. "blur"),
-`gaussian_blur`, `Windows` (window grid, masks and overlap averaging),
-`target_score` (probability or logit), `generator` (seeded local RNG).
+`perturbation_opt`. Shared machinery here: `Windows` (window grid, masks and overlap averaging) and
+`target_score` (probability or logit); baselines (`resolve_baseline`, whose "blur" is the
+project's one blur) and random draws (`seeded_rng`: CPU generator, moved to the device)
+come from `_core`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,44 +29,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._core import baseline_like, batched, class_score, forward_logits, progress_bar, targets
+from . import _checks as C
+from ._core import (
+    batched,
+    class_score,
+    forward_logits,
+    progress_bar,
+    resolve_baseline,
+    rows,
+    seeded_rng,
+    spd_solve,
+    targets,
+)
 from ._registry import register
 
 Pair = int | tuple[int, int]
 
-BASELINE_CHOICES = "a number (0.0 = the normalisation mean), 'zeros', 'mean', 'blur' or a tensor"
 SCORE_CHOICES = ("probability", "logit")
 
 
 # --------------------------------------------------------------------------- shared machinery
-
-
-def _pair(name: str, value: Any) -> tuple[int, int]:
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    """A real number in [low, high] ((low, high] with low_open), else ValueError naming `name`."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def _choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {tuple(choices)}")
-    return value
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -87,13 +69,14 @@ def sliding_windows(
     h, w = size
     if window is None:
         window = max(2, round(min(h, w) / 8))
-    wh, ww = _pair("window", window)
+    wh, ww = C.pair_of_ints(window)  # type: ignore[misc]  (checked by WINDOW_CHECKS)
     if stride is None:
         stride = (max(1, wh // 2), max(1, ww // 2))
-    sh, sw = _pair("stride", stride)
-    if wh > h or ww > w:
-        raise ValueError(f"window {(wh, ww)} is larger than the image {(h, w)}")
+    sh, sw = C.pair_of_ints(stride)  # type: ignore[misc]
     return (wh, ww), window_starts(h, wh, sh), window_starts(w, ww, sw)
+
+
+WINDOW_CHECKS: dict[str, C.Check] = {"window": C.window, "stride": C.optional(C.pair)}
 
 
 class Windows:
@@ -130,67 +113,11 @@ class Windows:
         return total / (iy.sum(0)[:, None] * ix.sum(0)[None, :])
 
 
-def blur_sigma(size: tuple[int, int]) -> float:
-    """Default Gaussian blur for "blur" baselines: sigma 10 on 224 x 224 (Fong & Vedaldi 2017), scaled with the size."""
-    return 10.0 * min(size) / 224.0
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with standard deviation `sigma` pixels.
-
-    The kernel is truncated at 3 sigma and the border replicated; sigma <= 0 returns `x`.
-    """
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    y = F.pad(x, (0, 0, radius, radius), mode="replicate")
-    y = F.conv2d(y, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    y = F.pad(y, (radius, radius, 0, 0), mode="replicate")
-    return F.conv2d(y, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-
-
-def reference(x: Tensor, baseline: float | str | Tensor) -> Tensor:
-    """The value perturbed pixels take, as a 4-D tensor broadcastable to `x` (B, C, H, W).
-
-    A number (0.0 = the normalisation mean), "zeros", "mean" (per-image
-    per-channel mean), "blur" (the image blurred with sigma `blur_sigma`) or a
-    tensor broadcastable to the images. Index it with `rows(ref, img)`.
-    """
-    if isinstance(baseline, str):
-        if baseline == "blur":
-            return gaussian_blur(x, blur_sigma(tuple(x.shape[-2:])))
-        if baseline not in ("zeros", "mean"):
-            raise ValueError(f"baseline={baseline!r} is not valid; use {BASELINE_CHOICES}")
-    elif isinstance(baseline, bool) or not isinstance(baseline, (numbers.Real, Tensor)):
-        raise TypeError(f"baseline must be {BASELINE_CHOICES}, got {type(baseline).__name__}")
-    ref = baseline_like(x, baseline)
-    return ref.reshape((1,) * (4 - ref.dim()) + tuple(ref.shape))
-
-
-def rows(ref: Tensor, index: Tensor | slice) -> Tensor:
-    """Rows `index` of a per-image tensor, or the tensor itself when it is shared (first dim 1)."""
-    return ref[index] if ref.shape[0] > 1 else ref
-
-
 def target_score(logits: Tensor, t: Tensor, score: str) -> Tensor:
     """(n,) score of classes `t`: "probability" (softmax) or "logit"."""
     if score == "logit":
         return class_score(logits, t)
     return logits.softmax(1).gather(1, t[:, None]).squeeze(1)
-
-
-def generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A local RNG on `device`: seeded with `seed`, or randomly when seed is None."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
 
 
 def _chunks(n: int, internal_batch: int, progress: bool, desc: str) -> Any:
@@ -206,7 +133,7 @@ def _occlusion_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[i
     return (len(ys) * len(xs) + 1, 0)
 
 
-@register("occlusion", category="perturbation", cost=_occlusion_cost)
+@register("occlusion", category="perturbation", cost=_occlusion_cost, checks=WINDOW_CHECKS)
 def occlusion(
     model: nn.Module,
     images: Tensor,
@@ -225,14 +152,14 @@ def occlusion(
     start at 0, stride, ... and at H - window (W - window), so borders are
     covered. baseline: a number (default 0.0 = the normalisation mean, grey),
     "zeros", "mean" (per-image per-channel mean), "blur" (the image blurred
-    with a Gaussian of sigma 10 * min(H, W) / 224) or a tensor broadcastable
-    to the images. All occluded inputs of the batch run in chunks of
+    with a Gaussian of sigma 10 * min(H, W) / 224), "uniform" or a tensor broadcastable
+    to the images (`_core.resolve_baseline`). All occluded inputs of the batch run in chunks of
     `internal_batch` forward passes; `progress` shows a tqdm bar if available.
     """
     b, _, h, w = images.shape
     x = images.detach()
     win = Windows(window, stride, (h, w), x.device)
-    ref = reference(x, baseline)
+    ref = resolve_baseline(x, baseline)
     logits = forward_logits(model, x, internal_batch)
     t = targets(logits, target, b, x.device)
     base_score = class_score(logits, t)
@@ -272,7 +199,6 @@ def superpixels(images: Tensor, segmentation: str | Tensor, n_segments: int) -> 
             raise ValueError(f"segmentation must have shape ({h}, {w}) or ({b}, {h}, {w}), got {tuple(seg.shape)}")
         labels = [torch.unique(s, return_inverse=True)[1] for s in seg]
     else:
-        _choice("segmentation", segmentation, ("slic", "quickshift"))
         from skimage.segmentation import quickshift, slic
 
         arr = images.detach().to("cpu", torch.float64).numpy()
@@ -300,9 +226,9 @@ def lime_design(samples: int, features: int, seed: int | None, device: torch.dev
     do not depend on how many columns are drawn: an image with k superpixels
     gets the same samples alone as in any batch.
     """
-    g = generator(seed, device)
-    cols = [torch.randint(0, 2, (samples,), generator=g, device=device) for _ in range(features)]
-    design = torch.stack(cols, 1).float()
+    g = seeded_rng(seed)
+    cols = [torch.randint(0, 2, (samples,), generator=g) for _ in range(features)]
+    design = torch.stack(cols, 1).float().to(device)
     design[0] = 1.0
     return design
 
@@ -320,7 +246,7 @@ def weighted_ridge(z: Tensor, y: Tensor, weights: Tensor, valid: Tensor, ridge: 
     penalty = torch.where(valid, ridge, 1.0).double()  # invalid columns are zero: any positive value pins them to 0
     penalty = torch.cat([penalty, torch.zeros_like(penalty[:, :1])], 1)
     gram = gram + torch.diag_embed(penalty)
-    coef = torch.linalg.solve(gram, (weighted * yd[..., None]).sum(1))
+    coef = spd_solve(gram, (weighted * yd[..., None]).sum(1)[..., None])[..., 0]
     return coef[:, :-1]
 
 
@@ -328,7 +254,15 @@ def _lime_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, i
     return (params["samples"] + 1, 0)
 
 
-@register("lime", category="perturbation", cost=_lime_cost)
+def _check_segmentation(name: str, value: Any, ctx: C.Context) -> None:
+    if not isinstance(value, Tensor):
+        C.one_of("slic", "quickshift")(name, value, ctx)
+
+
+@register("lime", category="perturbation", cost=_lime_cost, checks={
+    "segmentation": _check_segmentation, "n_segments": C.positive_int,
+    "kernel_width": C.number(0.0, low_open=True), "ridge": C.number(0.0), "score": C.one_of(*SCORE_CHOICES),
+})
 def lime(
     model: nn.Module,
     images: Tensor,
@@ -351,7 +285,7 @@ def lime(
     `n_segments` (default), "quickshift", or a tensor of labels (H, W) /
     (B, H, W)). `samples` random on/off vectors (the first all on, as LIME)
     are drawn with `seed`; off superpixels take `baseline` (a number, default
-    0.0 = the normalisation mean, "zeros", "mean", "blur" or a tensor). The
+    0.0 = the normalisation mean, "zeros", "mean", "blur", "uniform" or a tensor). The
     model's `score` of the target ("probability" (default, as LIME) or
     "logit") is regressed on the on/off vectors by ridge regression
     (`ridge`, default 1.0, LIME's ``Ridge(alpha=1)``; intercept not
@@ -361,13 +295,9 @@ def lime(
     coefficient. All images share the same on/off samples; all fits are one
     batched solve.
     """
-    _positive_int("n_segments", n_segments)
-    _number("kernel_width", kernel_width, 0.0, low_open=True)
-    _number("ridge", ridge, 0.0)
-    _choice("score", score, SCORE_CHOICES)
     b, _, h, w = images.shape
     x = images.detach()
-    ref = reference(x, baseline)
+    ref = resolve_baseline(x, baseline)
     seg, counts = superpixels(x, segmentation, n_segments)
     logits = forward_logits(model, x, internal_batch)
     t = targets(logits, target, b, x.device)
@@ -409,7 +339,7 @@ def conditional_gaussian(mean: Tensor, cov: Tensor, a: Tensor, b: Tensor) -> Con
     s_aa = cov[:, a][:, :, a]
     s_ab = cov[:, a][:, :, b]
     s_bb = cov[:, b][:, :, b]
-    gain = torch.linalg.solve(s_bb, s_ab.transpose(1, 2)).transpose(1, 2)  # S_ab S_bb^-1 (S_bb symmetric)
+    gain = spd_solve(s_bb, s_ab.transpose(1, 2)).transpose(1, 2)  # S_ab S_bb^-1 (S_bb symmetric, shrunk: SPD)
     cond = s_aa - gain @ s_ab.transpose(1, 2)
     cond = 0.5 * (cond + cond.transpose(1, 2))
     # Cholesky factor, with the smallest diagonal jitter (relative to the mean variance) that works.
@@ -467,21 +397,94 @@ def _marginal_stats(x: Tensor, ref: Any) -> tuple[Tensor, Tensor]:
     return mean.expand(c)[None], std.expand(c)[None]
 
 
-def _check_reference(ref: Any, x: Tensor, sampling: str) -> None:
+def _check_reference(name: str, ref: Any, ctx: C.Context) -> None:
     if ref is None:
         return
     if isinstance(ref, Tensor):
-        if ref.dim() != 4 or ref.shape[1] != x.shape[1] or not ref.dtype.is_floating_point:
-            raise ValueError(
-                f"reference must be a float tensor (N, {x.shape[1]}, h, w) of dataset images, got {tuple(ref.shape)}"
-            )
+        if ref.dim() != 4 or not ref.dtype.is_floating_point:
+            raise ValueError(f"reference must be a float tensor (N, C, h, w) of dataset images, got {tuple(ref.shape)}")
         return
-    if sampling == "marginal" and isinstance(ref, (tuple, list)) and len(ref) == 2:
+    if ctx.params.get("sampling") == "marginal" and isinstance(ref, (tuple, list)) and len(ref) == 2:
         return
     raise TypeError(
         "reference must be None (the image's own statistics), a tensor (N, C, h, w) of dataset images, "
         f"or, for sampling='marginal', a pair (mean, std); got {type(ref).__name__}"
     )
+
+
+Patches = Callable[[Tensor, Tensor, Tensor], Tensor]  # (image, window, sample) indices -> (n, C, wh, ww)
+
+
+def marginal_patches(x: Tensor, win: Windows, samples: int, reference: Any, g: torch.Generator) -> Patches:
+    """Patch values drawn from N(mean_c, std_c^2) of their channel (of the image, of `reference`
+    images, or a given pair); one standard-normal draw (samples, C, wh, ww) shared by all."""
+    mean, std = _marginal_stats(x, reference)  # (G, C)
+    z = torch.randn((samples, x.shape[1], win.wh, win.ww), generator=g, dtype=x.dtype).to(x.device)
+
+    def patches(img: Tensor, k: Tensor, s: Tensor) -> Tensor:
+        return rows(mean, img)[:, :, None, None] + rows(std, img)[:, :, None, None] * z[s]
+
+    return patches
+
+
+def conditional_patches(
+    x: Tensor, win: Windows, samples: int, reference: Any, g: torch.Generator, padding: int
+) -> Patches:
+    """Patch values drawn given their frame of width `padding` from a Gaussian over framed patches
+    of the image itself (or of `reference` images); one draw (samples, Da) shared by all."""
+    b, c, h, w = x.shape
+    wh, ww = win.wh, win.ww
+    ph, pw = wh + 2 * padding, ww + 2 * padding
+    source = x if reference is None else reference.to(x.device)
+    if source.shape[2] < ph or source.shape[3] < pw:
+        raise ValueError(f"window + 2 * padding = {(ph, pw)} is larger than the images {tuple(source.shape[2:])}")
+    mean, cov = patch_gaussian(source, (ph, pw), pooled=reference is not None)
+    inner = torch.zeros(c, ph, pw, dtype=torch.bool, device=x.device)
+    inner[:, padding : padding + wh, padding : padding + ww] = True
+    a_idx, b_idx = inner.flatten().nonzero()[:, 0], (~inner).flatten().nonzero()[:, 0]
+    gauss = conditional_gaussian(mean, cov, a_idx, b_idx)
+    # The frame of every window: patch (ph, pw) at the window's top-left of the padded image.
+    mode = "reflect" if padding < min(h, w) else "replicate"
+    padded = F.pad(x, (padding,) * 4, mode=mode).double()
+    ky, kx = win.top_left(torch.arange(win.n, device=x.device))
+    py, px = torch.arange(ph, device=x.device), torch.arange(pw, device=x.device)
+    pix = (ky[:, None, None] + py[:, None]) * (w + 2 * padding) + kx[:, None, None] + px  # (n, ph, pw)
+    frames = padded.flatten(2)[:, :, pix.flatten(1)]  # (B, C, n, ph*pw)
+    frames = frames.permute(0, 2, 1, 3).reshape(b, win.n, -1)[:, :, b_idx]  # (B, n, Db)
+    # mean_a + S_ab S_bb^-1 (x_b - mean_b) for every window (G = 1 broadcasts over images)
+    cond_mean = gauss.mean_a[:, None] + (frames - gauss.mean_b[:, None]) @ gauss.gain.transpose(1, 2)
+    cond_mean = cond_mean.to(x.dtype)  # (B, n, Da)
+    z = torch.randn((samples, len(a_idx)), generator=g, dtype=torch.float64).to(x.device)
+    noise = (z @ gauss.chol.transpose(1, 2)).to(x.dtype)  # (G, S, Da)
+
+    def patches(img: Tensor, k: Tensor, s: Tensor) -> Tensor:
+        sampled = noise[img, s] if noise.shape[0] > 1 else noise[0, s]
+        return (cond_mean[img, k] + sampled).view(-1, c, wh, ww)
+
+    return patches
+
+
+def _resampled_probability(
+    model: nn.Module, x: Tensor, t: Tensor, win: Windows, samples: int, patches: Patches,
+    internal_batch: int, progress: bool,
+) -> Tensor:
+    """(B, n windows): the mean target probability over `samples` copies of each image whose
+    window is replaced by sampled `patches`, in chunks of `internal_batch` forward passes."""
+    b, per_image = x.shape[0], win.n * samples
+    probs = []
+    dy, dx = torch.arange(win.wh, device=x.device), torch.arange(win.ww, device=x.device)
+    for chunk in _chunks(b * per_image, internal_batch, progress, "prediction_difference"):
+        j = torch.arange(chunk.start, chunk.stop, device=x.device)
+        img, k, s = j // per_image, (j % per_image) // samples, j % samples
+        top, left = win.top_left(k)
+        n = len(j)
+        with torch.inference_mode():
+            canvas = x[img].clone()
+            values = patches(img, k, s).to(x.dtype)  # (n, C, wh, ww)
+            row, col = (top[:, None] + dy)[:, :, None], (left[:, None] + dx)[:, None, :]  # (n, wh, 1), (n, 1, ww)
+            canvas[torch.arange(n, device=x.device)[:, None, None], :, row, col] = values.permute(0, 2, 3, 1)
+            probs.append(model(canvas).double().softmax(1).gather(1, t[img, None]).squeeze(1))
+    return torch.cat(probs).view(b, win.n, samples).mean(-1)
 
 
 def _laplace(p: Tensor, eps: float, classes: int) -> Tensor:
@@ -497,7 +500,10 @@ def _prediction_difference_cost(params: Mapping[str, Any], size: tuple[int, int]
     return (len(ys) * len(xs) * params["samples"] + 1, 0)
 
 
-@register("prediction_difference", category="perturbation", cost=_prediction_difference_cost)
+@register("prediction_difference", category="perturbation", cost=_prediction_difference_cost, checks={
+    **WINDOW_CHECKS, "padding": C.positive_int, "sampling": C.one_of("conditional", "marginal"),
+    "laplace": C.number(0.0, 1.0), "reference": _check_reference,
+})
 def prediction_difference(
     model: nn.Module,
     images: Tensor,
@@ -534,70 +540,21 @@ def prediction_difference(
     batched == per image. All (image, window, sample) inputs run in chunks of
     `internal_batch`.
     """
-    _positive_int("padding", padding)
-    _choice("sampling", sampling, ("conditional", "marginal"))
-    _number("laplace", laplace, 0.0, 1.0)
     b, c, h, w = images.shape
     x = images.detach()
-    _check_reference(reference, x, sampling)
+    if isinstance(reference, Tensor) and reference.shape[1] != c:
+        raise ValueError(f"reference must have the images' {c} channels, got {tuple(reference.shape)}")
     win = Windows(window, stride, (h, w), x.device)
-    wh, ww = win.wh, win.ww
     logits = forward_logits(model, x, internal_batch)
     t = targets(logits, target, b, x.device)
-    classes = logits.shape[1]
-    g = generator(seed, x.device)
-
+    g = seeded_rng(seed)
     if sampling == "marginal":
-        mean, std = _marginal_stats(x, reference)  # (G, C)
-        z = torch.randn((samples, c, wh, ww), generator=g, device=x.device, dtype=x.dtype)
-
-        def patches(img: Tensor, k: Tensor, s: Tensor) -> Tensor:
-            return rows(mean, img)[:, :, None, None] + rows(std, img)[:, :, None, None] * z[s]
-
+        patches = marginal_patches(x, win, samples, reference, g)
     else:
-        ph, pw = wh + 2 * padding, ww + 2 * padding
-        source = x if reference is None else reference.to(x.device)
-        if source.shape[2] < ph or source.shape[3] < pw:
-            raise ValueError(f"window + 2 * padding = {(ph, pw)} is larger than the images {tuple(source.shape[2:])}")
-        mean, cov = patch_gaussian(source, (ph, pw), pooled=reference is not None)
-        inner = torch.zeros(c, ph, pw, dtype=torch.bool, device=x.device)
-        inner[:, padding : padding + wh, padding : padding + ww] = True
-        a_idx, b_idx = inner.flatten().nonzero()[:, 0], (~inner).flatten().nonzero()[:, 0]
-        gauss = conditional_gaussian(mean, cov, a_idx, b_idx)
-        # The frame of every window: patch (ph, pw) at the window's top-left of the padded image.
-        mode = "reflect" if padding < min(h, w) else "replicate"
-        padded = F.pad(x, (padding,) * 4, mode=mode).double()
-        ky, kx = win.top_left(torch.arange(win.n, device=x.device))
-        py, px = torch.arange(ph, device=x.device), torch.arange(pw, device=x.device)
-        pix = (ky[:, None, None] + py[:, None]) * (w + 2 * padding) + kx[:, None, None] + px  # (n, ph, pw)
-        frames = padded.flatten(2)[:, :, pix.flatten(1)]  # (B, C, n, ph*pw)
-        frames = frames.permute(0, 2, 1, 3).reshape(b, win.n, -1)[:, :, b_idx]  # (B, n, Db)
-        # mean_a + S_ab S_bb^-1 (x_b - mean_b) for every window (G = 1 broadcasts over images)
-        cond_mean = gauss.mean_a[:, None] + (frames - gauss.mean_b[:, None]) @ gauss.gain.transpose(1, 2)
-        cond_mean = cond_mean.to(x.dtype)  # (B, n, Da)
-        z = torch.randn((samples, len(a_idx)), generator=g, device=x.device, dtype=torch.float64)
-        noise = (z @ gauss.chol.transpose(1, 2)).to(x.dtype)  # (G, S, Da)
-
-        def patches(img: Tensor, k: Tensor, s: Tensor) -> Tensor:
-            sampled = noise[img, s] if noise.shape[0] > 1 else noise[0, s]
-            return (cond_mean[img, k] + sampled).view(-1, c, wh, ww)
-
-    per_image = win.n * samples
-    probs = []
-    dy, dx = torch.arange(wh, device=x.device), torch.arange(ww, device=x.device)
-    for chunk in _chunks(b * per_image, internal_batch, progress, "prediction_difference"):
-        j = torch.arange(chunk.start, chunk.stop, device=x.device)
-        img, k, s = j // per_image, (j % per_image) // samples, j % samples
-        top, left = win.top_left(k)
-        n = len(j)
-        with torch.inference_mode():
-            canvas = x[img].clone()
-            values = patches(img, k, s).to(x.dtype)  # (n, C, wh, ww)
-            row, col = (top[:, None] + dy)[:, :, None], (left[:, None] + dx)[:, None, :]  # (n, wh, 1), (n, 1, ww)
-            canvas[torch.arange(n, device=x.device)[:, None, None], :, row, col] = values.permute(0, 2, 3, 1)
-            probs.append(model(canvas).double().softmax(1).gather(1, t[img, None]).squeeze(1))
-    without = torch.cat(probs).view(b, win.n, samples).mean(-1)
+        patches = conditional_patches(x, win, samples, reference, g, padding)
+    without = _resampled_probability(model, x, t, win, samples, patches, internal_batch, progress)
     full = logits.double().softmax(1).gather(1, t[:, None])
+    classes = logits.shape[1]
     evidence = _log2_odds(_laplace(full, laplace, classes)) - _log2_odds(_laplace(without, laplace, classes))
     return win.average(evidence).to(x.dtype)
 
@@ -607,12 +564,12 @@ def prediction_difference(
 
 def rise_grids(masks: int, cells: int, p: float, size: tuple[int, int], seed: int | None, device: torch.device):
     """RISE's random low-resolution binary grids (N, cells, cells) and shifts (N, 2) (seeded)."""
-    g = generator(seed, device)
-    grids = (torch.rand((masks, cells, cells), generator=g, device=device) < p).float()
+    g = seeded_rng(seed)
+    grids = (torch.rand((masks, cells, cells), generator=g) < p).float()
     cell = (math.ceil(size[0] / cells), math.ceil(size[1] / cells))
-    shift_y = torch.randint(0, cell[0], (masks,), generator=g, device=device)
-    shift_x = torch.randint(0, cell[1], (masks,), generator=g, device=device)
-    return grids, torch.stack([shift_y, shift_x], 1)
+    shift_y = torch.randint(0, cell[0], (masks,), generator=g)
+    shift_x = torch.randint(0, cell[1], (masks,), generator=g)
+    return grids.to(device), torch.stack([shift_y, shift_x], 1).to(device)
 
 
 def rise_masks(grids: Tensor, shifts: Tensor, size: tuple[int, int]) -> Tensor:
@@ -633,7 +590,10 @@ def _rise_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, i
     return (params["masks"] + 1, 0)
 
 
-@register("rise", category="perturbation", cost=_rise_cost)
+@register("rise", category="perturbation", cost=_rise_cost, checks={
+    "masks": C.positive_int, "cells": C.positive_int, "p": C.number(0.0, 1.0, low_open=True),
+    "score": C.one_of(*SCORE_CHOICES),
+})
 def rise(
     model: nn.Module,
     images: Tensor,
@@ -654,20 +614,16 @@ def rise(
     `p`, are bilinearly upsampled to (cells + 1) x cell size and cropped at a
     random shift (seeded by `seed`); the masked image is
     baseline + M * (image - baseline) (baseline 0.0 = the normalisation mean:
-    image * M as in the paper; also "zeros", "mean", "blur" or a tensor).
+    image * M as in the paper; also "zeros", "mean", "blur", "uniform" or a tensor).
     saliency = sum_i score_i * M_i / (masks * p), score = the target's
     softmax "probability" (default, the paper's) or "logit". Every image of
     the batch sees the same masks (batched == per image); masks are built
     chunk by chunk and images x masks run together, at most
     `internal_batch` inputs per forward pass.
     """
-    _positive_int("masks", masks)
-    _positive_int("cells", cells)
-    _number("p", p, 0.0, 1.0, low_open=True)
-    _choice("score", score, SCORE_CHOICES)
     b, _, h, w = images.shape
     x = images.detach()
-    ref = reference(x, baseline)
+    ref = resolve_baseline(x, baseline)
     logits = forward_logits(model, x, internal_batch)
     t = targets(logits, target, b, x.device)
 

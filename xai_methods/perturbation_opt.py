@@ -33,17 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._core import batched, forward_logits, hooks, progress_bar, resolve_layer, targets, upsample_to
-from ._registry import register
-from .perturbation import (
-    _choice,
-    _number,
-    _positive_int,
-    blur_sigma,
+from . import _checks as C
+from ._core import (
+    batched,
+    forward_logits,
     gaussian_blur,
-    generator,
-    target_score,
+    grad_rows,
+    hooks,
+    progress_bar,
+    resolve_baseline,
+    resolve_layer,
+    seeded_rng,
+    targets,
+    upsample_to,
 )
+from ._registry import register
+from .perturbation import target_score
 
 
 # --------------------------------------------------------------------------- shared optimiser
@@ -73,15 +78,17 @@ def optimise(
     """Minimise ``objective(params[i], i, step)`` (a loss per row, rows independent) over the rows
     of `params`, clamping to [0, 1] after each step.
 
-    method "adam" (beta 0.9, 0.999, eps 1e-8) or "sgd" (momentum 0.9 with dampening 0.9, as
-    TorchRay). Gradients are taken `chunk` rows at a time. A row whose loss range over the last
-    `patience` + 1 steps is below `tol` times its current |loss| is frozen (tol=0 never stops).
+    method "adam" (``torch.optim.Adam``) or "sgd" (``torch.optim.SGD``, momentum 0.9 with
+    dampening 0.9, as TorchRay). Gradients are taken `chunk` rows at a time. A row whose loss
+    range over the last `patience` + 1 steps is below `tol` times its current |loss| is frozen
+    (tol=0 never stops): it gets no gradient and keeps its value.
     """
     # Normal tensors even when the caller is in inference mode (the state is updated in place).
     with torch.inference_mode(False):
         p = params.detach().clone()
         n = p.shape[0]
-        first, second = torch.zeros_like(p), torch.zeros_like(p)
+        opt = (torch.optim.Adam([p], lr=lr) if method == "adam"
+               else torch.optim.SGD([p], lr=lr, momentum=0.9, dampening=0.9))
         active = torch.ones(n, dtype=torch.bool, device=p.device)
         converged = torch.zeros_like(active)
         steps_run = torch.zeros(n, dtype=torch.long, device=p.device)
@@ -91,26 +98,13 @@ def optimise(
             idx = active.nonzero()[:, 0]
             if idx.numel() == 0:
                 break
-            grad = torch.zeros_like(p)
-            with torch.enable_grad():
-                for part in batched(idx.numel(), chunk):
-                    i = idx[part]
-                    leaf = p[i].detach().requires_grad_(True)
-                    loss = objective(leaf, i, step)
-                    (g,) = torch.autograd.grad(loss.sum(), leaf)
-                    grad[i] = g
-                    last[i] = loss.detach().to(p.dtype)
-            g = grad[idx]
-            if method == "adam":
-                first[idx] = 0.9 * first[idx] + 0.1 * g
-                second[idx] = 0.999 * second[idx] + 0.001 * g * g
-                m_hat = first[idx] / (1 - 0.9 ** (step + 1))
-                v_hat = second[idx] / (1 - 0.999 ** (step + 1))
-                p[idx] = p[idx] - lr * m_hat / (v_hat.sqrt() + 1e-8)
-            else:  # SGD, momentum 0.9, dampening 0.9 (torch.optim.SGD's first step takes the plain gradient)
-                first[idx] = g if step == 0 else 0.9 * first[idx] + 0.1 * g
-                p[idx] = p[idx] - lr * first[idx]
-            p[idx] = p[idx].clamp(0.0, 1.0)
+            p.grad, (loss,) = grad_rows(lambda leaf, i: (objective(leaf, i, step),), p, idx, chunk)
+            last[idx] = loss.to(p.dtype)
+            frozen = p[~active].clone()
+            with torch.no_grad():
+                opt.step()  # frozen rows have zero gradient but momentum: they are put back below
+                p[~active] = frozen
+                p.clamp_(0.0, 1.0)
             steps_run[idx] += 1
             history.append(last.clone())
             if tol > 0 and len(history) == history.maxlen:
@@ -122,12 +116,10 @@ def optimise(
     return p, OptimisationReport(loss=last, steps=steps_run, converged=converged)
 
 
-def _check_common(steps: Any, lr: Any, tol: Any, patience: Any, report: Any) -> None:
-    _number("lr", lr, 0.0, low_open=True)
-    _number("tol", tol, 0.0)
-    _positive_int("patience", patience)
-    if report is not None and not callable(report):
-        raise TypeError(f"report must be None or a callable taking a dict, got {type(report).__name__}")
+#: the parameters both methods share
+OPTIMISER_CHECKS: dict[str, C.Check] = {
+    "lr": C.number(0.0, low_open=True), "tol": C.number(0.0), "patience": C.positive_int,
+}
 
 
 def _prepare(model: nn.Module, images: Tensor, target: Any, internal_batch: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,15 +143,14 @@ def total_variation(m: Tensor, beta: float) -> Tensor:
     return (dy.mean(1) if dy.shape[1] else zero) + (dx.mean(1) if dx.shape[1] else zero)
 
 
-def _upsample(m: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
 def _meaningful_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
     return (params["steps"] + 2, params["steps"])
 
 
-@register("meaningful_perturbation", category="perturbation", cost=_meaningful_cost)
+@register("meaningful_perturbation", category="perturbation", cost=_meaningful_cost, checks={
+    **OPTIMISER_CHECKS, "mask_size": C.optional(C.positive_int), "perturbation": C.one_of("blur", "constant", "noise"),
+    "lambda_l1": C.number(0.0), "lambda_tv": C.number(0.0), "tv_beta": C.number(1.0), "jitter": C.int_at_least(0),
+})
 def meaningful_perturbation(
     model: nn.Module,
     images: Tensor,
@@ -204,29 +195,19 @@ def meaningful_perturbation(
     probability with the final mask), "original" (target probability of the
     image)}, each a (B,) tensor.
     """
-    _positive_int("steps", steps)
-    _check_common(steps, lr, tol, patience, report)
-    _choice("perturbation", perturbation, ("blur", "constant", "noise"))
-    _number("lambda_l1", lambda_l1, 0.0)
-    _number("lambda_tv", lambda_tv, 0.0)
-    _number("tv_beta", tv_beta, 1.0)
-    if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
-        raise ValueError(f"jitter must be an int >= 0 (pixels), got {jitter!r}")
     b, c, h, w = images.shape
-    size = max(2, min(h, w) // 8) if mask_size is None else _positive_int("mask_size", mask_size)
+    size = max(2, min(h, w) // 8) if mask_size is None else mask_size
     x, t, logits = _prepare(model, images, target, internal_batch)
-    g = generator(seed, x.device)
+    g = seeded_rng(seed)
     with torch.inference_mode(False):
-        if perturbation == "blur":
-            x0 = gaussian_blur(x, blur_sigma((h, w)))
-        elif perturbation == "constant":
-            x0 = torch.zeros_like(x)
-        else:
-            x0 = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-        shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=g, device=x.device).tolist()
+        if perturbation == "noise":
+            x0 = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        else:  # the shared baselines: "blur" is the project's one blur, "constant" the normalisation mean
+            x0 = resolve_baseline(x, 0.0 if perturbation == "constant" else perturbation).expand_as(x)
+        shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=g).tolist()
 
     def perturbed(m: Tensor, i: Tensor) -> Tensor:
-        up = _upsample(m, (h, w))[:, None]
+        up = upsample_to(m, (h, w))[:, None]
         return x[i] * up + x0[i] * (1 - up)
 
     def objective(m: Tensor, i: Tensor, step: int) -> Tensor:
@@ -254,7 +235,7 @@ def meaningful_perturbation(
             "score": final,
             "original": target_score(logits, t, "probability"),
         })
-    return 1 - _upsample(masks, (h, w))
+    return 1 - upsample_to(masks, (h, w))
 
 
 # --------------------------------------------------------------------------- extremal perturbation
@@ -382,10 +363,7 @@ def area_loss(masks: Tensor, reference: Tensor) -> Tensor:
 
 
 def _areas(area: Any) -> list[float]:
-    values = list(area) if isinstance(area, (list, tuple)) else [area]
-    if not values:
-        raise ValueError("area must be a float in (0, 1) or a non-empty list of them")
-    return [_number("area", a, 0.0, 1.0, low_open=True) for a in values]
+    return [float(a) for a in (area if isinstance(area, (list, tuple)) else [area])]
 
 
 def _extremal_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int]:
@@ -393,7 +371,76 @@ def _extremal_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[in
     return (params["steps"] * inputs + 1, params["steps"] * inputs)
 
 
-@register("extremal_perturbation", category="perturbation", cost=_extremal_cost)
+class SpatialMasks:
+    """Extremal masks over pixels: a `SmoothMask` indexes a blur pyramid of the image."""
+
+    def __init__(self, x: Tensor, step: int, sigma: float, levels: int, max_blur: float) -> None:
+        h, w = x.shape[-2:]
+        with torch.inference_mode(False):
+            self.generate = SmoothMask((h, w), step, sigma, x.device, x.dtype)
+            self.pyramid = blur_pyramid(x, levels, max_blur)  # (B, L, C, H, W)
+        self.size, self.shape = (h, w), self.generate.grid
+        self.constrained = (h + 2 * self.generate.margin) * (w + 2 * self.generate.margin)
+
+    def ones(self, area: float) -> int:
+        return round(area * self.size[0] * self.size[1])  # a mask zero on the margin covers the fraction `area`
+
+    def masks(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """(the full mask the area constraint sees, the mask applied)."""
+        full = self.generate.full(params)
+        return full, self.generate.crop(full)
+
+    def inputs(self, kept: Tensor, img: Tensor) -> Tensor:
+        return apply_pyramid(self.pyramid[img], kept)
+
+    def scope(self) -> Any:
+        return hooks()
+
+    def result(self, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return masks.sum(1), {}
+
+
+class ChannelMasks:
+    """Extremal masks over the channels of a layer: the layer's output is multiplied by the mask."""
+
+    def __init__(self, x: Tensor, module: nn.Module, activations: Tensor, name: str) -> None:
+        if activations.dim() != 4:
+            raise ValueError(
+                f"channels={name!r}: the layer outputs shape {tuple(activations.shape)}; the channel "
+                "variant needs a convolutional feature map (B, K, h, w)"
+            )
+        self.x, self.module, self.activations = x, module, activations
+        self.shape = (activations.shape[1],)
+        self.constrained = activations.shape[1]
+        self.keep: list[Tensor] = []  # the mask the layer's hook applies in the next forward pass
+
+    def ones(self, area: float) -> int:
+        return round(area * self.constrained)
+
+    def masks(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        return params, params
+
+    def inputs(self, kept: Tensor, img: Tensor) -> Tensor:
+        self.keep[:] = [kept]
+        return self.x[img]
+
+    def scope(self) -> Any:
+        def scale(mod: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+            return out * self.keep[0][:, :, None, None].to(out.dtype)
+
+        return hooks(self.module.register_forward_hook(scale))
+
+    def result(self, masks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        evidence = (masks.sum(1)[:, :, None, None] * self.activations).sum(1)
+        return upsample_to(evidence, tuple(self.x.shape[-2:])), {"channels": masks}
+
+
+@register("extremal_perturbation", category="perturbation", cost=_extremal_cost, checks={
+    **OPTIMISER_CHECKS, "area": C.numbers_in(0.0, 1.0, low_open=True),
+    "variant": C.one_of("preservation", "deletion", "dual"), "mask_step": C.optional(C.positive_int),
+    "mask_sigma": C.optional(C.number(0.0, low_open=True)), "levels": C.int_at_least(2),
+    "max_blur": C.optional(C.number(0.0, low_open=True)), "jitter": C.boolean, "channels": C.layer,
+})
 def extremal_perturbation(
     model: nn.Module,
     images: Tensor,
@@ -445,67 +492,57 @@ def extremal_perturbation(
     image, upsampled bilinearly to (H, W). `report` also gets "channels", the
     masks (B, number of areas, K).
     """
-    areas = _areas(area)
-    _choice("variant", variant, ("preservation", "deletion", "dual"))
-    _positive_int("steps", steps)
-    _check_common(steps, lr, tol, patience, report)
-    _positive_int("levels", levels)
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    if not isinstance(jitter, bool):
-        raise TypeError(f"jitter must be True or False, got {jitter!r}")
-    if channels is not None and not isinstance(channels, str):
-        raise TypeError(f"channels must be None or the dotted name of a layer, got {channels!r}")
-    b, c, h, w = images.shape
-    scale = min(h, w) / 224.0
-    step = max(1, round(7 * scale)) if mask_step is None else _positive_int("mask_step", mask_step)
-    sigma = 3.0 * step if mask_sigma is None else _number("mask_sigma", mask_sigma, 0.0, low_open=True)
-    blur = 20.0 * scale if max_blur is None else _number("max_blur", max_blur, 0.0, low_open=True)
-    module = None if channels is None else _channel_layer(model, channels)
+    h, w = images.shape[-2:]
+    module = None if channels is None else resolve_layer(model, channels)
     seen: list[Tensor] = []  # channel variant: the layer's activations on the images
     with hooks() as handles:
         if module is not None:
             handles.append(module.register_forward_hook(lambda mod, inputs, out: seen.append(out.detach())))
         x, t, _ = _prepare(model, images, target, internal_batch)
-    n_areas = len(areas)
-    keep: list[Tensor] = []  # channel variant: the mask the layer's hook applies in the next forward pass
     if module is None:
-        with torch.inference_mode(False):
-            generate = SmoothMask((h, w), step, sigma, x.device, x.dtype)
-            pyramid = blur_pyramid(x, levels, blur)  # (B, L, C, H, W)
-        pixels = (h + 2 * generate.margin) * (w + 2 * generate.margin)
-        ones = [round(a * h * w) for a in areas]  # a mask zero on the margin covers the fraction a of the image
-        shape = generate.grid
+        scale = min(h, w) / 224.0
+        step = max(1, round(7 * scale)) if mask_step is None else mask_step
+        sigma = 3.0 * step if mask_sigma is None else float(mask_sigma)
+        blur = 20.0 * scale if max_blur is None else float(max_blur)
+        problem: SpatialMasks | ChannelMasks = SpatialMasks(x, step, sigma, levels, blur)
     else:
         with torch.inference_mode(False):
-            activations = torch.cat(seen).clone()  # (B, K, h, w)
-        if activations.dim() != 4:
-            raise ValueError(
-                f"channels={channels!r}: the layer outputs shape {tuple(activations.shape)}; the channel "
-                "variant needs a convolutional feature map (B, K, h, w)"
-            )
-        pixels = activations.shape[1]
-        ones = [round(a * pixels) for a in areas]
-        shape = (pixels,)
+            problem = ChannelMasks(x, module, torch.cat(seen).clone(), str(channels))
+    masks, info, rewards = _extremal_masks(
+        model, problem, x, t, _areas(area), variant=variant, steps=steps, lr=lr, jitter=jitter, tol=tol,
+        patience=patience, internal_batch=internal_batch, progress=progress, want_rewards=report is not None,
+    )
+    out, extra = problem.result(masks)
+    if report is not None:
+        b, n_areas = masks.shape[:2]
+        report({
+            **{k: v.view(b, n_areas) for k, v in info._asdict().items()},
+            "area": (masks > 0.5).flatten(2).float().mean(2),
+            "reward": rewards.view(b, n_areas),
+            **extra,
+        })
+    return out
+
+
+def _extremal_masks(
+    model: nn.Module, problem: SpatialMasks | ChannelMasks, x: Tensor, t: Tensor, areas: list[float], *,
+    variant: str, steps: int, lr: float, jitter: bool, tol: float, patience: int, internal_batch: int,
+    progress: bool, want_rewards: bool,
+) -> tuple[Tensor, OptimisationReport, Tensor | None]:
+    """The optimisation of extremal perturbation: masks (B, areas, *mask shape), the report and,
+    when asked, the final rewards (B * areas,)."""
+    b, n_areas = x.shape[0], len(areas)
     with torch.inference_mode(False):
         # Sorted target of the full mask, `ones` ones per area.
-        ranks = torch.arange(pixels, device=x.device)
-        reference_area = (ranks >= pixels - torch.tensor(ones, device=x.device)[:, None]).to(x.dtype)  # (A, pixels)
+        ranks = torch.arange(problem.constrained, device=x.device)
+        ones = torch.tensor([problem.ones(a) for a in areas], device=x.device)
+        reference_area = (ranks >= problem.constrained - ones[:, None]).to(x.dtype)  # (A, constrained)
     growth = 1.0035 ** (800 / steps)
-
-    def scale_channels(mod: nn.Module, inputs: Any, out: Tensor) -> Tensor:
-        return out * keep[0][:, :, None, None].to(out.dtype)
 
     def reward(mask: Tensor, img: Tensor, flip: bool) -> Tensor:
         def logit(kept: Tensor) -> Tensor:
-            if module is None:
-                inputs = apply_pyramid(pyramid[img], kept)
-            else:
-                keep[:] = [kept]
-                inputs = x[img]
-            if flip:
-                inputs = inputs.flip(3)
-            return target_score(model(inputs), t[img], "logit")
+            inputs = problem.inputs(kept, img)
+            return target_score(model(inputs.flip(3) if flip else inputs), t[img], "logit")
 
         if variant == "preservation":
             return logit(mask)
@@ -513,55 +550,26 @@ def extremal_perturbation(
             return -logit(1 - mask)
         return logit(mask) - logit(1 - mask)
 
-    def masks_of(params: Tensor) -> tuple[Tensor, Tensor]:
-        """(full mask the area constraint sees, mask applied)."""
-        if module is not None:
-            return params, params
-        full = generate.full(params)
-        return full, generate.crop(full)
-
     def objective(params: Tensor, i: Tensor, step_: int) -> Tensor:
         img, which = i // n_areas, i % n_areas
-        full, mask = masks_of(params)
+        full, mask = problem.masks(params)
         regul = area_loss(full.flatten(1), reference_area[which])
-        flip = jitter and step_ % 2 == 0
-        return -reward(mask, img, flip) + 300.0 * growth**step_ * regul
+        return -reward(mask, img, jitter and step_ % 2 == 0) + 300.0 * growth**step_ * regul
 
     # Start from the unperturbed image: all kept (preservation, dual, as TorchRay) or nothing deleted
     # (deletion: from TorchRay's all-deleted start, blurred detail has no gradient to come back by).
     initial = 0.0 if variant == "deletion" else 1.0
-    start = torch.full((b * n_areas, *shape), initial, dtype=x.dtype, device=x.device)
-    inputs_per_mask = 2 if variant == "dual" else 1
-    per_pass = max(1, internal_batch // inputs_per_mask)
-    with hooks() as handles:
-        if module is not None:
-            handles.append(module.register_forward_hook(scale_channels))
+    start = torch.full((b * n_areas, *problem.shape), initial, dtype=x.dtype, device=x.device)
+    per_pass = max(1, internal_batch // (2 if variant == "dual" else 1))
+    rewards = None
+    with problem.scope():
         params, info = optimise(
             start, objective, steps=steps, lr=lr, method="sgd", tol=tol, patience=patience,
             chunk=per_pass, progress=progress, desc="extremal_perturbation",
         )
         with torch.inference_mode():
-            masks = torch.cat([masks_of(params[part])[1] for part in batched(len(params), internal_batch)])
-            masks = masks.view(b, n_areas, *masks.shape[1:])
-            if report is not None:
-                flat = masks.flatten(0, 1)
+            masks = torch.cat([problem.masks(params[part])[1] for part in batched(len(params), internal_batch)])
+            if want_rewards:
                 img = torch.arange(b, device=x.device).repeat_interleave(n_areas)
-                rewards = torch.cat([reward(flat[part], img[part], False) for part in batched(len(flat), per_pass)])
-    if report is not None:
-        report({
-            **{k: v.view(b, n_areas) for k, v in info._asdict().items()},
-            "area": (masks > 0.5).flatten(2).float().mean(2),
-            "reward": rewards.view(b, n_areas),
-            **({} if module is None else {"channels": masks}),
-        })
-    if module is None:
-        return masks.sum(1)
-    evidence = (masks.sum(1)[:, :, None, None] * activations).sum(1)
-    return upsample_to(evidence, (h, w))
-
-
-def _channel_layer(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return resolve_layer(model, name)
-    except ValueError as err:
-        raise ValueError(f"channels: {err}") from None
+                rewards = torch.cat([reward(masks[part], img[part], False) for part in batched(len(masks), per_pass)])
+    return masks.view(b, n_areas, *masks.shape[1:]), info, rewards
