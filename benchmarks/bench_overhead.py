@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             times.append((time.perf_counter() - start) / args.batch)
         own = min(times)
         shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
-        print(f"| {name} | {shown} | {passes} | {own * 1000:.0f} | {own / passes * 1000:.2f} |")
+        print(f"| {name} | {shown} | {passes} | {own * 1000:.0f} | {own / passes * 1000:.3g} |")
 
 
 if __name__ == "__main__":

@@ -73,10 +73,10 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run(cli, check=True, capture_output=True, env=env)
     t_resume_cli = time.perf_counter() - t0
-    per_map = {"float32": storage.status(store)["bytes_per_map"]}
+    per_map = {"float32": storage.Store(store).status()["bytes_per_map"]}
     half = os.path.join(work, "half.zarr")
     study(store=half, **dict(kw, samples=args.block_size * 2, methods=methods[:3], params=None), dtype="float16")
-    per_map["float16"] = storage.status(half)["bytes_per_map"]
+    per_map["float16"] = storage.Store(half).status()["bytes_per_map"]
     n_tasks = summary["blocks"] * (1 + len(methods))
     lines = [
         f"\n## Pipeline overhead ({args.samples} built-in samples x {len(methods)} methods)\n",

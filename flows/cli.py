@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,11 +27,27 @@ the blocks not yet done are computed. Open the result in Python with
 """
 
 
+STUDY_EXAMPLES = """\
+examples:
+  saliency-atlas study --methods saliency,gradcam --samples 128 --store runs/a.zarr
+  saliency-atlas study ... --samples 512              # the same store grows: only the new samples run
+  saliency-atlas study ... --param occlusion.window=8 --param occlusion.stride=4
+  saliency-atlas study ... --workers 2                # a local Dask cluster of two processes
+
+A killed study resumes with the same command; a store of another model, data or parameters
+is refused, naming what differs, and left untouched.
+"""
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _samples(text: str) -> int | None:
@@ -55,6 +72,53 @@ def _param(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
+STUDY_GROUPS = {
+    "layout": "layout of a new store (an existing store keeps its own)",
+    "where": "where block tasks run (default: one at a time in this process)",
+}
+ARG_TYPES = {"names": _names, "samples": _samples, "ints": _int_list, "param": _param}
+OPTION_FLAGS = {"methods": "--methods", "samples": "--samples", "block_size": "--block-size", "device": "--device",
+                "contrast": "--contrast", "workers": "--workers", "layer": "--layer"}
+
+
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of `tasks.StudySpec`, with its help text and default (the flow's form reads the same)."""
+    from tasks import OPTIONS
+
+    groups = {key: parser.add_argument_group(title) for key, title in STUDY_GROUPS.items()}
+    where = groups["where"].add_mutually_exclusive_group()
+    for name, f in OPTIONS.items():
+        cli = dict(f.metadata["cli"])
+        group = cli.pop("group", None)
+        target = where if group == "where" else groups[group] if group else parser
+        flag = cli.pop("flag", "--" + name.replace("_", "-"))
+        kind = cli.pop("type", None)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):  # a switch that turns the default off
+            target.add_argument(flag, dest=name, action="store_false", help=cli.pop("switch", f.metadata["help"]))
+        elif kind == "param":
+            target.add_argument(flag, dest=name, type=_param, action="append", default=[],
+                                metavar="METHOD.NAME=VALUE", help=f"a method parameter, e.g. occlusion.window=8 "
+                                                                  "(repeatable)")
+        else:
+            type_ = ARG_TYPES.get(kind) or (int if f.type in ("int", "int | None") else str)
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            target.add_argument(flag, dest=name, type=type_, default=default, help=f"{f.metadata['help']} "
+                                f"(default: {shown})", **cli)
+
+
+def study_spec(args: argparse.Namespace) -> Any:
+    """The `StudySpec` of parsed `study` arguments (--param pairs folded into per-method dicts)."""
+    from tasks import OPTIONS, StudySpec
+
+    values = {name: getattr(args, name) for name in OPTIONS}
+    params: dict[str, dict[str, Any]] = {}
+    for method, name, value in values["params"]:
+        params.setdefault(method, {})[name] = value
+    figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
+    return StudySpec(**{**values, "params": params, "figure": None if figure.lower() == "none" else figure})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="saliency-atlas",
@@ -67,34 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the attribution methods, their category and cost")
 
     s = sub.add_parser("study", help="explain a model over a dataset into a resumable Zarr store",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--dataset", default="shapes", help="built-in name (shapes) or a folder of class sub-folders of images")
-    s.add_argument("--model", default="shapes-cnn", help="built-in name (shapes-cnn) or a torchvision architecture name with --weights")
-    s.add_argument("--weights", default=None, help="local state-dict file (loaded with weights_only=True; nothing is downloaded)")
-    s.add_argument("--methods", default="saliency,gradcam,occlusion", help="comma-separated method names (see `saliency-atlas methods`)")
-    s.add_argument("--samples", type=_samples, default=256, help="how many samples of the dataset, or 'all'")
-    s.add_argument("--store", default="runs/shapes.zarr", help="Zarr store path; an existing store of the same study is resumed")
-    s.add_argument("--layer", default=None, help="layer for layer methods (dotted module name); default: the last spatial layer")
-    s.add_argument("--block-size", type=int, default=64, help="samples per block (the unit of work and of Zarr chunks)")
-    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
-    layout = s.add_argument_group("layout of a new store (an existing store keeps its own)")
-    layout.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="precision of stored maps")
-    layout.add_argument("--compression", choices=("zstd", "blosc", "none"), default="zstd", help="codec of maps, images, masks")
-    layout.add_argument("--chunk-samples", type=int, default=None, metavar="N",
-                        help="samples per chunk; below --block-size each block becomes one shard of such chunks")
-    layout.add_argument("--no-images", dest="keep_images", action="store_false",
-                        help="store sample ids only, not the model inputs (inputs are remade from the dataset)")
-    where = s.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=None,
-                       help="run block tasks on a local Dask cluster of N processes (default: one at a time here)")
-    where.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
-                       help="run block tasks on an existing Dask cluster (its workers need this package installed)")
-    s.add_argument("--contrast", default="runner-up", metavar="runner-up|CLASS",
-                   help="contrastive methods explain 'why the prediction, not CLASS?': the runner-up class of each "
-                        "sample, or a class name (samples predicted as CLASS fall back to their runner-up)")
-    s.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="a method parameter, e.g. occlusion.window=8 (repeatable)")
-    s.add_argument("--figure", default=None, help="figure path (default: the store path with .png); 'none' for no figure")
+                       description="Explain a model over a dataset with several attribution methods, block by "
+                                   "block, into one resumable Zarr store. The same options are the parameters "
+                                   "of the `study` flow in the Prefect UI.",
+                       epilog=STUDY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_options(s)
 
     st = sub.add_parser("status", help="blocks done per method, and the store's identity")
     st.add_argument("store")
@@ -128,39 +169,24 @@ def cmd_methods() -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    import storage
-    from flows.study import study, task_runner
-    from tasks import StudySpec, finished, freeze_params, plan, resolve_device
+    import dataclasses as dc
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params: dict[str, dict[str, Any]] = {}
-    for method, name, value in args.param:
-        params.setdefault(method, {})[name] = value
-    figure = args.figure or os.path.splitext(args.store.rstrip("/"))[0] + ".png"
+    from flows.study import study, task_runner
+    from tasks import finished, plan
+
+    spec = study_spec(args)
     # Validate everything before the flow starts, so a bad argument is one clear line.
-    resolve_device(args.device)
-    task_runner(args.workers, args.dask_address, args.device)
-    spec = StudySpec(dataset=args.dataset, model=args.model, methods=tuple(methods), samples=args.samples,
-                     store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
-                     device=args.device, params=freeze_params(params), dtype=args.dtype,
-                     compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images,
-                     contrast=args.contrast)
+    task_runner(spec.workers, spec.dask_address, spec.device)
     p = plan(spec)  # raises on a bad argument or a store of another study
-    if finished(p, args.store):
+    if finished(p, spec.store):
         # Nothing to compute: skip Prefect (and its temporary server) altogether.
-        print(f"store:   {args.store} is complete: every block of {', '.join(methods)} is done")
-        if figure.lower() != "none":
+        print(f"store:   {spec.store} is complete: every block of {', '.join(spec.methods)} is done")
+        if spec.figure:
             from tasks import render
 
-            print(f"figure:  {render(args.store, figure)}")
+            print(f"figure:  {render(spec.store, spec.figure, spec.figure_samples)}")
         return
-    summary = study(dataset=args.dataset, model=args.model, methods=methods, samples=args.samples,
-                    store=args.store, weights=args.weights, layer=args.layer, block_size=args.block_size,
-                    device=args.device, params=params or None,
-                    figure=None if figure.lower() == "none" else figure,
-                    workers=args.workers, dask_address=args.dask_address, dtype=args.dtype,
-                    compression=args.compression, chunk_samples=args.chunk_samples, keep_images=args.keep_images,
-                    contrast=args.contrast)
+    summary = study(**dc.asdict(spec))
     print(f"store:   {summary['store']}")
     if "figure" in summary:
         print(f"figure:  {summary['figure']}")
@@ -174,7 +200,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_status(store: str) -> None:
     import storage
 
-    st = storage.status(store)
+    st = storage.Store(store, mode="r").status()
     print(f"store    {st['path']}")
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
     print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
@@ -193,7 +219,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     import storage
 
     if not storage.exists(args.store):
-        raise FileNotFoundError(f"no study store at {args.store!r}: run `saliency-atlas study --store {args.store}` first")
+        raise FileNotFoundError(f"no study store at {args.store!r}")
     out = args.out or storage.default_out(args.store)
     agg = storage.aggregate(args.store, out, by=args.by)
     print(f"aggregate: {out}  ({int(agg.map_count_all.sum())} maps of {agg.attrs['samples']} samples x "
@@ -205,10 +231,34 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
             print(f"plot:      {path}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# What a user can do about each way a run differs from its store (storage names the difference).
+MISMATCH_ADVICE = {
+    "contrast": "use --contrast {stored}",
+    "samples": "use --samples {stored} or more (a run may add samples after the stored ones, not drop them)",
+    "block_size": "use --block-size {stored}",
+    "schema_version": "an older store is read by xarray but not extended; start a new --store",
+    "params": "use the store's parameters (see `saliency-atlas status`)",
+}
+
+
+def error_line(e: Exception, args: argparse.Namespace) -> str:
+    """One line for the user: the problem, and what would be valid or what to do."""
     import storage
 
+    if isinstance(e, storage.StoreMismatch):
+        advice = [MISMATCH_ADVICE[d.what].format(stored=d.stored) for d in e.differences if d.what in MISMATCH_ADVICE]
+        return f"{e} " + "; ".join([*advice, "or use a new --store path"]) + "."
+    if isinstance(e, FileNotFoundError) and "no study store" in str(e) and getattr(args, "command", "") != "study":
+        return f"{e}: make one with `saliency-atlas study --store {args.store}`"
+    message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    first = message.split(" ", 1)[0]
+    if getattr(args, "command", "") == "study" and first in OPTION_FLAGS:  # the option as this command spells it
+        message = OPTION_FLAGS[first] + message[len(first):]
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "methods":
             cmd_methods()
@@ -223,11 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(args.store, args.out, args.samples, methods))
         elif args.command == "aggregate":
             cmd_aggregate(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, storage.StoreMismatch) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         if os.environ.get("SALIENCY_ATLAS_DEBUG"):
             raise  # the full traceback, for bug reports
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"saliency-atlas: error: {message}", file=sys.stderr)
+        print(f"saliency-atlas: error: {error_line(e, args)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,37 +1,32 @@
 """Saliency Atlas study store: a chunked Zarr v3 group read through xarray.
 
 >>> import storage
->>> ds = storage.open_dataset("runs/shapes.zarr")
+>>> ds = storage.open_dataset("runs/shapes.zarr")            # lazy xarray, for reading
 >>> ds.attribution.sel(xai_method="gradcam").isel(sample=0).plot()
+>>> store = storage.Store("runs/shapes.zarr")                # the handle tasks write through
+>>> store.pending("gradcam"), store.status()
 """
 from .aggregate import aggregate, default_out, select, summarize
 from .store import (
     COMPRESSIONS,
+    SCHEMA,
     SCHEMA_VERSION,
+    Difference,
+    Store,
+    StoreLayoutError,
     StoreMismatch,
     Template,
-    attrs,
+    Variable,
     block_slice,
-    check_compatible,
     create,
     exists,
-    grow,
-    has,
-    methods,
     n_blocks,
     open_dataset,
-    pending,
-    read_samples,
-    sample_ids,
-    status,
-    write_attribution,
-    write_samples,
+    schema_markdown,
 )
 
 __all__ = [
-    "COMPRESSIONS",
-    "aggregate", "default_out", "select", "summarize",
-    "SCHEMA_VERSION", "StoreMismatch", "Template", "attrs", "block_slice", "check_compatible", "create",
-    "exists", "grow", "has", "methods", "n_blocks", "open_dataset", "pending", "read_samples", "sample_ids", "status",
-    "write_attribution", "write_samples",
+    "COMPRESSIONS", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
+    "Template", "Variable", "aggregate", "block_slice", "create", "default_out", "exists", "n_blocks",
+    "open_dataset", "schema_markdown", "select", "summarize",
 ]

@@ -1,11 +1,13 @@
 """Prefect tasks: small idempotent units that read and write the study store."""
 from .figure import render, render_figure
 from .study import (
-    Plan,
+    OPTIONS,
+    StudyPlan,
     StudySpec,
+    accuracy,
     attribute_block,
+    check_options,
     finished,
-    freeze_params,
     ingest_block,
     load_model,
     plan,
@@ -14,6 +16,6 @@ from .study import (
 )
 
 __all__ = [
-    "Plan", "StudySpec", "attribute_block", "finished", "freeze_params", "ingest_block", "load_model", "plan",
-    "prepare_store", "render", "render_figure", "resolve_device",
+    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "check_options", "finished", "ingest_block",
+    "load_model", "plan", "prepare_store", "render", "render_figure", "resolve_device",
 ]

@@ -43,13 +43,13 @@ class Study:
         self.done = np.ones((len(METHODS), N), bool)  # per sample: its block is done for the method
         for b in range(storage.n_blocks(N, B)):
             s = storage.block_slice(b, N, B)
-            storage.write_samples(self.path, b, label=self.label[s], prediction=self.pred[s], target=self.pred[s])
+            storage.Store(self.path).write_samples(b, label=self.label[s], prediction=self.pred[s], target=self.pred[s])
             for m, name in enumerate(METHODS):
                 if b in NOT_DONE.get(name, []):
                     self.done[m, s] = False
                     if b != 4:
                         continue
-                storage.write_attribution(self.path, name, b, self.maps[m, s])
+                storage.Store(self.path).write_attribution(name, b, self.maps[m, s])
         zarr.open_group(self.path, mode="r+")["done"][1, 4] = False  # data written, flag not (a crash)
         self.score = rng.random((len(METHODS), N, len(METRICS)))
         self.score[1, 0, 0] = np.nan

@@ -38,7 +38,7 @@ def test_methods_table(capsys):
         (["study", "--block-size", "0"], "--block-size must be >= 1"),
         (["study", "--param", "occlusion.size=3"], "unknown parameter 'size'; valid parameters: window"),
         (["study", "--param", "occlusion.window=0"], "window must be a positive int"),
-        (["study", "--param", "lime.samples=3"], "not among --methods"),
+        (["study", "--param", "lime.samples=3"], "not among the methods"),
         (["study", "--device", "tpu"], "--device must be"),
         (["study", "--contrast", "hexagon"], "--contrast 'hexagon' is not a class of the model; valid: runner-up, circle"),
         (["status", "/nonexistent/store.zarr"], "no study store"),

@@ -41,7 +41,7 @@ def test_store_satisfies_the_contract(finished):
     assert ds.mask.values.any(axis=(1, 2)).all(), "every built-in sample has a ground-truth mask"
     for key in ("model_fingerprint", "dataset_fingerprint", "params", "package_version", "schema_version"):
         assert key in ds.attrs
-    assert storage.attrs(path)["params"]["occlusion"]["window"] == 16
+    assert storage.Store(path).attrs["params"]["occlusion"]["window"] == 16
     assert summary["accuracy"] >= 0.9
     assert summary["computed_blocks"] == {m: 3 for m in METHODS}
 
@@ -122,7 +122,7 @@ def test_task_runners_and_gpu_limits(monkeypatch):
     assert isinstance(task_runner(None, "tcp://127.0.0.1:8786"), DaskTaskRunner)
     with pytest.raises(ValueError, match="not both"):
         task_runner(2, "tcp://127.0.0.1:8786")
-    with pytest.raises(ValueError, match="--workers must be >= 1"):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
         task_runner(0, None)
     # Pretend to have two GPUs: a third worker would share one, so it is refused.
     import torch
@@ -154,6 +154,6 @@ def test_a_block_is_not_attributed_before_it_is_ingested(finished, tmp_path):
     shutil.copytree(path, copy)
     zarr.open_group(copy, mode="r+", use_consolidated=False)["ingested"][1] = False
     spec = tasks.StudySpec(samples=40, store=copy, block_size=16, methods=tuple(METHODS), device="cpu",
-                           params=tasks.freeze_params(FAST))
+                           params=FAST)
     with pytest.raises(RuntimeError, match="not ingested yet"):
         tasks.attribute_block.fn(spec, "saliency", 1)
