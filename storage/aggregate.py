@@ -207,11 +207,8 @@ def _moments(s: np.ndarray, q: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, n
     return mean.astype(np.float32), np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
 
 
-def summarize(ds: xr.Dataset, *, by: str = "label", class_correct: bool = True) -> xr.Dataset:
-    """The aggregate dataset of a study (or of a :func:`select`-ed subset of one), in memory.
-
-    See the module docstring for what counts; :func:`aggregate` also writes it to Zarr.
-    """
+def _study_view(ds: xr.Dataset, by: str) -> xr.Dataset:
+    """The study dataset checked, without unfinished growth slots, with an `xai_method` dimension."""
     if by not in _BY:
         raise ValueError(f"by must be one of {_BY}, got {by!r}")
     for name in ("attribution", "done", "label", "prediction"):
@@ -223,70 +220,63 @@ def summarize(ds: xr.Dataset, *, by: str = "label", class_correct: bool = True) 
     for name in ("attribution", "done", "score"):
         if name in ds and "xai_method" not in ds[name].dims:  # a single method selected by name
             ds = ds.assign({name: ds[name].expand_dims("xai_method")})
-    methods, classes = _names(ds, "xai_method"), _names(ds, "class")
-    n_classes, groups = len(classes), (len(classes) + 1) * _SLOTS
-    attribution = da.asarray(ds["attribution"].transpose("xai_method", "sample", "y", "x").data)
-    height, width = attribution.shape[2:]
+    return ds
 
-    # The small per-sample vectors, eagerly.
+
+def _groups(ds: xr.Dataset, by: str, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample its group code (class slot x correctness slot), per (method, sample) whether its
+    block is done for the method, and the done flags (method, block); read eagerly (small)."""
     label, pred, done = dask.compute(ds["label"].data, ds["prediction"].data,
                                      ds["done"].transpose("xai_method", "block").data)
-    done = np.asarray(done, bool).reshape(len(methods), -1)  # (method, block)
+    done = np.asarray(done, bool).reshape(ds.sizes["xai_method"], -1)
     label, pred = np.asarray(label, np.int64), np.asarray(pred, np.int64)
     key = label if by == "label" else pred
     key_slot = np.where((key >= 0) & (key < n_classes), key, n_classes)
     known = (label >= 0) & (pred >= 0)
     correct_slot = np.where(known, np.where(label == pred, _CORRECT, _INCORRECT), _UNKNOWN)
-    codes = key_slot * _SLOTS + correct_slot
-    ok = done[:, _block_of(ds)]  # (method, sample): the sample's block is done for the method
+    return key_slot * _SLOTS + correct_slot, done[:, _block_of(ds)], done
 
-    # One task per chunk that holds at least one done sample, then a tree of merges.
-    if attribution.numblocks[0] != len(methods) or attribution.numblocks[2:] != (1, 1):
+
+def _partials(attribution: da.Array, ok: np.ndarray, codes: np.ndarray) -> list:
+    """Per method, one delayed task per chunk that holds a done sample, merged by a tree (None: no chunk)."""
+    if attribution.numblocks[0] != attribution.shape[0] or attribution.numblocks[2:] != (1, 1):
         attribution = attribution.rechunk({0: 1, 2: -1, 3: -1})
     chunks = attribution.to_delayed()[:, :, 0, 0]
     stops = np.cumsum(attribution.chunks[1])
     starts = stops - np.asarray(attribution.chunks[1])
     per_method = []
-    for m in range(len(methods)):
-        parts = [
-            dask.delayed(_chunk_stats, pure=True)(chunks[m, j], ok[m, a:b], codes[a:b])
-            for j, (a, b) in enumerate(zip(starts, stops))
-            if ok[m, a:b].any()
-        ]
+    for m in range(attribution.shape[0]):
+        parts = [dask.delayed(_chunk_stats, pure=True)(chunks[m, j], ok[m, a:b], codes[a:b])
+                 for j, (a, b) in enumerate(zip(starts, stops)) if ok[m, a:b].any()]
         per_method.append(_tree(parts) if parts else None)
+    return per_method
 
-    score_stats: tuple = ()
-    if "score" in ds:
-        score = da.asarray(ds["score"].transpose("xai_method", "sample", "metric").data)
-        mask = da.from_array(ok[:, :, None], chunks=(score.chunks[0], score.chunks[1], 1))
-        score = da.where(mask, score.astype(np.float64), np.nan)
-        score_stats = (da.nanmean(score, axis=1), da.nanstd(score, axis=1),
-                       da.nanmedian(score, axis=1), da.isfinite(score).sum(axis=1))
-    with _quiet():
-        per_method, score_stats = dask.compute(per_method, score_stats)  # the single pass
 
-    # Dense grids (method, class slot, correctness slot, pixel) from the sparse results.
-    shape = (len(methods), n_classes + 1, _SLOTS)
+def _score_stats(ds: xr.Dataset, ok: np.ndarray) -> tuple:
+    """Lazy mean, std, median and count of `score` over the done samples, per (method, metric)."""
+    if "score" not in ds:
+        return ()
+    score = da.asarray(ds["score"].transpose("xai_method", "sample", "metric").data)
+    mask = da.from_array(ok[:, :, None], chunks=(score.chunks[0], score.chunks[1], 1))
+    score = da.where(mask, score.astype(np.float64), np.nan)
+    return (da.nanmean(score, axis=1), da.nanstd(score, axis=1), da.nanmedian(score, axis=1),
+            da.isfinite(score).sum(axis=1))
+
+
+def _map_variables(per_method: list, n_classes: int, size: tuple[int, int], class_correct: bool) -> dict:
+    """Mean, std and count variables per grouping, from the sparse per-method partial sums."""
+    height, width = size
+    shape = (len(per_method), n_classes + 1, _SLOTS)
     s, q, n = (np.zeros((*shape, height * width)) for _ in range(3))
     maps = np.zeros(shape)
     for m, res in enumerate(per_method):
-        if res is None:
-            continue
-        g = res[0]
-        for grid, values in ((s, res[1]), (q, res[2]), (n, res[3])):
-            grid[m].reshape(groups, -1)[g] = values
-        maps[m].reshape(groups)[g] = res[4]
-
-    def stats(axes: tuple[int, ...], index: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Mean, std and map count of the grid summed over ``axes`` after taking ``index``."""
-        sums = [grid[index].sum(axis=axes) for grid in (s, q, n)]
-        mean, std = _moments(*sums)
-        count = maps[index].sum(axis=axes).astype(np.int64)
-        return mean.reshape(*mean.shape[:-1], height, width), std.reshape(*std.shape[:-1], height, width), count
-
-    cls_idx, ok_idx = slice(0, n_classes), slice(_INCORRECT, _CORRECT + 1)
+        if res is not None:
+            g = res[0]
+            for grid, values in ((s, res[1]), (q, res[2]), (n, res[3])):
+                grid[m].reshape(-1, height * width)[g] = values
+            maps[m].reshape(-1)[g] = res[4]
+    cls_idx, ok_idx, full = slice(0, n_classes), slice(_INCORRECT, _CORRECT + 1), (slice(None),)
     data: dict[str, tuple] = {}
-    full = (slice(None),)
     for suffix, dims, axes, index in (
         ("", ("class",), (2,), (*full, cls_idx)),
         ("_by_correct", ("correct",), (1,), (*full, slice(None), ok_idx)),
@@ -295,30 +285,36 @@ def summarize(ds: xr.Dataset, *, by: str = "label", class_correct: bool = True) 
     ):
         if suffix == "_by_class_correct" and not class_correct:
             continue
-        mean, std, count = stats(axes, index)
-        data[f"map_mean{suffix}"] = (("xai_method", *dims, "y", "x"), mean)
-        data[f"map_std{suffix}"] = (("xai_method", *dims, "y", "x"), std)
-        data[f"map_count{suffix}"] = (("xai_method", *dims), count)
-    coords: dict[str, Any] = {
-        "xai_method": np.array(methods, dtype=object),
-        "class": np.array(classes, dtype=object),
-        "correct": np.array([False, True]),
-    }
-    for c in ("y", "x"):
-        if c in ds.coords:
-            coords[c] = ds[c].values
+        mean, std = _moments(*(grid[index].sum(axis=axes) for grid in (s, q, n)))
+        data[f"map_mean{suffix}"] = (("xai_method", *dims, "y", "x"), mean.reshape(*mean.shape[:-1], height, width))
+        data[f"map_std{suffix}"] = (("xai_method", *dims, "y", "x"), std.reshape(*std.shape[:-1], height, width))
+        data[f"map_count{suffix}"] = (("xai_method", *dims), maps[index].sum(axis=axes).astype(np.int64))
+    return data
+
+
+def summarize(ds: xr.Dataset, *, by: str = "label", class_correct: bool = True) -> xr.Dataset:
+    """The aggregate dataset of a study (or of a :func:`select`-ed subset of one), in memory.
+
+    See the module docstring for what counts; :func:`aggregate` also writes it to Zarr.
+    """
+    ds = _study_view(ds, by)
+    methods, classes = _names(ds, "xai_method"), _names(ds, "class")
+    attribution = da.asarray(ds["attribution"].transpose("xai_method", "sample", "y", "x").data)
+    codes, ok, done = _groups(ds, by, len(classes))
+    with _quiet():  # the single pass over the maps (and the scores)
+        per_method, score_stats = dask.compute(_partials(attribution, ok, codes), _score_stats(ds, ok))
+    data = _map_variables(per_method, len(classes), attribution.shape[2:], class_correct)
+    coords: dict[str, Any] = {"xai_method": np.array(methods, dtype=object), "class": np.array(classes, dtype=object),
+                              "correct": np.array([False, True])}
+    coords.update({c: ds[c].values for c in ("y", "x") if c in ds.coords})
     if score_stats:
         coords["metric"] = np.array(_names(ds, "metric"), dtype=object)
         for name, value in zip(("mean", "std", "median"), score_stats[:3]):
             data[f"score_{name}"] = (("xai_method", "metric"), np.asarray(value, np.float64))
         data["score_count"] = (("xai_method", "metric"), np.asarray(score_stats[3], np.int64))
-
     attrs = {k: ds.attrs[k] for k in _IDENTITY if k in ds.attrs}
     attrs.update(
-        saliency_atlas_aggregate=AGGREGATE_VERSION,
-        grouped_by=by,
-        ddof=0,
-        samples=int(ds.sizes["sample"]),
+        saliency_atlas_aggregate=AGGREGATE_VERSION, grouped_by=by, ddof=0, samples=int(ds.sizes["sample"]),
         done_blocks=json.dumps({mth: [int(done[i].sum()), int(done.shape[1])] for i, mth in enumerate(methods)}),
         description=(f"mean/std of attribution maps per {by} class and per correctness (prediction == label); "
                      "only samples whose block is done for the method, NaN pixels excluded; std with ddof=0"),

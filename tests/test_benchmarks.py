@@ -52,9 +52,9 @@ def test_floor_times_and_extrapolates(bench):
 
 def test_plan_shrinks_images_then_rounds_within_budget(bench):
     calib = bench.Calibration(fwd_s=0.01, fwd_big_s=0.01, bwd_s=0.02)
-    cheap = bench.Plan(calib, (1, 1), None, n_calls=2, max_chunks=4)
+    cheap = bench.BudgetPlan(calib, (1, 1), None, n_calls=2, max_chunks=4)
     assert cheap.choose(8, 5, budget_s=60, multi=False) == (8, 5)
-    costly = bench.Plan(calib, (1001, 0), 64, n_calls=2, max_chunks=4)
+    costly = bench.BudgetPlan(calib, (1001, 0), 64, n_calls=2, max_chunks=4)
     images, rounds = costly.choose(8, 5, budget_s=60, multi=True)
     assert images < 8 and costly.seconds(images, rounds) <= 60
     assert costly.choose(8, 5, budget_s=0.001, multi=True) == (1, 1)  # the cheapest measurement, never none

@@ -183,27 +183,11 @@ def cem(
     best = torch.zeros_like(x)
     best_cost = torch.full_like(lower_c, float("inf"))
     rows = torch.arange(b, device=x.device)
-    total = c_steps * steps
-    bar = progress_bar(range(total), progress, total=total, desc=f"cem_{pertinent}")
-    ticks = iter(bar)
+    ticks = iter(progress_bar(range(c_steps * steps), progress, total=c_steps * steps, desc=f"cem_{pertinent}"))
     with torch.inference_mode(False):
         for _ in range(c_steps):
-            delta = torch.zeros_like(x)
-            y = delta.clone()
-            found = torch.zeros(b, dtype=torch.bool, device=x.device)
-            for k in range(steps):
-                next(ticks, None)
-                rate = lr * (1 - k / steps) ** 0.5  # the paper's polynomial decay
-                grad, (_, margins, manifold) = grad_rows(lambda leaf, i: smooth(leaf, i, c_now), y, rows, internal_batch)
-                # y is in the box (projected); keep it if the class wins at the least cost so far
-                cost = beta * y.abs().flatten(1).sum(1) + y.pow(2).flatten(1).sum(1) + manifold
-                better = (margins > 0) & (cost < best_cost)
-                best[better], best_cost[better] = y[better], cost[better]
-                found |= margins > 0
-                step = y - rate * grad
-                new = (step - rate * beta).clamp_min(0.0).minimum(upper)  # shrinkage, then projection
-                y = (new + k / (k + 3) * (new - delta)).clamp_min(0.0).minimum(upper)
-                delta = new
+            found = _fista(lambda leaf, i, c=c_now: smooth(leaf, i, c), upper, beta=beta, lr=lr, steps=steps,
+                           chunk=internal_batch, best=best, best_cost=best_cost, tick=lambda: next(ticks, None))
             # bisection on c: success -> smaller c (sparser), failure -> larger
             upper_c = torch.where(found, torch.minimum(upper_c, c_now), upper_c)
             lower_c = torch.where(found, lower_c, torch.maximum(lower_c, c_now))
@@ -218,6 +202,35 @@ def cem(
             "class": goal, "c": upper_c.where(success, c_now),
         })
     return reduce_channels(best, reduce)
+
+
+def _fista(
+    smooth: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]], upper: Tensor, *, beta: float, lr: float,
+    steps: int, chunk: int, best: Tensor, best_cost: Tensor, tick: Callable[[], Any],
+) -> Tensor:
+    """One round of CEM's projected FISTA at a fixed c, from delta = 0 in the box [0, upper].
+
+    `smooth(delta, rows)` gives the smooth part of the loss, the goal class's margin and the
+    autoencoder term per row. Keeps in `best` / `best_cost` (updated in place) each row's
+    feasible iterate (margin > 0) of least elastic-net cost; returns which rows found one.
+    """
+    rows = torch.arange(upper.shape[0], device=upper.device)
+    delta = torch.zeros_like(upper)
+    y = delta.clone()
+    found = torch.zeros(len(rows), dtype=torch.bool, device=upper.device)
+    for k in range(steps):
+        tick()
+        rate = lr * (1 - k / steps) ** 0.5  # the paper's polynomial decay
+        grad, (_, margins, manifold) = grad_rows(smooth, y, rows, chunk)
+        # y is in the box (projected); keep it if the class wins at the least cost so far
+        cost = beta * y.abs().flatten(1).sum(1) + y.pow(2).flatten(1).sum(1) + manifold
+        better = (margins > 0) & (cost < best_cost)
+        best[better], best_cost[better] = y[better], cost[better]
+        found |= margins > 0
+        new = (y - rate * grad - rate * beta).clamp_min(0.0).minimum(upper)  # shrinkage, then projection
+        y = (new + k / (k + 3) * (new - delta)).clamp_min(0.0).minimum(upper)
+        delta = new
+    return found
 
 
 def _check_gamma(name: str, value: Any, ctx: C.Context) -> None:
@@ -384,7 +397,6 @@ def cdeepex(
         latent_dim = generative.latent_dim if latent_dim is None else latent_dim
     b = images.shape[0]
     logits = forward_logits(model, images, internal_batch)
-    rows = torch.arange(b, device=images.device)
     with torch.inference_mode(False):
         x = images.detach().clone()
         t = targets(logits, target, b, x.device).clone()
@@ -408,18 +420,8 @@ def cdeepex(
             loss = (z - z0[i]).pow(2).sum(1) + weight * violation
             return loss, out.argmax(1) == q[i]
 
-        z = z0.clone()
-        opt = torch.optim.Adam([z], lr=lr)  # z itself needs no grad: its .grad is set by hand
-        best = z0.clone()
-        best_distance = torch.full((b,), float("inf"), dtype=z.dtype, device=z.device)
-        for step in progress_bar(range(steps), progress, total=steps, desc="cdeepex"):
-            grad, (_, wins) = grad_rows(lambda leaf, i: objective(leaf, i, step), z, rows, internal_batch)
-            # the iterate just evaluated: keep it if it is the contrast class and nearer z0
-            distance = (z - z0).norm(dim=1)
-            better = wins & (distance < best_distance)
-            best[better], best_distance[better] = z[better], distance[better]
-            z.grad = grad
-            opt.step()
+        best, best_distance = _latent_search(objective, z0, steps=steps, lr=lr, chunk=internal_batch,
+                                             progress=progress)
         with torch.no_grad():
             decoded = torch.cat([generator(z0[part]) for part in batched(b, internal_batch)])
             contrast_image = torch.cat([generator(best[part]) for part in batched(b, internal_batch)])
@@ -433,6 +435,29 @@ def cdeepex(
             "reconstruction_error": (decoded - x).pow(2).flatten(1).mean(1),
         })
     return reduce_channels(decoded - contrast_image, reduce)
+
+
+def _latent_search(
+    objective: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]], z0: Tensor, *, steps: int, lr: float,
+    chunk: int, progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """Adam on the latent codes from z0; per row, the evaluated iterate nearest z0 that the model
+    gives to the contrast (`objective` returns the loss and whether it does) and its distance
+    (inf: none found)."""
+    rows = torch.arange(z0.shape[0], device=z0.device)
+    z = z0.clone()
+    opt = torch.optim.Adam([z], lr=lr)  # z itself needs no grad: its .grad is set by hand
+    best = z0.clone()
+    best_distance = torch.full((z0.shape[0],), float("inf"), dtype=z.dtype, device=z.device)
+    for step in progress_bar(range(steps), progress, total=steps, desc="cdeepex"):
+        grad, (_, wins) = grad_rows(lambda leaf, i: objective(leaf, i, step), z, rows, chunk)
+        # the iterate just evaluated: keep it if it is the contrast class and nearer z0
+        distance = (z - z0).norm(dim=1)
+        better = wins & (distance < best_distance)
+        best[better], best_distance[better] = z[better], distance[better]
+        z.grad = grad
+        opt.step()
+    return best, best_distance
 
 
 def _invert(

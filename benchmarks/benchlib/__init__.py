@@ -1,0 +1,1 @@
+"""The pieces of benchmarks/bench_methods.py, one module per job."""
