@@ -25,9 +25,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 import tasks
 from flows.study import study
-from tasks.audit import (  # noqa: F401  (ARTIFACT_KEYS, attribution_shares, ...: the audit's public names)
+from tasks.audit import (
     ARTIFACT_KEYS,
-    attribution_shares,
     check_limits,
     check_region,
     default_report_dir,
@@ -37,7 +36,6 @@ from tasks.audit import (  # noqa: F401  (ARTIFACT_KEYS, attribution_shares, ...
     samples_before,
     summary_markdown,
     threshold_violations,
-    true_classes,
     write_summary,
 )
 

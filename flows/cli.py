@@ -98,7 +98,7 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
             target.add_argument(flag, dest=name, action="store_false", help=cli.pop("switch", f.metadata["help"]))
         elif kind == "param":
             target.add_argument(flag, dest=name, type=_param, action="append", default=[],
-                                metavar="METHOD.NAME=VALUE", help=f"a method parameter, e.g. occlusion.window=8 "
+                                metavar="METHOD.NAME=VALUE", help="a method parameter, e.g. occlusion.window=8 "
                                                                   "(repeatable)")
         else:
             type_ = ARG_TYPES.get(kind) or (int if f.type in ("int", "int | None") else str)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import storage  # noqa: E402
 
-from .figure import _heatmap_limits  # noqa: E402
+from .figure import _heatmap_limits, save  # noqa: E402
 
 
 def correct_path(out_png: str) -> str:
@@ -48,10 +48,7 @@ def _grid(rows: list[tuple[str, xr.DataArray, xr.DataArray]], methods: list[str]
         fig.colorbar(im, ax=axes[:, c], orientation="horizontal", fraction=0.05 if n_rows > 2 else 0.08,
                      aspect=15).ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def plot_means(agg: xr.Dataset, out_png: str, methods: Sequence[str] | None = None,

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import storage  # noqa: E402
 
-from .figure import render  # noqa: E402
+from .figure import render, save  # noqa: E402
 
 #: share column -> (the flow parameter that limits it, what it measures, in words)
 MEASURES: dict[str, tuple[str, str]] = {
@@ -198,10 +198,7 @@ def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limi
         ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out, dpi=120)
 
 
 @task(cache_policy=NO_CACHE)

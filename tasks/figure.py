@@ -84,8 +84,13 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
                  + ("; contrastive maps: why target, not contrast" if contrastive else "")
                  + "; white outline = ground-truth object", fontsize=8)
     fig.tight_layout()
+    return save(fig, out)
+
+
+def save(fig: plt.Figure, out: str, dpi: int = 130) -> str:
+    """Write `fig` to `out` (its folder made if needed), close it, return the path."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 import storage
 import zoo
-from flows.audit import ARTIFACT_KEYS, attribution_shares, check_region, dataset_audit, true_classes
+from flows.audit import dataset_audit
+from tasks.audit import ARTIFACT_KEYS, attribution_shares, check_region, true_classes
 
 METHODS = ["gradcam", "saliency"]
 
