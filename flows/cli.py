@@ -212,7 +212,8 @@ def cmd_status(store: str) -> None:
     width = max(len(m) for m in st["methods"])
     for m, done in st["methods"].items():
         bar = "#" * round(20 * done / st["blocks"])
-        print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]")
+        params = ", ".join(f"{k}={v}" for k, v in st["params"].get(m, {}).items())
+        print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]  {params}")
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -237,7 +238,7 @@ MISMATCH_ADVICE = {
     "samples": "use --samples {stored} or more (a run may add samples after the stored ones, not drop them)",
     "block_size": "use --block-size {stored}",
     "schema_version": "an older store is read by xarray but not extended; start a new --store",
-    "params": "use the store's parameters (see `saliency-atlas status`)",
+    "params": "use the store's parameters (`saliency-atlas status STORE` lists them)",
 }
 
 
@@ -247,7 +248,8 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
 
     if isinstance(e, storage.StoreMismatch):
         advice = [MISMATCH_ADVICE[d.what].format(stored=d.stored) for d in e.differences if d.what in MISMATCH_ADVICE]
-        return f"{e} " + "; ".join([*advice, "or use a new --store path"]) + "."
+        text = "; ".join([*advice, "or use a new --store path"])
+        return f"{e} {text[0].upper()}{text[1:]}."
     if isinstance(e, FileNotFoundError) and "no study store" in str(e) and getattr(args, "command", "") != "study":
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)

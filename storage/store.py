@@ -310,8 +310,11 @@ class Store:
         for name in t.methods:
             if name in a["params"]:
                 stored = _normal({**t.defaults.get(name, {}), **a["params"][name]})
-                if stored != _normal(t.params.get(name, {})):
-                    out.append(Difference("params", stored, _normal(t.params.get(name, {})), detail=name))
+                asked = _normal(t.params.get(name, {}))
+                keys = sorted(k for k in {*stored, *asked} if stored.get(k) != asked.get(k))
+                if keys:
+                    out.append(Difference("params", {k: stored.get(k) for k in keys}, {k: asked.get(k) for k in keys},
+                                          detail=name))
         return out
 
     def check_compatible(self, t: Template, stored_digest: str | None = None) -> None:
@@ -446,5 +449,6 @@ class Store:
             "blocks": int(done.shape[1]),
             "ingested": int(g["ingested"][:].sum()),
             "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
+            "params": a["params"],
             **{k: a.get(k) for k in ("model", "dataset", "model_fingerprint", "dataset_fingerprint")},
         }
