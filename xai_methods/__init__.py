@@ -22,6 +22,7 @@ in-place flags, hooks). New methods register with ``xai_methods._registry.regist
 
 from ._core import contrasts
 from ._registry import MethodSpec, attribute, available, check, spec
-from . import cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
+from . import baselines, cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
+from . import metrics  # noqa: E402,F401  (the evaluation metrics: xai_methods.metrics)
 
-__all__ = ["MethodSpec", "attribute", "available", "check", "contrasts", "spec"]
+__all__ = ["MethodSpec", "attribute", "available", "check", "contrasts", "metrics", "spec"]

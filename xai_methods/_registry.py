@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import _checks as C
 from ._core import REDUCE_CHOICES, check_baseline, default_layer, resolve_layer, targets, untouched
 
-CATEGORIES = ("gradient", "cam", "perturbation", "contrastive")
+CATEGORIES = ("gradient", "cam", "perturbation", "contrastive", "baseline")
 
 CostFn = Callable[[Mapping[str, Any], tuple[int, int]], tuple[int, int]]
 MethodFn = Callable[..., Tensor]
