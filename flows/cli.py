@@ -20,12 +20,24 @@ examples:
   saliency-atlas status runs/shapes.zarr
   saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png
   saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
+  saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,deletion,insertion
+  saliency-atlas metrics
 
 A study is resumable: run the same command again after an interruption and only
 the blocks not yet done are computed. Open the result in Python with
   import xarray as xr; ds = xr.open_zarr("runs/shapes.zarr")
 """
 
+
+EVALUATE_EXAMPLES = """\
+examples:
+  saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,relevance_mass,deletion,insertion
+  saliency-atlas evaluate runs/shapes.zarr --metrics deletion --metric-param deletion.steps=16 --json
+  saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game --compare gradcam:saliency --by label
+
+Metrics that need ground truth (pointing_game, relevance_mass, relevance_rank, outside_mask_share)
+use the store's `mask`; region_share needs --metric-param region_share.region=[y0,x0,y1,x1].
+"""
 
 STUDY_EXAMPLES = """\
 examples:
@@ -50,6 +62,13 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _pairs(text: str) -> list[tuple[str, str]]:
+    pairs = [tuple(p.split(":")) for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected A:B pairs of methods like gradcam:saliency, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
 def _samples(text: str) -> int | None:
     if text == "all":
         return None
@@ -64,7 +83,8 @@ def _param(text: str) -> tuple[str, str, Any]:
     key, sep, raw = text.partition("=")
     method, dot, name = key.partition(".")
     if not (sep and dot and method and name):
-        raise argparse.ArgumentTypeError(f"expected METHOD.NAME=VALUE like occlusion.window=8, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected OWNER.NAME=VALUE like occlusion.window=8 or deletion.steps=16, "
+                                         f"got {text!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -97,9 +117,11 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):  # a switch that turns the default off
             target.add_argument(flag, dest=name, action="store_false", help=cli.pop("switch", f.metadata["help"]))
         elif kind == "param":
+            owner = "METRIC" if name.startswith("metric") else "METHOD"
+            example = "deletion.steps=16" if owner == "METRIC" else "occlusion.window=8"
             target.add_argument(flag, dest=name, type=_param, action="append", default=[],
-                                metavar="METHOD.NAME=VALUE", help="a method parameter, e.g. occlusion.window=8 "
-                                                                  "(repeatable)")
+                                metavar=f"{owner}.NAME=VALUE", help=f"a {owner.lower()} parameter, e.g. {example} "
+                                                                    "(repeatable)")
         else:
             type_ = ARG_TYPES.get(kind) or (int if f.type in ("int", "int | None") else str)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -112,11 +134,14 @@ def study_spec(args: argparse.Namespace) -> Any:
     from tasks import OPTIONS, StudySpec
 
     values = {name: getattr(args, name) for name in OPTIONS}
-    params: dict[str, dict[str, Any]] = {}
-    for method, name, value in values["params"]:
-        params.setdefault(method, {})[name] = value
+    for name, f in OPTIONS.items():
+        if f.metadata["cli"].get("type") == "param":  # NAME.KEY=VALUE pairs -> {NAME: {KEY: VALUE}}
+            folded: dict[str, dict[str, Any]] = {}
+            for owner, key, value in values[name]:
+                folded.setdefault(owner, {})[key] = value
+            values[name] = folded
     figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
-    return StudySpec(**{**values, "params": params, "figure": None if figure.lower() == "none" else figure})
+    return StudySpec(**{**values, "figure": None if figure.lower() == "none" else figure})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the `study` flow in the Prefect UI.",
                        epilog=STUDY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_options(s)
+
+    ev = sub.add_parser("evaluate", help="score a study's maps with evaluation metrics (adds only what is new)",
+                        description="Score every stored map of a study with each metric, as resumable block tasks "
+                                    "(the model passes are the metric's own; maps are read from the store), then "
+                                    "print the mean and a 95%% bootstrap interval per method and metric, the "
+                                    "baseline maps beside the methods, and paired comparisons.",
+                        epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("store")
+    ev.add_argument("--metrics", type=_names, required=True, help="comma-separated metrics (see `saliency-atlas metrics`)")
+    ev.add_argument("--metric-param", dest="metric_params", type=_param, action="append", default=[],
+                    metavar="METRIC.NAME=VALUE", help="a metric parameter, e.g. deletion.steps=16 (repeatable)")
+    ev.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="do not add the baseline maps (random_map, centre_map, edge_map) to the store")
+    ev.add_argument("--compare", type=_pairs, default=None, metavar="A:B[,C:D]",
+                    help="paired comparisons to print (default: the first two methods, and each method against "
+                         "random_map)")
+    ev.add_argument("--by", choices=("label", "prediction"), default=None, help="also one row per class")
+    ev.add_argument("--json", action="store_true", help="print {metric: {xai_method: mean}} only")
+    ev.add_argument("--plot", default=None, metavar="PREFIX",
+                    help="curve and score-distribution figures PREFIX.curves.png, PREFIX.scores.png "
+                         "(default: the store path; 'none' for no figure)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ev.add_argument("--workers", type=int, default=None, help="score on a local Dask cluster of N processes")
+
+    sub.add_parser("metrics", help="list the evaluation metrics, their family and cost")
 
     st = sub.add_parser("status", help="blocks done per method, and the store's identity")
     st.add_argument("store")
@@ -197,6 +247,75 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"attribution blocks: {computed} computed by this run, {total - computed} of {total} already done before")
 
 
+def cmd_metrics() -> None:
+    from xai_methods import metrics as xmet
+
+    rows = [("name", "family", "needs", "better", "passes/image (64x64)", "what it is")]
+    for name in xmet.available():
+        s = xmet.spec(name)
+        needs = "+".join(n for n, on in (("mask", s.needs_mask), ("model", s.needs_model), ("method", s.needs_method))
+                         if on) or "-"
+        cost = "-" if not s.needs_model else str(s.cost(dict(s.defaults), (64, 64)))
+        rows.append((name, s.family, needs, "higher" if s.higher_is_better else "lower", cost, s.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+
+
+def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The first two methods against each other, and every method against random_map."""
+    real = [m for m in methods if m not in ("random_map", "centre_map", "edge_map")]
+    pairs = [(real[0], real[1])] if len(real) > 1 else []
+    return pairs + [(m, "random_map") for m in real if "random_map" in methods]
+
+
+def print_score_table(ds: Any, by: str | None, pairs: list[tuple[str, str]]) -> None:
+    import storage
+    from xai_methods import metrics as xmet
+
+    rows = storage.score_table(ds, by=by)
+    width = max(len(r["xai_method"]) for r in rows)
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        better = "higher" if xmet.spec(metric).higher_is_better else "lower"
+        print(f"{metric} ({better} is better; mean [95% bootstrap interval], images scored)")
+        for r in (r for r in rows if r["metric"] == metric):
+            cls = "" if r["class"] == "all" else f" {r['class']}"
+            undefined = sum(r["undefined"].values())
+            note = f", {undefined} undefined {dict(r['undefined'])}" if undefined else ""
+            print(f"  {(r['xai_method'] + cls).ljust(width + 10)} {r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}]"
+                  f"  n={r['n']}{note}")
+    for c in storage.comparisons(ds, pairs):
+        print(storage.describe_comparison(c))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses as dc
+
+    import storage
+    from flows.study import study
+    from tasks import finished, plan, spec_of_store
+
+    folded: dict[str, dict[str, Any]] = {}
+    for owner, key, value in args.metric_params:
+        folded.setdefault(owner, {})[key] = value
+    spec = spec_of_store(args.store, metrics=args.metrics, metric_params=folded, baselines=args.baselines,
+                         device=args.device, workers=args.workers)
+    p = plan(spec)  # validates the metrics and their parameters before any work
+    if not finished(p, spec.store):
+        study(**dc.asdict(spec))
+    ds = storage.open_dataset(args.store)
+    if args.json:
+        print(json.dumps(storage.means(ds.sel(metric=list(args.metrics)))))
+        return
+    print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
+    if (args.plot or "").lower() != "none":
+        from tasks.evaluation_plot import plot_evaluation
+
+        prefix = args.plot or os.path.splitext(args.store.rstrip("/"))[0]
+        for path in plot_evaluation(ds, prefix):
+            print(f"figure:  {path}")
+
+
 def cmd_status(store: str) -> None:
     import storage
 
@@ -214,6 +333,8 @@ def cmd_status(store: str) -> None:
         bar = "#" * round(20 * done / st["blocks"])
         params = ", ".join(f"{k}={v}" for k, v in st["params"].get(m, {}).items())
         print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]  {params}")
+    for metric, per_method in st["scored"].items():
+        print(f"scored by {metric}: " + ", ".join(f"{m} {n}/{st['blocks']}" for m, n in per_method.items()))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -266,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_methods()
         elif args.command == "study":
             cmd_study(args)
+        elif args.command == "evaluate":
+            cmd_evaluate(args)
+        elif args.command == "metrics":
+            cmd_metrics()
         elif args.command == "status":
             cmd_status(args.store)
         elif args.command == "figure":

@@ -16,7 +16,17 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
-from tasks import OPTIONS, StudySpec, accuracy, attribute_block, ingest_block, prepare_store, render_figure, resolve_device
+from tasks import (
+    OPTIONS,
+    StudySpec,
+    accuracy,
+    attribute_block,
+    evaluate_block,
+    ingest_block,
+    prepare_store,
+    render_figure,
+    resolve_device,
+)
 
 
 def spec_signature(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,9 +68,10 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
 
 @flow(name="study-blocks")
 def compute_blocks(
-    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[str, int]], total: int, already: int
+    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[str, int]], todo_scores: list[tuple[str, str, int]],
+    total: int, already: int,
 ) -> list[dict[str, Any]]:
-    """Ingest, then attribute, the pending blocks on the flow's task runner; returns the receipts."""
+    """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts."""
     receipts: list[dict[str, Any]] = []
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
 
@@ -72,6 +83,7 @@ def compute_blocks(
         # Inputs and targets first, all of them: attribution reads what ingestion writes.
         collect([ingest_block.submit(spec, b) for b in todo_ingest])
         collect([attribute_block.submit(spec, m, b) for m, b in todo])
+        collect([evaluate_block.submit(spec, m, k, b) for m, k, b in todo_scores])  # reads the maps just written
     return [r for r in receipts if "xai_method" in r]
 
 
@@ -93,19 +105,25 @@ def study(**options: Any) -> dict[str, Any]:
     if plan["added"]["samples"] or plan["added"]["methods"]:
         log.info("added %d new samples and methods %s to the store", plan["added"]["samples"], plan["added"]["methods"])
     todo_ingest, todo = plan["todo_ingest"], [tuple(t) for t in plan["todo"]]
-    total = plan["blocks"] * (1 + len(spec.methods))
-    already = total - len(todo_ingest) - len(todo)
-    log.info("%d of %d block tasks already done; %d to compute", already, total, len(todo_ingest) + len(todo))
+    todo_scores = [tuple(t) for t in plan["todo_scores"]]
+    methods = spec.studied
+    total = plan["blocks"] * (1 + len(methods) * (1 + len(spec.metrics)))
+    pending = len(todo_ingest) + len(todo) + len(todo_scores)
+    log.info("%d of %d block tasks already done; %d to compute", total - pending, total, pending)
     runner = task_runner(spec.workers, spec.dask_address, spec.device)
-    receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, total, already)
+    receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, todo_scores, total,
+                                                               total - pending)
     summary: dict[str, Any] = {
         "store": spec.store,
         "samples": plan["samples"],
         "blocks": plan["blocks"],
         "ingested_blocks": len(todo_ingest),
-        "computed_blocks": {m: sum(1 for mm, _ in todo if mm == m) for m in spec.methods},
-        "attribution_seconds": {m: round(sum(r["seconds"] for r in receipts if r["xai_method"] == m), 3)
-                                for m in spec.methods},
+        "computed_blocks": {m: sum(1 for mm, _ in todo if mm == m) for m in methods},
+        "scored_blocks": {k: sum(1 for _, kk, _ in todo_scores if kk == k) for k in spec.metrics},
+        "attribution_seconds": {m: round(sum(r["seconds"] for r in receipts
+                                             if r["xai_method"] == m and "metric" not in r), 3) for m in methods},
+        "evaluation_seconds": {k: round(sum(r["seconds"] for r in receipts if r.get("metric") == k), 3)
+                               for k in spec.metrics},
         "accuracy": accuracy(spec.store),
     }
     if summary["accuracy"] is not None:

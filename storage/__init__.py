@@ -7,6 +7,7 @@
 >>> store.pending("gradcam"), store.status()
 """
 from .aggregate import aggregate, default_out, select, summarize
+from .scores import compare, comparisons, describe_comparison, interval, means, score_table
 from .store import (
     COMPRESSIONS,
     SCHEMA,
@@ -29,4 +30,5 @@ __all__ = [
     "COMPRESSIONS", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
     "Template", "Variable", "aggregate", "block_slice", "create", "default_out", "exists", "n_blocks",
     "open_dataset", "schema_markdown", "select", "summarize",
+    "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",
 ]

@@ -15,6 +15,7 @@ next run recomputes (deterministically, hence bit-identical).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -65,8 +66,16 @@ SCHEMA: tuple[Variable, ...] = (
     Variable("target", ("sample",), "int64", -1, "ingested", doc="the class explained (the prediction)"),
     Variable("contrast", ("sample",), "int64", -1, "ingested", doc="the foil of contrastive methods"),
     Variable("logits", ("sample", "class"), "float32", np.nan, "ingested", doc="the model's output"),
+    Variable("score", ("xai_method", "sample", "metric"), "float32", np.nan, "scored", when="metrics",
+             doc="per-image evaluation; NaN where not computed or undefined"),
+    Variable("score_status", ("xai_method", "sample", "metric"), "int8", -1, "scored", when="metrics",
+             doc="why a score is what it is (codes in the attribute `score_status_codes`; -1: not computed)"),
+    Variable("curve", ("xai_method", "metric", "sample", "step"), "float32", np.nan, "scored", when="curve_points",
+             doc="deletion / insertion / ROAD curves (NaN past a metric's own points)"),
     Variable("done", ("xai_method", "block"), "bool", False, None, doc="block b of method m is written"),
     Variable("ingested", ("block",), "bool", False, None, doc="block b's inputs and predictions are written"),
+    Variable("scored", ("xai_method", "metric", "block"), "bool", False, None, when="metrics",
+             doc="block b of method m is scored by the metric"),
 )
 VARIABLES = {v.name: v for v in SCHEMA}
 SAMPLE_VARIABLES = tuple(v.name for v in SCHEMA if v.guard == "ingested")
@@ -95,7 +104,7 @@ class Difference:
         if self.what == "samples":
             return (f"the store has {self.stored} samples and this run asks for {self.requested} others; a run may "
                     "add samples after the stored ones but not drop or reorder them")
-        if self.what == "params":
+        if self.what in ("params", "metric_params"):
             return f"parameters of {self.detail} differ: the store has {self.stored}, this run {self.requested}"
         tail = " — the stored samples changed" if self.what == "dataset" else ""
         return f"{self.what.replace('_', ' ')} differs: the store has {self.stored!r}, this run {self.requested!r}{tail}"
@@ -141,6 +150,11 @@ class Template:
     compression: str = "zstd"  # of maps, images and masks: "zstd", "blosc" (zstd + bit shuffle) or "none"
     chunk_samples: int | None = None  # samples per chunk; below block_size, a block is one shard of chunks
     keep_images: bool = True  # False: store only sample ids; inputs are recomputed from the dataset
+    metrics: list[str] = field(default_factory=list)  # evaluation metrics (the `metric` coordinate)
+    metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric, its full parameters
+    metric_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a missing stored key means
+    curve_points: int = 0  # the `step` length: the most points of a curve metric (0: no curve metric)
+    status_codes: dict[int, str] = field(default_factory=dict)  # score_status code -> meaning
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -163,7 +177,8 @@ class Template:
         c, h, w = self.image_shape
         n = len(self.sample_ids)
         return {"xai_method": len(self.methods), "sample": n, "block": n_blocks(n, self.block_size),
-                "channel": c, "y": h, "x": w, "class": len(self.classes)}
+                "channel": c, "y": h, "x": w, "class": len(self.classes), "metric": len(self.metrics),
+                "step": self.curve_points}
 
 
 def n_blocks(n_samples: int, block_size: int) -> int:
@@ -183,12 +198,13 @@ def _normal(params: Any) -> Any:
     return json.loads(json.dumps(params, sort_keys=True))
 
 
-def create(path: str, t: Template) -> Store:
-    """Write the template of a new study at ``path`` (which must not exist yet) and open it."""
+def _layout(t: Template, variables: list[Variable]) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
+    """The lazy template of `variables` (nothing computed) and its Zarr encoding: sample-indexed
+    variables chunked by block, block-indexed flags one per chunk, everything else whole."""
     sizes, b = t.sizes(), t.block_size
-    chunk_of = {"sample": b, "xai_method": 1, "block": 1}
+    chunk_of = {"sample": b, "xai_method": 1, "block": 1, "metric": 1}
     data, encoding = {}, {}
-    for v in t.variables():
+    for v in variables:
         shape = tuple(sizes[d] for d in v.dims)
         chunks = tuple(chunk_of.get(d, sizes[d]) for d in v.dims)
         dtype = t.dtype if v.dtype == "maps" else v.dtype
@@ -202,21 +218,35 @@ def create(path: str, t: Template) -> Store:
                 enc["shards"] = chunks
                 enc["chunks"] = tuple(t.chunk_samples if i == axis else c for i, c in enumerate(chunks))
         encoding[v.name] = enc
-    attrs = dict(t.attrs)
-    attrs.update(
-        schema_version=SCHEMA_VERSION, block_size=b, image_shape=list(t.image_shape), compression=t.compression,
-        images_stored=t.keep_images,
+    coords: dict[str, Any] = {}
+    if t.metrics:
+        coords["metric"] = np.array(t.metrics, dtype=object)
+    if t.curve_points:
+        coords["step"] = np.arange(t.curve_points)
+    return xr.Dataset(data, coords=coords), encoding
+
+
+def _evaluation_attrs(t: Template) -> dict[str, Any]:
+    return {"metric_params": json.dumps({m: t.metric_params.get(m, {}) for m in t.metrics}, sort_keys=True),
+            "score_status_codes": json.dumps({str(k): v for k, v in sorted(t.status_codes.items())})}
+
+
+def create(path: str, t: Template) -> Store:
+    """Write the template of a new study at ``path`` (which must not exist yet) and open it."""
+    ds, encoding = _layout(t, t.variables())
+    ds.attrs.update(t.attrs)
+    ds.attrs.update(
+        schema_version=SCHEMA_VERSION, block_size=t.block_size, image_shape=list(t.image_shape),
+        compression=t.compression, images_stored=t.keep_images,
         params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
+        **(_evaluation_attrs(t) if t.metrics else {}),
     )
-    coords = {
-        "xai_method": np.array(t.methods, dtype=object),
-        "sample": np.arange(sizes["sample"]),
-        "sample_id": ("sample", np.array(t.sample_ids, dtype=object)),
-        "class": np.array(t.classes, dtype=object),
-    }
+    ds = ds.assign_coords(
+        xai_method=np.array(t.methods, dtype=object), sample=np.arange(len(t.sample_ids)),
+        sample_id=("sample", np.array(t.sample_ids, dtype=object)), **{"class": np.array(t.classes, dtype=object)},
+    )
     with _quiet():
-        xr.Dataset(data, coords=coords, attrs=attrs).to_zarr(
-            path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
     return Store(path)
 
 
@@ -278,6 +308,9 @@ class Store:
     def methods(self) -> list[str]:
         return _committed(self.group["xai_method"][:])
 
+    def metrics(self) -> list[str]:
+        return _committed(self.group["metric"][:]) if "metric" in self.group else []
+
     def has(self, name: str) -> bool:
         return name in self.group
 
@@ -307,13 +340,19 @@ class Store:
             out.append(Difference("block_size", a.get("block_size"), t.block_size))
         if list(a.get("image_shape", [])) != list(t.image_shape):
             out.append(Difference("image_shape", a.get("image_shape"), list(t.image_shape)))
-        for name in t.methods:
-            if name in a["params"]:
-                stored = _normal({**t.defaults.get(name, {}), **a["params"][name]})
-                asked = _normal(t.params.get(name, {}))
+        stored_metric_params = json.loads(a.get("metric_params", "{}"))
+        for kind, names, stored_all, asked_all, defaults in (
+            ("params", t.methods, a["params"], t.params, t.defaults),
+            ("metric_params", t.metrics, stored_metric_params, t.metric_params, t.metric_defaults),
+        ):
+            for name in names:
+                if name not in stored_all:
+                    continue
+                stored = _normal({**defaults.get(name, {}), **stored_all[name]})
+                asked = _normal(asked_all.get(name, {}))
                 keys = sorted(k for k in {*stored, *asked} if stored.get(k) != asked.get(k))
                 if keys:
-                    out.append(Difference("params", {k: stored.get(k) for k in keys}, {k: asked.get(k) for k in keys},
+                    out.append(Difference(kind, {k: stored.get(k) for k in keys}, {k: asked.get(k) for k in keys},
                                           detail=name))
         return out
 
@@ -326,42 +365,73 @@ class Store:
     # ------------------------------------------------------------------ growth
 
     def grow(self, t: Template) -> dict[str, Any]:
-        """Add ``t``'s new samples and methods (after `check_compatible`).
+        """Add ``t``'s new samples, methods and metrics (after `check_compatible`).
 
-        Data arrays are resized first and the coordinates last, so an interrupted growth
-        leaves a store that the next call completes. A short last block that gains samples
-        is marked not done and recomputed (deterministically, so its old samples are
-        rewritten bit-identically). Returns what was added.
+        Data arrays are resized (or, for a study's first metrics, created) first and the
+        coordinates last, so an interrupted growth leaves a store that the next call completes.
+        A short last block that gains samples is marked not done and not scored, and recomputed
+        (deterministically, so its old samples are rewritten bit-identically). Returns what was added.
         """
         g = self.group
-        old_ids, old_methods = self.sample_ids(), self.methods()
+        old_ids, old_methods, old_metrics = self.sample_ids(), self.methods(), self.metrics()
         new_methods = [m for m in t.methods if m not in old_methods]
+        new_metrics = [m for m in t.metrics if m not in old_metrics]
         n_old, n_new, b = len(old_ids), len(t.sample_ids), t.block_size
-        unfinished = g["sample_id"].shape[0] != n_old or g["xai_method"].shape[0] != len(old_methods)
-        if n_new == n_old and not new_methods and not unfinished:
-            return {"samples": 0, "methods": []}
+        missing = [v for v in t.variables() if v.name not in g]
+        steps = max(t.curve_points, g["step"].shape[0] if "step" in g else 0)
+        unfinished = (g["sample_id"].shape[0] != n_old or g["xai_method"].shape[0] != len(old_methods)
+                      or ("metric" in g and g["metric"].shape[0] != len(old_metrics)))
+        if (n_new == n_old and not new_methods and not new_metrics and not missing and not unfinished
+                and ("step" not in g or g["step"].shape[0] == steps)):
+            return {"samples": 0, "methods": [], "metrics": []}
         if n_new > n_old and n_old % b:  # the short last block will hold more samples: redo it
             for v in SCHEMA:
                 if v.dims[-1] == "block" and v.name in g:
                     g[v.name][..., n_old // b] = False
-        sizes = {"sample": max(n_new, n_old), "block": n_blocks(max(n_new, n_old), b),
-                 "xai_method": len(old_methods) + len(new_methods)}
+        n = max(n_new, n_old)
+        sizes = {"sample": n, "block": n_blocks(n, b), "xai_method": len(old_methods) + len(new_methods),
+                 "metric": len(old_metrics) + len(new_metrics), "step": steps}
         for v in SCHEMA:
             if v.name in g:
-                self._resize(g[v.name], tuple(sizes.get(d, n) for d, n in zip(v.dims, g[v.name].shape)))
+                self._resize(g[v.name], tuple(sizes.get(d, k) for d, k in zip(v.dims, g[v.name].shape)))
+        if missing:
+            self._add_variables(t, missing, sizes, old_metrics + new_metrics)
         if n_new > n_old:
             self._resize(g["sample"], (n_new,))
             g["sample"][n_old:] = np.arange(n_old, n_new)
             self._extend_names("sample_id", t.sample_ids)
+        if "step" in g and g["step"].shape[0] != steps:
+            self._resize(g["step"], (steps,))
+            g["step"][:] = np.arange(steps)
         if new_methods:
             params = json.loads(g.attrs.get("params", "{}"))
             params.update({m: t.params.get(m, {}) for m in new_methods})
             g.attrs["params"] = json.dumps(params, sort_keys=True)
             self._extend_names("xai_method", old_methods + new_methods)
+        if new_metrics:
+            params = json.loads(g.attrs.get("metric_params", "{}"))
+            params.update({m: t.metric_params.get(m, {}) for m in new_metrics})
+            g.attrs.update(_evaluation_attrs(t))
+            g.attrs["metric_params"] = json.dumps(params, sort_keys=True)
+            self._extend_names("metric", old_metrics + new_metrics)
         g.attrs["dataset_fingerprint"] = t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint"))
         with _quiet():
             zarr.consolidate_metadata(self.path, zarr_format=3)
-        return {"samples": n_new - n_old, "methods": new_methods}
+        return {"samples": n_new - n_old, "methods": new_methods, "metrics": new_metrics}
+
+    def _add_variables(self, t: Template, variables: list[Variable], sizes: dict[str, int],
+                       metrics: list[str]) -> None:
+        """Create variables a study did not have yet (its first metrics), sized as the store is now."""
+        layout_of = dataclasses.replace(t, metrics=metrics, curve_points=sizes["step"])
+        ds, encoding = _layout(layout_of, variables)
+        ds = ds.drop_vars([c for c in ("metric", "step") if c in self.group])
+        for v in variables:  # the other dimensions as the store has them (it may hold more methods)
+            shape = tuple(sizes.get(d, ds.sizes[d]) for d in v.dims)
+            if shape != ds[v.name].shape:
+                ds[v.name] = (v.dims, da.full(shape, v.fill, dtype=ds[v.name].dtype, chunks=ds[v.name].data.chunksize))
+        with _quiet():
+            ds.to_zarr(self.path, mode="a", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
 
     @staticmethod
     def _resize(arr: zarr.Array, shape: tuple[int, ...]) -> None:
@@ -422,6 +492,31 @@ class Store:
         arr[m, s] = maps.astype(arr.dtype)
         self.group["done"][m, block] = True
 
+    def write_scores(self, method: str, metric: str, block: int, value: np.ndarray, status: np.ndarray,
+                     curve: np.ndarray | None = None) -> None:
+        """Write one whole block of `metric`'s scores (and curves) of `method`; `scored` is set afterwards."""
+        s, m = self.aligned(block), self._method_index(method)
+        metrics = self.metrics()
+        if metric not in metrics:
+            raise KeyError(f"metric {metric!r} is not in this store; it has {metrics}")
+        k, n = metrics.index(metric), s.stop - s.start
+        if value.shape != (n,) or status.shape != (n,):
+            raise ValueError(f"scores of {method}/{metric} block {block} have shape {value.shape}, expected ({n},)")
+        self.group["score"][m, s, k] = value.astype(np.float32)
+        self.group["score_status"][m, s, k] = status.astype(np.int8)
+        if curve is not None:
+            self.group["curve"][m, k, s, : curve.shape[1]] = curve.astype(np.float32)
+        self.group["scored"][m, k, block] = True
+
+    def read_maps(self, method: str, block: int) -> np.ndarray:
+        s = block_slice(block, self.n_samples, self.block_size)
+        return self.group["attribution"][self._method_index(method), s]
+
+    def pending_scores(self, method: str, metric: str) -> list[int]:
+        """Blocks of `method` not yet scored by `metric`."""
+        flags = self.group["scored"][self._method_index(method), self.metrics().index(metric)]
+        return [int(b) for b in np.flatnonzero(~flags)]
+
     def read_samples(self, block: int, *names: str) -> dict[str, np.ndarray]:
         s = block_slice(block, self.n_samples, self.block_size)
         return {name: self.group[name][s] for name in names}
@@ -430,6 +525,9 @@ class Store:
         """Blocks still to compute: for ``method``, or blocks not yet ingested when None."""
         flags = self.group["ingested"][:] if method is None else self.group["done"][self._method_index(method)]
         return [int(b) for b in np.flatnonzero(~flags)]
+
+    def _scored(self) -> np.ndarray | None:
+        return self.group["scored"][:] if "scored" in self.group else None
 
     def status(self) -> dict[str, Any]:
         """Blocks done per method, plus the store's identity and size."""
@@ -450,5 +548,7 @@ class Store:
             "ingested": int(g["ingested"][:].sum()),
             "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
             "params": a["params"],
+            "scored": ({k: {m: int(scored[i, j].sum()) for i, m in enumerate(self.methods())}
+                        for j, k in enumerate(self.metrics())} if (scored := self._scored()) is not None else {}),
             **{k: a.get(k) for k in ("model", "dataset", "model_fingerprint", "dataset_fingerprint")},
         }

@@ -7,15 +7,18 @@ from .study import (
     accuracy,
     attribute_block,
     check_options,
+    evaluate_block,
     finished,
     ingest_block,
     load_model,
     plan,
     prepare_store,
     resolve_device,
+    spec_of_store,
 )
 
 __all__ = [
-    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "check_options", "finished", "ingest_block",
-    "load_model", "plan", "prepare_store", "render", "render_figure", "resolve_device",
+    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "check_options", "evaluate_block", "finished",
+    "ingest_block",
+    "load_model", "plan", "prepare_store", "render", "render_figure", "resolve_device", "spec_of_store",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 import storage
 import xai_methods as xm
 import zoo
+from xai_methods import metrics as xmet
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -54,6 +56,13 @@ class StudySpec:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one)")
     params: dict[str, dict[str, Any]] = option({}, "per-method parameters, e.g. {\"occlusion\": {\"window\": 8}}",
                                                flag="--param", type="param")
+    metrics: list[str] = option([], "evaluation metrics, each scored per image into the store's `score` "
+                                    "(see `saliency-atlas metrics`)", type="names")
+    metric_params: dict[str, dict[str, Any]] = option({}, "per-metric parameters, e.g. {\"deletion\": {\"steps\": 16}}",
+                                                      flag="--metric-param", type="param")
+    baselines: bool = option(True, "with metrics, also study the baseline maps (random_map, centre_map, edge_map) "
+                                   "to read every score against chance", flag="--no-baselines",
+                             switch="with metrics, do not add the baseline maps")
     contrast: str = option("runner-up", "the foil of contrastive methods ('why the prediction, not CLASS?'): "
                                         "runner-up (each sample's) or a class name")
     figure: str | None = option(None, "overview figure to write (PNG); None: no figure (the command line "
@@ -73,6 +82,18 @@ class StudySpec:
                                      "the dataset)", flag="--no-images", group="layout",
                                switch="store sample ids only, not the model inputs (they are remade from the data)")
 
+    @property
+    def studied(self) -> list[str]:
+        """The methods of the study: the user's, then (with metrics) the baseline maps not already named."""
+        extra = [b for b in BASELINE_MAPS if b not in self.methods] if self.metrics and self.baselines else []
+        return [*self.methods, *extra]
+
+    def metric_arguments(self, metric: str) -> dict[str, Any]:
+        """The metric's defaults merged with the user's: what the store records (the method that
+        max_sensitivity recomputes is the study's own, supplied per method by the task)."""
+        p = {**xmet.spec(metric).defaults, **self.metric_params.get(metric, {})}
+        return {k: v for k, v in p.items() if k not in TASK_SUPPLIED}
+
     def method_params(self, method: str) -> dict[str, Any]:
         """Defaults of the method merged with the user's, plus the layer for layer methods."""
         spec = xm.spec(method)
@@ -87,6 +108,8 @@ class StudySpec:
 
 
 OPTIONS = {f.name: f for f in dataclasses.fields(StudySpec)}
+BASELINE_MAPS = ("random_map", "centre_map", "edge_map")
+TASK_SUPPLIED = ("method", "method_params", "layer", "contrast")
 
 
 def resolve_device(device: str) -> str:
@@ -145,6 +168,29 @@ class StudyPlan:
     exists: bool  # the store is already there
 
 
+def spec_of_store(store: str, **changes: Any) -> StudySpec:
+    """The options of the study that made `store` (model, data, methods and their parameters, layout),
+    with `changes` (e.g. more metrics): what `saliency-atlas evaluate` runs, so only new work is done."""
+    if not storage.exists(store):
+        raise FileNotFoundError(f"no study store at {store!r}")
+    s = storage.Store(store, mode="r")
+    a = s.attrs
+    params = {m: dict(p) for m, p in a["params"].items()}
+    layers = {p.pop("layer") for p in params.values() if "layer" in p}
+    stored_metrics = json.loads(a.get("metric_params", "{}"))
+    options = dict(
+        dataset=a["dataset"], model=a["model"], weights=None if a.get("model_weights") == "built-in" else a["model_weights"],
+        methods=s.methods(), samples=s.n_samples, store=store, block_size=s.block_size, params=params,
+        layer=next(iter(layers - {None}), None), contrast=a.get("contrast", "runner-up"), metrics=s.metrics(),
+        metric_params=stored_metrics, baselines=False, keep_images=bool(a.get("images_stored", True)),
+        compression=a.get("compression", "zstd"),
+    )
+    merged = {**options, **changes}
+    merged["metrics"] = list(dict.fromkeys([*options["metrics"], *changes.get("metrics", [])]))
+    merged["metric_params"] = {**stored_metrics, **changes.get("metric_params", {})}
+    return StudySpec(**merged)
+
+
 def check_options(spec: StudySpec) -> None:
     """The options that need neither the model nor the data."""
     unknown = [m for m in spec.methods if m not in xm.available()]
@@ -157,9 +203,31 @@ def check_options(spec: StudySpec) -> None:
     if spec.block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {spec.block_size}")
     for m in spec.params:
-        if m not in spec.methods:
-            raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.methods)}")
+        if m not in spec.studied:
+            raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.studied)}")
+    unknown = [m for m in spec.metrics if m not in xmet.available()]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(xmet.available())}")
+    for m, given in spec.metric_params.items():
+        if m not in spec.metrics:
+            raise ValueError(f"parameters given for metric {m!r}, which is not among the metrics {list(spec.metrics)}")
+        supplied = sorted(set(given) & set(TASK_SUPPLIED))
+        if supplied:
+            raise ValueError(f"metric_params: {m}'s {supplied} are the study's own (each method, its parameters); "
+                             "give the other parameters only")
     resolve_device(spec.device)
+
+
+def check_metrics(spec: StudySpec, model: torch.nn.Module, size: tuple[int, int], has_masks: bool) -> None:
+    """Every metric's parameters, and the ground truth the metric needs, before any work."""
+    for m in spec.metrics:
+        if xmet.spec(m).needs_mask and not has_masks:
+            raise ValueError(f"metric {m} needs ground-truth masks; the dataset {spec.dataset!r} has none "
+                             "(the built-in shapes has them)")
+        try:
+            xmet.check(m, size, model, **spec.metric_params.get(m, {}))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"metric {m}: {err}") from None
 
 
 def plan(spec: StudySpec) -> StudyPlan:
@@ -170,11 +238,12 @@ def plan(spec: StudySpec) -> StudyPlan:
     model = load_model(spec.model, spec.weights, "cpu")
     pre = model.preprocess
     contrast_class(spec, model)  # validates the contrast
-    for m in spec.methods:
+    for m in spec.studied:
         xm.check(m, model, pre.size, spec.layer if xm.spec(m).needs_layer else None, **spec.params.get(m, {}))
     dataset = load_dataset(spec.dataset, spec.samples, pre.size)
     if len(dataset) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
+    check_metrics(spec, model, pre.size, dataset.has_masks)
     with torch.no_grad():
         n_classes = model(torch.zeros(1, len(pre.mean), *pre.size)).shape[1]
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
@@ -184,10 +253,16 @@ def plan(spec: StudySpec) -> StudyPlan:
     known = set(stored)
     ids = stored + [i for i in dataset.ids(0, len(dataset)) if i not in known]  # growth appends
     template = storage.Template(
-        sample_ids=ids, classes=list(classes), methods=list(spec.methods), image_shape=(len(pre.mean), *pre.size),
+        sample_ids=ids, classes=list(classes), methods=spec.studied, image_shape=(len(pre.mean), *pre.size),
         block_size=spec.block_size, has_masks=dataset.has_masks,
-        params={m: spec.method_params(m) for m in spec.methods},
-        defaults={m: spec.method_defaults(m) for m in spec.methods},
+        params={m: spec.method_params(m) for m in spec.studied},
+        defaults={m: spec.method_defaults(m) for m in spec.studied},
+        metrics=list(spec.metrics), metric_params={m: spec.metric_arguments(m) for m in spec.metrics},
+        metric_defaults={m: {k: v for k, v in xmet.spec(m).defaults.items() if k not in TASK_SUPPLIED}
+                         for m in spec.metrics},
+        curve_points=max([xmet.spec(m).points(spec.metric_arguments(m)) for m in spec.metrics
+                          if xmet.spec(m).curve] or [0]),
+        status_codes=dict(xmet.STATUS),
         dtype=spec.dtype, compression=spec.compression, chunk_samples=spec.chunk_samples,
         keep_images=spec.keep_images,
         attrs={
@@ -236,8 +311,10 @@ def finished(p: StudyPlan, store: str) -> bool:
     s = storage.Store(store, mode="r")
     if len(s.sample_ids()) != len(p.template.sample_ids):
         return False
-    stored = s.methods()
-    return all(m in stored and not s.pending(m) for m in p.template.methods) and not s.pending()
+    stored, scored = s.methods(), s.metrics()
+    if any(m not in stored or s.pending(m) for m in p.template.methods) or s.pending():
+        return False
+    return all(k in scored and not s.pending_scores(m, k) for m in p.template.methods for k in p.template.metrics)
 
 
 @task(cache_policy=NO_CACHE)
@@ -246,7 +323,7 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
     returns the blocks still to ingest and, per method, to attribute."""
     p = plan(spec)
     s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
-    added = s.grow(p.template) if p.exists else {"samples": 0, "methods": []}
+    added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
     return {
         "store": spec.store,
@@ -256,7 +333,8 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         "blocks": storage.n_blocks(n, spec.block_size),
         "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
         "todo_ingest": s.pending(),
-        "todo": [(m, b) for m in spec.methods for b in s.pending(m)],
+        "todo": [(m, b) for m in spec.studied for b in s.pending(m)],
+        "todo_scores": [(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],
     }
 
 
@@ -312,10 +390,7 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
         raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
-    if s.has("image"):
-        images = torch.from_numpy(s.read_samples(block, "image")["image"]).to(device)
-    else:  # a store of references only: remake the exact inputs from the dataset
-        images, _ = model_inputs(spec, s, block, model, device)
+    images = stored_inputs(spec, s, block, model, device)
     stored = s.read_samples(block, "target", "contrast")
     params = spec.method_params(method)
     layer = params.pop("layer", None)
@@ -328,6 +403,39 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     s.write_attribution(method, block, maps.cpu().numpy())
     return {"xai_method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
+
+
+def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module, device: str) -> torch.Tensor:
+    """The exact model inputs of a block: from the store, or remade from the dataset for a store of references."""
+    if s.has("image"):
+        return torch.from_numpy(s.read_samples(block, "image")["image"]).to(device)
+    return model_inputs(spec, s, block, model, device)[0]
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_block(spec: StudySpec, method: str, metric: str, block: int) -> dict[str, Any]:
+    """Score one method's stored maps of one block with one metric; the model passes are the metric's own."""
+    s = storage.Store(spec.store)
+    if block in s.pending(method):
+        raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
+    device = resolve_device(spec.device)
+    model = load_model(spec.model, spec.weights, device)
+    images = stored_inputs(spec, s, block, model, device)
+    stored = s.read_samples(block, "target", "contrast", *(["mask"] if s.has("mask") else []))
+    params = spec.metric_arguments(metric)
+    if xmet.spec(metric).needs_method:  # the study's own method, as it made the stored maps
+        own = spec.method_params(method)
+        params.update(method=method, layer=own.pop("layer", None), method_params=own)
+        if xm.spec(method).needs_contrast:
+            params["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
+    mask = torch.from_numpy(stored["mask"]).to(device) if "mask" in stored else None
+    maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
+    t0 = time.perf_counter()
+    scores = xmet.measure(metric, model, images, maps, torch.from_numpy(stored["target"]).to(device), mask, **params)
+    seconds = time.perf_counter() - t0
+    curve = None if scores.curve is None else scores.curve.cpu().numpy()
+    s.write_scores(method, metric, block, scores.value.cpu().numpy(), scores.status.cpu().numpy(), curve)
+    return {"xai_method": method, "metric": metric, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
 
 
 @task(cache_policy=NO_CACHE)

@@ -210,7 +210,7 @@ def test_growth_appends_samples_and_methods(store):
         attrs={"model": "m", "model_fingerprint": "a" * 64, "dataset": "d", "dataset_fingerprint": "g" * 64},
     )
     storage.Store(store).check_compatible(bigger, stored_digest="b" * 64)
-    assert storage.Store(store).grow(bigger) == {"samples": 5, "methods": ["occlusion"]}
+    assert storage.Store(store).grow(bigger) == {"samples": 5, "methods": ["occlusion"], "metrics": []}
     ds = xr.open_zarr(store)  # consolidated metadata was refreshed
     assert ds.attribution.shape == (3, 15, 8, 8) and ds.done.shape == (3, 4)
     assert list(ds.xai_method.values) == ["saliency", "gradcam", "occlusion"]
@@ -223,7 +223,7 @@ def test_growth_appends_samples_and_methods(store):
     assert storage.Store(store).pending() == [1, 2, 3]
     assert storage.Store(store).attrs["params"]["occlusion"] == {"window": 4}
     assert storage.Store(store).attrs["dataset_fingerprint"] == "g" * 64
-    assert storage.Store(store).grow(bigger) == {"samples": 0, "methods": []}, "growing twice adds nothing"
+    assert storage.Store(store).grow(bigger) == {"samples": 0, "methods": [], "metrics": []}, "growing twice adds nothing"
 
 
 def test_an_interrupted_growth_is_completed(store, monkeypatch):
