@@ -27,10 +27,11 @@ import tasks
 from flows.study import study
 from tasks.audit import (
     ARTIFACT_KEYS,
-    check_limits,
+    BASELINES,
+    audit_limits,
     check_region,
+    dataset_has_masks,
     default_report_dir,
-    has_masks,
     measure,
     render_report,
     samples_before,
@@ -51,6 +52,10 @@ def dataset_audit(
     region: list[int] | None = None,
     max_region_share: float | None = None,
     max_outside_mask_share: float | None = None,
+    metrics: list[str] = [],  # noqa: B006
+    metric_params: dict[str, dict[str, Any]] | None = None,
+    limits: dict[str, dict[str, float]] | None = None,
+    per_class: bool = True,
     report_dir: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
@@ -60,49 +65,58 @@ def dataset_audit(
         dataset: a local folder of class sub-folders of images, or "shapes" (built in, with masks).
         model: "shapes-cnn" (built in) or a torchvision architecture name with `weights`.
         weights: a local state-dict file for a torchvision architecture (never downloaded).
-        methods: the attribution methods to audit.
+        methods: the attribution methods to audit (the baseline maps are studied beside them, unlimited).
         store: the audit's Zarr store; a later run adds the samples new in the dataset and computes only them.
         block_size: samples per block (the unit of work and of Zarr chunks).
         region: a box [y0, x0, y1, x1] in model-input pixels (end-exclusive), e.g. where a watermark would be.
         max_region_share: fail when a method's mean share of positive attribution inside `region` is above this.
         max_outside_mask_share: fail when a method's mean share of positive attribution outside the
             ground-truth mask is above this (needs a dataset with masks, e.g. "shapes").
+        metrics: further evaluation metrics to score and report (see `saliency-atlas metrics`).
+        metric_params: their parameters, e.g. {"deletion": {"steps": 16}}.
+        limits: limits on any metric, e.g. {"pointing_game": {"min": 0.8}, "deletion": {"max": 0.3}}.
+        per_class: every limit holds for each true class as well as for the whole dataset.
         report_dir: where the report files go (default: the store path with .report instead of .zarr).
         workers: run the study's block tasks on a local Dask cluster of this many processes.
     """
     log = get_run_logger()
-    limits = {"max_region_share": max_region_share, "max_outside_mask_share": max_outside_mask_share}
-    check_limits(limits)
     if max_region_share is not None and region is None:
         raise ValueError("max_region_share is set but region is not: give region as [y0, x0, y1, x1]")
+    bounds = audit_limits(limits, max_region_share, max_outside_mask_share)
     box = check_region(region, tasks.load_model(model, weights, "cpu").preprocess.size)
+    masks = dataset_has_masks(dataset, model, weights)
+    if max_outside_mask_share is not None and not masks:
+        raise ValueError(f"max_outside_mask_share is set but the dataset {dataset!r} has no ground-truth masks "
+                         "(a folder of images has none); unset it, or audit a region with max_region_share")
+    measured_metrics = [*(["region_share"] if box else []), *(["outside_mask_share"] if masks else []),
+                        *[m for m in [*metrics, *bounds] if m not in ("region_share", "outside_mask_share")]]
+    params = {**(metric_params or {}), **({"region_share": {"region": list(box)}} if box else {})}
     report_dir = report_dir or default_report_dir(store)
 
     before = samples_before(store)
     summary = study(dataset=dataset, model=model, methods=methods, samples=None, store=store, weights=weights,
-                    block_size=block_size, figure=None, workers=workers)
+                    block_size=block_size, figure=None, workers=workers,
+                    metrics=list(dict.fromkeys(measured_metrics)), metric_params=params)
     computed = dict(summary.get("computed_blocks", {}))
     new_samples = max(0, int(summary.get("samples", before)) - before)
     log.info("study of %s: %d samples, %d new; attribution blocks computed: %s",
              dataset, summary.get("samples", 0), new_samples, computed)
 
-    if max_outside_mask_share is not None and not has_masks(store):
-        raise ValueError(f"max_outside_mask_share is set but the dataset {dataset!r} has no ground-truth masks "
-                         "(a folder of images has none); unset it, or audit a region with max_region_share")
-    measured = measure(store, list(methods), list(box) if box else None)
-    violations = threshold_violations(measured["rows"], limits, box)
-    files = render_report(store, list(methods), measured, limits, report_dir,
+    shown = [*methods, *[b for b in BASELINES if b not in methods]] if measured_metrics else list(methods)
+    measured = measure(store, shown, list(dict.fromkeys(measured_metrics)))
+    violations = threshold_violations(measured["rows"], bounds, box, per_class)
+    files = render_report(store, list(methods), measured, bounds, report_dir,
                           f"{model} on {dataset}: {measured['samples']} samples")
     markdown = summary_markdown(dataset=dataset, model=model, store=store, measured=measured,
-                                new_samples=new_samples, computed=computed, region=box, limits=limits,
-                                violations=violations, files=files)
+                                new_samples=new_samples, computed=computed, region=box, limits=bounds,
+                                violations=violations, files=files, per_class=per_class)
     files["summary"] = write_summary(markdown, report_dir)
 
     artifacts = {
         "summary": create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEYS["summary"],
                                             description=f"dataset audit of {dataset} with {model}"),
         "table": create_table_artifact(table=measured["rows"], key=ARTIFACT_KEYS["table"],
-                                       description="per method and class: samples, accuracy, mean shares"),
+                                       description="per method and class: samples, accuracy, metric means"),
     }
     for name in ("shares_chart", "samples_figure"):
         if name in files:

@@ -1,8 +1,10 @@
-"""Tasks of the dataset audit: the share of each map's positive attribution inside a box or
-outside the ground-truth mask, per method and class, the report files and the limits.
+"""Tasks of the dataset audit: per method and class, the means of the study's metric scores
+(the share of positive attribution inside a box, outside the ground-truth mask, and any other
+metric), the limits they must respect (for every class as well as for the whole dataset), and
+the report files.
 
-The shares are computed lazily from the store with xarray/Dask, block by block. The flow
-(``flows/audit.py``) only composes these tasks and publishes the artifacts.
+The scores are the study's own (`score`, computed by its evaluation tasks and read from the
+store). The flow (``flows/audit.py``) only composes these tasks and publishes the artifacts.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import storage  # noqa: E402
 
 from .figure import render, save  # noqa: E402
 
-#: share column -> (the flow parameter that limits it, what it measures, in words)
+#: the audit's own measures -> (the flow parameter that limits them, what they measure, in words)
 MEASURES: dict[str, tuple[str, str]] = {
     "outside_mask_share": ("max_outside_mask_share", "outside the ground-truth mask"),
     "region_share": ("max_region_share", "inside the region"),
@@ -37,6 +39,7 @@ ARTIFACT_KEYS = {
     "samples_figure": "dataset-audit-samples-figure",
 }
 ALL = "all"  # the class column of the rows that aggregate every class
+BASELINES = ("random_map", "centre_map", "edge_map")  # shown beside the methods; no limit applies to them
 
 
 def default_report_dir(store: str) -> str:
@@ -58,31 +61,23 @@ def check_region(region: Sequence[int] | None, size: tuple[int, int]) -> tuple[i
     return y0, x0, y1, x1
 
 
-def check_limits(limits: dict[str, float | None]) -> None:
-    for name, limit in limits.items():
-        if limit is not None and not (isinstance(limit, (int, float)) and 0.0 <= limit <= 1.0):
-            raise ValueError(f"{name} is a share of attribution mass, between 0 and 1; got {limit!r}")
+def audit_limits(limits: dict[str, dict[str, float]] | None, max_region_share: float | None,
+                 max_outside_mask_share: float | None) -> dict[str, dict[str, float]]:
+    """All limits as {metric: {"max": v} and/or {"min": v}}, the shares' own parameters included; checked."""
+    from xai_methods import metrics as xmet
 
-
-def attribution_shares(ds: xr.Dataset, methods: Sequence[str],
-                       region: tuple[int, int, int, int] | None = None) -> xr.Dataset:
-    """Lazy (xai_method, sample) shares of each map's positive attribution mass.
-
-    ``positive_mass`` is the sum of the map's positive values; ``outside_mask_share`` (when
-    ``ds`` has ``mask``) and ``region_share`` (when ``region`` is given) divide the positive
-    mass outside the mask, or inside the box, by it.  A map without positive mass, or not
-    computed yet (NaN), has NaN shares.
-    """
-    pos = ds.attribution.sel(xai_method=list(methods)).astype("float64").clip(min=0)  # NaN stays NaN
-    total = pos.sum(("y", "x"), skipna=False)
-    denominator = total.where(total > 0)
-    out = {"positive_mass": total}
-    if "mask" in ds:
-        out["outside_mask_share"] = pos.where(~ds["mask"], 0.0).sum(("y", "x"), skipna=False) / denominator
-    if region is not None:
-        y0, x0, y1, x1 = region
-        out["region_share"] = pos.isel(y=slice(y0, y1), x=slice(x0, x1)).sum(("y", "x"), skipna=False) / denominator
-    return xr.Dataset(out)
+    out = {k: dict(v) for k, v in (limits or {}).items()}
+    for metric, value in (("region_share", max_region_share), ("outside_mask_share", max_outside_mask_share)):
+        if value is not None:
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{MEASURES[metric][0]} is a share of attribution mass, between 0 and 1; got {value!r}")
+            out.setdefault(metric, {})["max"] = float(value)
+    for metric, bounds in out.items():
+        if metric not in xmet.available():
+            raise ValueError(f"limits: {metric!r} is not a metric; available: {', '.join(xmet.available())}")
+        if not bounds or set(bounds) - {"min", "max"} or not all(isinstance(v, (int, float)) for v in bounds.values()):
+            raise ValueError(f"limits: {metric} needs {{'max': number}} and/or {{'min': number}}, got {bounds!r}")
+    return out
 
 
 def true_classes(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -107,64 +102,72 @@ def _mean(values: np.ndarray) -> float | None:
     return round(float(values.mean()), 4) if values.size else None
 
 
-def audit_rows(shares: xr.Dataset, classes: np.ndarray, correct: np.ndarray | None,
-              order: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per method and class (first the row of all classes): sample count, accuracy,
-    maps with positive mass, and the mean of each share over the maps that have one."""
-    measures = [m for m in MEASURES if m in shares]
+def audit_rows(scores: xr.DataArray, classes: np.ndarray, correct: np.ndarray | None,
+               order: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method and class (first the row of all classes): sample count, accuracy, maps
+    scored (a finite score for every metric), and the mean of each metric over its scored maps."""
+    metrics = [str(k) for k in scores.metric.values]
     rows: list[dict[str, Any]] = []
-    for method in [str(m) for m in shares.xai_method.values]:
-        s = shares.sel(xai_method=method)
+    for method in [str(m) for m in scores.xai_method.values]:
+        values = scores.sel(xai_method=method).transpose("sample", "metric").values
         for cls in [ALL, *order]:
             sel = np.ones(len(classes), bool) if cls == ALL else classes == cls
             row: dict[str, Any] = {
-                "xai_method": method,
-                "class": cls,
-                "samples": int(sel.sum()),
+                "xai_method": method, "class": cls, "samples": int(sel.sum()),
                 "accuracy": None if correct is None else _mean(correct[sel]),
-                "maps_with_positive_mass": int((s.positive_mass.values[sel] > 0).sum()),
+                "maps_scored": int(np.isfinite(values[sel]).all(1).sum()),
             }
-            for m in measures:
-                row[m] = _mean(s[m].values[sel])
+            row.update({metric: _mean(values[sel, k]) for k, metric in enumerate(metrics)})
             rows.append(row)
     return rows
 
 
-def threshold_violations(rows: list[dict[str, Any]], limits: dict[str, float | None],
-                         region: Sequence[int] | None) -> list[str]:
-    """A sentence per (threshold, method) whose mean share over all classes is above its limit."""
+def threshold_violations(rows: list[dict[str, Any]], limits: dict[str, dict[str, float]],
+                         region: Sequence[int] | None, per_class: bool = True) -> list[str]:
+    """A sentence per (metric, method, class) whose mean crosses its limit: over all classes and, with
+    `per_class`, over each class (a shortcut of one class in four is diluted in the dataset's mean).
+    The baseline maps are shown beside the methods but never limited."""
     problems = []
-    for row in (r for r in rows if r["class"] == ALL):
-        for measure, (name, where) in MEASURES.items():
-            limit, value = limits.get(name), row.get(measure)
-            if limit is None or value is None or value <= limit:
-                continue
-            where = f"inside the region {list(region)}" if measure == "region_share" else where
-            problems.append(
-                f"{name} crossed for method {row['xai_method']!r}: the mean share of positive attribution "
-                f"{where} is {value:.4f} over {row['maps_with_positive_mass']} maps, above the limit {limit}"
-            )
+    for row in rows:
+        if row["xai_method"] in BASELINES or (row["class"] != ALL and not per_class):
+            continue
+        for metric, bounds in limits.items():
+            value = row.get(metric)
+            for kind, limit in bounds.items():
+                if value is None or (value <= limit if kind == "max" else value >= limit):
+                    continue
+                where = MEASURES.get(metric, (None, ""))[1]
+                where = f" inside the region {list(region)}" if metric == "region_share" else (f" {where}" if where else "")
+                subject = "all classes" if row["class"] == ALL else f"class {row['class']!r}"
+                problems.append(
+                    f"{metric}{where} crossed for method {row['xai_method']!r} on {subject}: the mean is {value:.4f} "
+                    f"over {row['maps_scored']} maps, {'above' if kind == 'max' else 'below'} the {kind} {limit}"
+                )
     return problems
 
 
 @task(cache_policy=NO_CACHE)
-def measure(store: str, methods: list[str], region: list[int] | None) -> dict[str, Any]:
-    """Per-sample shares (computed with Dask from the store), aggregated into table rows."""
+def measure(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any]:
+    """The audit's table rows from the study's stored scores, and the samples its figure shows."""
     ds = storage.open_dataset(store)
-    shares = attribution_shares(ds, methods, tuple(region) if region else None).compute()
+    if metrics:
+        scores = ds.score.sel(xai_method=list(methods), metric=list(metrics)).compute()
+    else:  # nothing to measure (no mask, no region, no metric): the table still counts samples and accuracy
+        scores = xr.DataArray(np.zeros((len(methods), ds.sizes["sample"], 0)), dims=("xai_method", "sample", "metric"),
+                              coords={"xai_method": list(methods), "metric": []})
     classes, correct, order = true_classes(ds)
-    rows = audit_rows(shares, classes, correct, order)
+    rows = audit_rows(scores, classes, correct, order)
     # the samples the report shows: those whose maps put the most mass where they should not
-    shown = next((m for m in ("region_share", "outside_mask_share") if m in shares), None)
+    shown = next((m for m in ("region_share", "outside_mask_share") if m in metrics), None)
     if shown:
-        score = shares[shown].max("xai_method", skipna=True).fillna(-1).values
+        score = scores.sel(metric=shown).max("xai_method", skipna=True).fillna(-1).values
         figure_samples = [int(i) for i in np.argsort(-score, kind="stable")[:4]]
         why = f"the samples whose maps put the most positive attribution {MEASURES[shown][1]}"
     else:
         figure_samples, why = list(range(min(4, ds.sizes["sample"]))), "the first samples"
     return {
         "rows": rows,
-        "measures": [m for m in MEASURES if m in shares],
+        "measures": list(metrics),
         "figure_why": why,
         "samples": int(ds.sizes["sample"]),
         "accuracy": _mean(correct),
@@ -173,9 +176,9 @@ def measure(store: str, methods: list[str], region: list[int] | None) -> dict[st
     }
 
 
-def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limits: dict[str, float | None],
+def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limits: dict[str, dict[str, float]],
                        out: str, title: str) -> str:
-    """Grouped bars: per measure one panel, classes along x, one bar per method, limits dashed."""
+    """Grouped bars: per metric one panel, classes along x, one bar per method, limits dashed."""
     methods = list(dict.fromkeys(r["xai_method"] for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
     width_in = min(24.0, 1.2 + 0.55 * len(classes) * len(methods) * len(measures))
@@ -187,14 +190,16 @@ def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limi
                       for c in classes]
             ax.bar(np.arange(len(classes)) + (k - (len(methods) - 1) / 2) * width,
                    [np.nan if v is None else v for v in values], width, label=method)
-        limit_name, where = MEASURES[measure_name]
-        if limits.get(limit_name) is not None:
-            ax.axhline(limits[limit_name], color="black", linestyle="--", linewidth=1, label=f"{limit_name}")
+        for kind, limit in limits.get(measure_name, {}).items():
+            ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"{kind} {limit}")
         ax.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.25)  # room for the legend above the bars
-        ax.set_yticks(np.linspace(0, 1, 6))
-        ax.set_ylabel("mean share", fontsize=8)
-        ax.set_title(f"positive attribution {where}", fontsize=9)
+        values = [r[measure_name] for r in rows if r.get(measure_name) is not None]
+        if all(0 <= v <= 1 for v in values):
+            ax.set_ylim(0, 1.25)  # room for the legend above the bars
+            ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel("mean", fontsize=8)
+        where = MEASURES.get(measure_name, (None, ""))[1]
+        ax.set_title(f"{measure_name}: positive attribution {where}" if where else measure_name, fontsize=9)
         ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -202,7 +207,7 @@ def render_share_chart(rows: list[dict[str, Any]], measures: Sequence[str], limi
 
 
 @task(cache_policy=NO_CACHE)
-def render_report(store: str, methods: list[str], measured: dict[str, Any], limits: dict[str, float | None],
+def render_report(store: str, methods: list[str], measured: dict[str, Any], limits: dict[str, dict[str, float]],
                   report_dir: str, title: str) -> dict[str, str]:
     """Write the report folder: table.csv, shares.png (when a share was measured), samples.png."""
     os.makedirs(report_dir, exist_ok=True)
@@ -229,7 +234,8 @@ def _fmt(value: Any) -> str:
 
 def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str, Any],
                      new_samples: int, computed: dict[str, int], region: Sequence[int] | None,
-                     limits: dict[str, float | None], violations: list[str], files: dict[str, str]) -> str:
+                     limits: dict[str, dict[str, float]], violations: list[str], files: dict[str, str],
+                     per_class: bool = True) -> str:
     lines = [
         f"# Dataset audit: `{dataset}` with `{model}`",
         "",
@@ -238,20 +244,22 @@ def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str
         + ", ".join(f"{m} {n}" for m, n in computed.items()) + ")",
         f"- model accuracy: {_fmt(measured['accuracy'])}",
         f"- region: {list(region) if region else 'none'} (y0, x0, y1, x1 in model-input pixels)",
-        "- limits: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in limits.items()),
+        "- limits: " + (", ".join(f"{m} {kind} {v}" for m, b in limits.items() for kind, v in b.items()) or "none")
+        + (" (each holds for every class and for all classes)" if per_class and limits else ""),
         "",
     ]
     if not measured["measures"]:
         lines += ["No share was measured: the dataset has no ground-truth masks and no region was given.", ""]
-    cols = ["xai_method", "samples", "accuracy", "maps_with_positive_mass", *measured["measures"]]
+    cols = ["xai_method", "samples", "accuracy", "maps_scored", *measured["measures"]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in (r for r in measured["rows"] if r["class"] == ALL):
         lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    lines += ["", "Shares are means over the maps that have positive attribution; per class in the table artifact "
-              f"`{ARTIFACT_KEYS['table']}` and in `table.csv`.", ""]
+    lines += ["", "Means over the maps each metric could score (a map without positive attribution has no share); "
+              f"the baseline maps ({', '.join(BASELINES)}) are chance levels, never limited. Per class in the table "
+              f"artifact `{ARTIFACT_KEYS['table']}` and in `table.csv`.", ""]
     if violations:
         lines += ["## Thresholds crossed", ""] + [f"- {v}" for v in violations] + [""]
-    elif any(v is not None for v in limits.values()):
+    elif limits:
         lines += ["All thresholds respected.", ""]
     lines += [f"`samples.png` shows {measured['figure_why']}: "
               + ", ".join(f"`{i}`" for i in measured["figure_sample_ids"]) + ".", ""]
@@ -276,5 +284,8 @@ def samples_before(store: str) -> int:
 
 
 @task(cache_policy=NO_CACHE)
-def has_masks(store: str) -> bool:
-    return storage.Store(store, mode="r").has("mask")
+def dataset_has_masks(dataset: str, model: str, weights: str | None) -> bool:
+    """Whether the dataset carries ground-truth masks (the built-in one does; a folder of images does not)."""
+    from .study import load_dataset, load_model
+
+    return load_dataset(dataset, None, load_model(model, weights, "cpu").preprocess.size).has_masks

@@ -4,7 +4,6 @@ import json
 import shutil
 from pathlib import Path
 
-import dask.array
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,7 @@ from PIL import Image
 import storage
 import zoo
 from flows.audit import dataset_audit
-from tasks.audit import ARTIFACT_KEYS, attribution_shares, check_region, true_classes
+from tasks.audit import ARTIFACT_KEYS, audit_limits, check_region, threshold_violations, true_classes
 
 METHODS = ["gradcam", "saliency"]
 
@@ -45,38 +44,7 @@ def read_artifacts(flow_run_id):
     return asyncio.run(read())
 
 
-# ---------------------------------------------------------------- the measures, on known maps
-
-def toy_store():
-    """Two methods, three samples of 4x4 maps with known shares."""
-    att = np.zeros((2, 3, 4, 4), np.float32)
-    mask = np.zeros((3, 4, 4), bool)
-    mask[:, :2, :2] = True                      # the object: top-left 2x2
-    att[0, 0, :2, :2] = 0.75                    # 3.0 of positive mass on the object ...
-    att[0, 0, 3, 3] = 1.0                       # ... 1.0 off it ...
-    att[0, 0, 2, 0] = -5.0                      # ... and negative evidence, which does not count
-    att[0, 1] = 0.0                             # no positive mass: no share
-    att[0, 2] = np.nan                          # not computed: no share
-    att[1] = 1.0                                # uniform: 12 of 16 pixels off the object
-    return xr.Dataset(
-        {"attribution": (("xai_method", "sample", "y", "x"), att), "mask": (("sample", "y", "x"), mask)},
-        coords={"xai_method": ["a", "b"], "sample": np.arange(3)},
-    ).chunk({"sample": 2})
-
-
-def test_shares_of_positive_mass():
-    s = attribution_shares(toy_store(), ["a", "b"], region=(2, 2, 4, 4)).compute()
-    np.testing.assert_allclose(s.positive_mass.sel(xai_method="a").values, [4.0, 0.0, np.nan])
-    np.testing.assert_allclose(s.outside_mask_share.sel(xai_method="a").values, [0.25, np.nan, np.nan])
-    np.testing.assert_allclose(s.region_share.sel(xai_method="a").values, [0.25, np.nan, np.nan])
-    np.testing.assert_allclose(s.outside_mask_share.sel(xai_method="b").values, [0.75] * 3)
-    np.testing.assert_allclose(s.region_share.sel(xai_method="b").values, [0.25] * 3)
-
-
-def test_shares_without_mask_or_region():
-    s = attribution_shares(toy_store().drop_vars("mask"), ["b"])
-    assert set(s.data_vars) == {"positive_mass"}
-    assert isinstance(s.positive_mass.data, dask.array.Array), "computed lazily"
+# ---------------------------------------------------------------- the measures (the metrics are tested in test_metrics)
 
 
 def test_labels_and_predictions_name_the_model_classes():
@@ -121,7 +89,7 @@ def test_audit_runs_and_reports(audited):
     assert state.is_completed(), state.message
     result = state.result()
     assert result["samples"] == 12 and result["new_samples"] == 12 and result["violations"] == []
-    assert result["study"]["computed_blocks"] == {m: 3 for m in METHODS}
+    assert result["study"]["computed_blocks"] == {m: 3 for m in [*METHODS, "random_map", "centre_map", "edge_map"]}
     assert result["report_dir"] == store[: -len(".zarr")] + ".report"
     files = result["files"]
     assert set(files) == {"table", "shares_chart", "samples_figure", "summary"}
@@ -171,8 +139,15 @@ def test_audit_publishes_artifacts(audited):
         assert Path(result["files"][name]).resolve().as_uri() in found[key].data
 
 
-def test_a_crossed_threshold_fails_with_a_clear_message(audited, folder):
+def test_another_region_on_the_same_store_is_refused(audited, folder):
+    """The region is region_share's parameter, recorded in the store like every metric parameter."""
     store, _ = audited
+    with pytest.raises(storage.StoreMismatch, match="parameters of region_share differ"):
+        dataset_audit(dataset=str(folder), store=store, block_size=4, methods=METHODS, region=[0, 0, 64, 64])
+
+
+def test_a_crossed_threshold_fails_with_a_clear_message(prefect_api, folder, tmp_path):
+    store = str(tmp_path / "whole.zarr")
     state = dataset_audit(dataset=str(folder), store=store, block_size=4, methods=METHODS,
                           region=[0, 0, 64, 64], max_region_share=0.1, return_state=True)
     assert state.is_failed()
@@ -180,8 +155,9 @@ def test_a_crossed_threshold_fails_with_a_clear_message(audited, folder):
         state.result()
     message = str(info.value)
     for method in METHODS:
-        assert f"max_region_share crossed for method {method!r}" in message
-    assert "is 1.0000" in message and "above the limit 0.1" in message
+        assert f"region_share inside the region [0, 0, 64, 64] crossed for method {method!r} on all classes" in message
+    assert "the mean is 1.0000 over 12 maps, above the max 0.1" in message
+    assert "'random_map'" not in message, "the baseline maps are never limited"
     # the artifacts were published before the run failed, so the UI shows why
     found = read_artifacts(state.state_details.flow_run_id)
     assert "Thresholds crossed" in found["dataset-audit-summary"].data
@@ -195,7 +171,43 @@ def test_bad_arguments_fail_before_any_work(prefect_api, folder, tmp_path):
         dataset_audit(dataset=str(folder), store=store, max_region_share=0.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
         dataset_audit(dataset=str(folder), store=store, region=[0, 0, 8, 8], max_region_share=5.0)
+    with pytest.raises(ValueError, match="limits: 'nope' is not a metric"):
+        dataset_audit(dataset=str(folder), store=store, limits={"nope": {"max": 1}})
+    with pytest.raises(ValueError, match="limits: deletion needs"):
+        dataset_audit(dataset=str(folder), store=store, limits={"deletion": {"below": 1}})
     assert not storage.exists(store)
+
+
+def test_every_limit_holds_per_class_as_well():
+    """A shortcut of one class in four is diluted in the dataset mean: the per-class rule catches it."""
+    rows = [{"xai_method": "gradcam", "class": "all", "maps_scored": 40, "region_share": 0.13},
+            {"xai_method": "gradcam", "class": "square", "maps_scored": 10, "region_share": 0.42},
+            {"xai_method": "gradcam", "class": "circle", "maps_scored": 10, "region_share": 0.03},
+            {"xai_method": "random_map", "class": "all", "maps_scored": 40, "region_share": 0.5}]
+    limits = audit_limits(None, 0.15, None)
+    [only] = threshold_violations(rows, limits, [0, 48, 16, 64])
+    assert "for method 'gradcam' on class 'square': the mean is 0.4200 over 10 maps, above the max 0.15" in only
+    assert threshold_violations(rows, limits, [0, 48, 16, 64], per_class=False) == []
+    low = threshold_violations([{"xai_method": "gradcam", "class": "all", "maps_scored": 4, "pointing_game": 0.5}],
+                               audit_limits({"pointing_game": {"min": 0.8}}, None, None), None)
+    assert low == ["pointing_game crossed for method 'gradcam' on all classes: the mean is 0.5000 over 4 maps, "
+                   "below the min 0.8"]
+
+
+def test_a_class_above_its_limit_fails_the_audit_while_the_mean_passes(audited, folder):
+    """End to end: a limit between the dataset's mean and its worst class fails on that class only."""
+    store, state = audited
+    rows = [r for r in state.result()["rows"] if r["xai_method"] == "gradcam"]
+    overall = next(r["region_share"] for r in rows if r["class"] == "all")
+    worst = max((r for r in rows if r["class"] != "all"), key=lambda r: r["region_share"])
+    limit = round((overall + worst["region_share"]) / 2, 4)
+    args = dict(dataset=str(folder), store=store, block_size=4, methods=["gradcam"], region=[0, 0, 16, 16],
+                max_region_share=limit)
+    failed = dataset_audit(**args, return_state=True)
+    assert failed.is_failed()
+    with pytest.raises(ValueError, match=f"on class {worst['class']!r}"):
+        failed.result()
+    assert dataset_audit(**args, per_class=False)["violations"] == []
 
 
 def test_outside_mask_limit_needs_masks(audited, folder):
@@ -213,7 +225,7 @@ def test_new_images_are_added_and_only_they_are_computed(audited, folder, tmp_pa
     export_shapes(grown, 12, 16)
     result = dataset_audit(dataset=str(grown), store=copy, block_size=4, methods=METHODS, region=[0, 0, 16, 16])
     assert result["samples"] == 16 and result["new_samples"] == 4
-    assert result["study"]["computed_blocks"] == {m: 1 for m in METHODS}
+    assert result["study"]["computed_blocks"] == {m: 1 for m in [*METHODS, "random_map", "centre_map", "edge_map"]}
     after = xr.open_zarr(copy)
     old_ids = list(before.sample_id.values)
     assert set(old_ids) < set(after.sample_id.values)

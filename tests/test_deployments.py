@@ -74,12 +74,13 @@ def test_the_audit_form_explains_every_parameter(monkeypatch):
 def test_the_audit_parameters_make_sense():
     """The region lies inside the built-in model's input and the limits are shares."""
     import zoo
-    from flows.audit import check_limits, check_region
+    from tasks.audit import audit_limits, check_region
 
     p = DEPLOYMENTS["nightly"]["parameters"]
     size = zoo.load_model(p["model"], weights=p["weights"]).preprocess.size
     assert check_region(p["region"], size) == tuple(p["region"])
-    check_limits({"max_region_share": p["max_region_share"], "max_outside_mask_share": p["max_outside_mask_share"]})
+    limits = audit_limits(p.get("limits"), p["max_region_share"], p["max_outside_mask_share"])
+    assert limits["region_share"] == {"max": p["max_region_share"]}
     assert p["max_region_share"] is not None, "the nightly audit checks a region"
 
 
