@@ -175,10 +175,11 @@ def measure(
         return Scores(value, status, curve)
     with untouched(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         t = None
-        if s.needs_model:
-            logits = forward_logits(model, images[todo].detach(), params.get("internal_batch", 64))
-            t = targets(logits, None if target is None else _rows(target, b, images.device)[todo], len(todo),
-                        images.device)
+        if s.needs_model:  # the top-1 class needs every image's logits; a given target only the class count
+            probe = images[todo] if target is None else images[todo[:1]]
+            logits = forward_logits(model, probe.detach(), params.get("internal_batch", 64))
+            given = None if target is None else _rows(target, b, images.device)[todo]
+            t = targets(logits if target is None else logits.expand(len(todo), -1), given, len(todo), images.device)
         sub = s.fn(model, images[todo].detach(), maps[todo].detach().float(), t,
                    None if mask is None else mask[todo], **{**s.defaults, **params})
     value[todo], status[todo] = sub.value.float(), sub.status.to(torch.int8)
