@@ -341,7 +341,7 @@ def _check_out(study: str, out: str) -> None:
     """Refuse to write over the study, or over anything that is not an older aggregate."""
     same = out.rstrip("/") == study.rstrip("/") if _is_url(out) else os.path.abspath(out) == os.path.abspath(study)
     if same:
-        raise ValueError(f"--out {out!r} is the study store itself; choose another path")
+        raise ValueError(f"the aggregate output {out!r} is the study store itself; choose another path")
     try:
         with _quiet():
             marker = zarr.open_group(out, mode="r").attrs.get("saliency_atlas_aggregate")
@@ -354,7 +354,7 @@ def _check_out(study: str, out: str) -> None:
             raise  # e.g. no fsspec backend for the URL: that error says more than ours would
         marker = None
     if marker is None:
-        raise ValueError(f"refusing to overwrite {out!r}: it exists and is not an aggregate store; choose another --out")
+        raise ValueError(f"refusing to overwrite {out!r}: it exists and is not an aggregate store; choose another output path")
 
 
 def aggregate(path: str | os.PathLike, out: str | os.PathLike | None = None, *,

@@ -39,7 +39,7 @@ def interval(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: fl
 
 def _scores(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     if "score" not in ds:
-        raise ValueError("this study has no scores yet: evaluate it first (saliency-atlas evaluate STORE --metrics ...)")
+        raise ValueError("this study has no scores yet: evaluate it with metrics first")
     score = ds["score"].transpose("xai_method", "sample", "metric")
     status = ds["score_status"].transpose("xai_method", "sample", "metric")
     methods = [str(m) for m in ds.xai_method.values if str(m)]

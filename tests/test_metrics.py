@@ -322,3 +322,13 @@ def test_quantus_pointing_game_counts_a_constant_map_as_a_hit(quantus):
     ours = xmet.measure("pointing_game", None, torch.from_numpy(x), torch.from_numpy(a[:, 0]),
                         mask=torch.from_numpy(s[:, 0] > 0), tolerance=0)
     assert ours.value[:2].tolist() == [0.0, 0.0] and ours.status[:2].tolist() == [CONSTANT_MAP, OK]
+
+
+def test_road_scores_every_image_of_a_large_batch():
+    """Quantus 0.6's ROAD averages only the first batch of 64 images; here every image is scored, alone."""
+    model, x = tiny_cnn(), images(70)
+    maps = torch.rand(70, H, W, generator=torch.Generator().manual_seed(2))
+    s = xmet.measure("road_lerf", model, x, maps, 0, fractions=[0.3, 0.6], internal_batch=16)
+    assert s.value.shape == (70,) and torch.isfinite(s.value).all() and s.curve.shape == (70, 2)
+    alone = xmet.measure("road_lerf", model, x[65:66], maps[65:66], 0, fractions=[0.3, 0.6])
+    torch.testing.assert_close(s.curve[65:66], alone.curve)

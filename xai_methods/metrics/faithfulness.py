@@ -224,11 +224,11 @@ def _road(model: nn.Module, images: Tensor, maps: Tensor, t: Tensor, *, fraction
     x = images.detach().cpu().double().numpy()
     g = seeded_rng(seed)
     imputed = []
-    for f in fractions:
-        jitter = torch.randn(x.shape, generator=g, dtype=torch.float64).numpy() * noise
+    for f in fractions:  # one noise pattern per fraction, shared by all images: batched == per image
+        jitter = torch.randn(x.shape[1:], generator=g, dtype=torch.float64).numpy() * noise
         for i in range(len(x)):
             removed = (order[i] < round(f * hw)).reshape(maps.shape[1:])
-            imputed.append(np.where(removed, impute(x[i], removed) + jitter[i], x[i]))
+            imputed.append(np.where(removed, impute(x[i], removed) + jitter, x[i]))
     inputs = torch.from_numpy(np.stack(imputed)).to(images.device, images.dtype)  # (F * B, C, H, W)
     b, n_f = len(x), len(fractions)
     curve = scored_inputs(model, t, n_f, lambda img, k: inputs[k * b + img], internal_batch, "probability")
@@ -262,9 +262,11 @@ def road_morf(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, ma
               internal_batch: int = 64) -> Scores:
     """ROAD, most relevant first (Rong et al. 2022): the target's probability with the top fraction of pixels imputed.
 
-    Removed pixels are filled by noisy linear imputation (each the weighted mean of its 8
-    neighbours, solved as one sparse system per image and fraction, plus N(0, `noise`) noise in
-    normalised units), so the removal leaks no shape and moves the image little off the data.
+    Removed pixels are filled by noisy linear imputation: each is the weighted mean of its 8
+    neighbours (one sparse system per image and fraction), plus N(0, `noise`) noise in normalised
+    units. The removal thus leaks no shape and moves the image little off the data. The noise is
+    one seeded pattern per fraction, shared by all images, so an image's result does not depend
+    on its batch.
     Value: the mean height of the curve over `fractions` (trapezoid); lower = more faithful.
     """
     return _road(model, images, maps, target, fractions=fractions, noise=noise, seed=seed,
