@@ -238,8 +238,9 @@ def cmd_study(args: argparse.Namespace) -> None:
         return
     summary = study(**dc.asdict(spec))
     print(f"store:   {summary['store']}")
-    if "figure" in summary:
-        print(f"figure:  {summary['figure']}")
+    for path in [summary.get("figure"), *summary.get("evaluation_figures", [])]:
+        if path:
+            print(f"figure:  {path}")
     if summary["accuracy"] is not None:
         print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
     computed = sum(summary["computed_blocks"].values())

@@ -16,6 +16,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
+from tasks.evaluation_plot import render_evaluation
+
 from tasks import (
     OPTIONS,
     StudySpec,
@@ -132,4 +134,7 @@ def study(**options: Any) -> dict[str, Any]:
         shown = [s for s in spec.figure_samples if s < plan["samples"]]
         summary["figure"] = render_figure(spec.store, spec.figure, shown)
         log.info("figure written to %s", summary["figure"])
+        if spec.metrics:
+            summary["evaluation_figures"] = render_evaluation(spec.store, os.path.splitext(spec.figure)[0])
+            log.info("evaluation figures: %s", ", ".join(summary["evaluation_figures"]))
     return summary

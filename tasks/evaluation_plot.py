@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from xai_methods import metrics as xmet  # noqa: E402
 
@@ -89,3 +91,11 @@ def plot_evaluation(ds: xr.Dataset, prefix: str) -> list[str]:
     """Both figures, ``PREFIX.curves.png`` (when there is a curve metric) and ``PREFIX.scores.png``."""
     made = [plot_curves(ds, f"{prefix}.curves.png"), plot_scores(ds, f"{prefix}.scores.png")]
     return [p for p in made if p]
+
+
+@task(cache_policy=NO_CACHE)
+def render_evaluation(store: str, prefix: str) -> list[str]:
+    """Prefect task around `plot_evaluation` for a study's store; returns the figures' paths."""
+    import storage
+
+    return plot_evaluation(storage.open_dataset(store), prefix)

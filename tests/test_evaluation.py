@@ -39,6 +39,15 @@ def evaluated(prefect_api, tmp_path_factory):
     return path, summary
 
 
+def test_a_study_with_metrics_draws_the_evaluation_figures(prefect_api, tmp_path):
+    summary = study(store=str(tmp_path / "f.zarr"), samples=8, block_size=8, methods=["gradcam"], device="cpu",
+                    metrics=["deletion"], metric_params={"deletion": {"steps": 4}}, figure=str(tmp_path / "f.png"))
+    assert summary["evaluation_figures"] == [str(tmp_path / "f.curves.png"), str(tmp_path / "f.scores.png")]
+    for path in summary["evaluation_figures"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_study_scores_every_method_including_the_baselines(evaluated):
     path, summary = evaluated
     ds = xr.open_zarr(path)
