@@ -174,3 +174,18 @@ def test_bad_metric_arguments_fail_before_any_store(tmp_path, capsys):
         assert main(["study", "--store", str(store), *argv]) == 2
         assert message in capsys.readouterr().err
         assert not store.exists()
+
+
+def test_curve_metrics_added_later_grow_the_curves(prefect_api, tmp_path, capsys):
+    """A store scored without curves gains `curve`; a longer curve later grows `step`, older curves NaN past their end."""
+    store = str(tmp_path / "grow.zarr")
+    study(store=store, samples=8, block_size=8, methods=["gradcam"], device="cpu", metrics=["pointing_game"])
+    for metric, steps in (("deletion", 4), ("insertion", 8)):
+        assert main(["evaluate", store, "--metrics", metric, "--metric-param", f"{metric}.steps={steps}",
+                     "--json"]) == 0
+    capsys.readouterr()
+    ds = xr.open_zarr(store)
+    assert list(ds.metric.values) == ["pointing_game", "deletion", "insertion"] and ds.sizes["step"] == 9
+    assert np.isnan(ds.curve.sel(metric="deletion").values[..., 5:]).all()
+    assert np.isfinite(ds.curve.sel(metric="deletion").values[..., :5]).all()
+    assert np.isfinite(ds.curve.sel(metric="insertion").values).all() and ds.scored.values.all()

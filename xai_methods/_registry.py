@@ -132,8 +132,9 @@ SHARED_CHECKS: dict[str, C.Check] = {
 }
 
 
-def _check_params(s: MethodSpec, params: Mapping[str, Any], ctx: C.Context | None = None) -> None:
-    """Unknown names, then every value (given or default) against the shared and the method's checks."""
+def _check_params(s: Any, params: Mapping[str, Any], ctx: C.Context | None = None) -> None:
+    """Unknown names, then every value (given or default) against the shared and the spec's own checks;
+    `s` is a method's or a metric's spec (its name, defaults and checks)."""
     for key in params:
         if key not in s.defaults:
             valid = ", ".join(s.defaults) or "none"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from .._core import forward_logits, targets, untouched
-from .._registry import SHARED_CHECKS
+from .._registry import _check_params as check_params
 
 FAMILIES = ("localisation", "faithfulness", "robustness", "complexity", "audit")
 
@@ -122,14 +122,8 @@ def check(name: str, size: tuple[int, int], model: nn.Module | None = None, **pa
     """Validate a call of metric `name` on images of `size` without running it; returns forward
     passes per image. Pipelines call it to refuse a bad evaluation before any work."""
     s = spec(name)
-    for key in params:
-        if key not in s.defaults:
-            raise TypeError(f"{name}() got an unknown parameter {key!r}; valid parameters: "
-                            f"{', '.join(s.defaults) or 'none'}")
-    merged = {**s.defaults, **params}
-    ctx = C.Context(size=tuple(size), model=model, params=merged)
-    C.run({**{k: v for k, v in SHARED_CHECKS.items() if k in s.defaults}, **s.checks}, merged, ctx)
-    return s.cost(merged, tuple(size))
+    check_params(s, params, C.Context(size=tuple(size), model=model))
+    return s.cost({**s.defaults, **params}, tuple(size))
 
 
 def _check_inputs(s: MetricSpec, images: Any, maps: Any, mask: Any) -> None:
