@@ -15,6 +15,10 @@ Usage::
     grads = xm.attribute("saliency", model, images, reduce=None)        # (4, 3, 96, 96)
     why = xm.attribute("contrastive_gradcam", model, images, contrast=5)  # why top-1, not class 5?
 
+    from xai_methods import metrics as xmet
+    xmet.evaluate("deletion", model, images, maps, target=3)          # (4,) one score per image
+    xm.attribute("random_map", model, images)                          # a baseline map: chance level
+
 Maps are float32 on ``images.device``, larger = more evidence for the target,
 and not rescaled. The model is left exactly as found (mode, requires_grad,
 in-place flags, hooks). New methods register with ``xai_methods._registry.register``.
