@@ -97,8 +97,13 @@ STUDY_GROUPS = {
     "where": "where block tasks run (default: one at a time in this process)",
 }
 ARG_TYPES = {"names": _names, "samples": _samples, "ints": _int_list, "param": _param}
-OPTION_FLAGS = {"methods": "--methods", "samples": "--samples", "block_size": "--block-size", "device": "--device",
-                "contrast": "--contrast", "workers": "--workers", "layer": "--layer"}
+
+
+def flag_of(name: str) -> str:
+    """How the command line spells study option `name` (its own flag, else --name-with-dashes)."""
+    from tasks import OPTIONS
+
+    return OPTIONS[name].metadata["cli"].get("flag", "--" + name.replace("_", "-"))
 
 
 def add_study_options(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +116,8 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
         cli = dict(f.metadata["cli"])
         group = cli.pop("group", None)
         target = where if group == "where" else groups[group] if group else parser
-        flag = cli.pop("flag", "--" + name.replace("_", "-"))
+        cli.pop("flag", None)
+        flag = flag_of(name)
         kind = cli.pop("type", None)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, bool):  # a switch that turns the default off
@@ -375,9 +381,11 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
     if isinstance(e, FileNotFoundError) and "no study store" in str(e) and getattr(args, "command", "") != "study":
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    from tasks import OPTIONS
+
     first = message.split(" ", 1)[0]
-    if getattr(args, "command", "") == "study" and first in OPTION_FLAGS:  # the option as this command spells it
-        message = OPTION_FLAGS[first] + message[len(first):]
+    if getattr(args, "command", "") == "study" and first in OPTIONS:  # the option as this command spells it
+        message = flag_of(first) + message[len(first):]
     return message
 
 
