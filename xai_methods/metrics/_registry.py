@@ -172,7 +172,7 @@ def measure(
         if s.needs_model:  # the top-1 class needs every image's logits; a given target only the class count
             probe = images[todo] if target is None else images[todo[:1]]
             logits = forward_logits(model, probe.detach(), params.get("internal_batch", 64))
-            given = None if target is None else _rows(target, b, images.device)[todo]
+            given = None if target is None else targets(None, target, b, images.device)[todo]
             t = targets(logits if target is None else logits.expand(len(todo), -1), given, len(todo), images.device)
         sub = s.fn(model, images[todo].detach(), maps[todo].detach().float(), t,
                    None if mask is None else mask[todo], **{**s.defaults, **params})
@@ -188,7 +188,3 @@ def evaluate(
 ) -> Tensor:
     """One score per image (B,) float32, NaN where undefined (`measure` also says why)."""
     return measure(name, model, images, maps, target, mask, **params).value
-
-
-def _rows(target: Any, b: int, device: torch.device) -> Tensor:
-    return targets(None, target, b, device)
