@@ -99,29 +99,42 @@ STUDY_GROUPS = {
 ARG_TYPES = {"names": _names, "samples": _samples, "ints": _int_list, "param": _param}
 
 
-def flag_of(name: str) -> str:
-    """How the command line spells study option `name` (its own flag, else --name-with-dashes)."""
-    from tasks import OPTIONS
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.5, got {text!r}") from None
 
-    return OPTIONS[name].metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+
+ARG_TYPES.update(floats=_floats, float=float)
 
 
-def add_study_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of `tasks.StudySpec`, with its help text and default (the flow's form reads the same)."""
-    from tasks import OPTIONS
+def flag_of(name: str, options: dict[str, dataclasses.Field] | None = None) -> str:
+    """How the command line spells option `name` (its own flag, else --name-with-dashes)."""
+    if options is None:
+        from tasks import OPTIONS as options
+    return options[name].metadata["cli"].get("flag", "--" + name.replace("_", "-"))
+
+
+def add_study_options(parser: argparse.ArgumentParser, options: dict[str, dataclasses.Field] | None = None) -> None:
+    """One flag per field of `tasks.StudySpec` (or a protocol's spec), with its help text and default
+    (the flow's form reads the same)."""
+    if options is None:
+        from tasks import OPTIONS as options
 
     groups = {key: parser.add_argument_group(title) for key, title in STUDY_GROUPS.items()}
     where = groups["where"].add_mutually_exclusive_group()
-    for name, f in OPTIONS.items():
+    for name, f in options.items():
         cli = dict(f.metadata["cli"])
         group = cli.pop("group", None)
         target = where if group == "where" else groups[group] if group else parser
         cli.pop("flag", None)
-        flag = flag_of(name)
+        flag = flag_of(name, options)
         kind = cli.pop("type", None)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):  # a switch that turns the default off
-            target.add_argument(flag, dest=name, action="store_false", help=cli.pop("switch", f.metadata["help"]))
+        if isinstance(default, bool):  # a switch that turns the default around
+            action = "store_true" if cli.pop("switch_on", False) else "store_false"
+            target.add_argument(flag, dest=name, action=action, help=cli.pop("switch", f.metadata["help"]))
         elif kind == "param":
             owner = "METRIC" if name.startswith("metric") else "METHOD"
             example = "deletion.steps=16" if owner == "METRIC" else "occlusion.window=8"
@@ -135,19 +148,25 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
                                 f"(default: {shown})", **cli)
 
 
-def study_spec(args: argparse.Namespace) -> Any:
-    """The `StudySpec` of parsed `study` arguments (--param pairs folded into per-method dicts)."""
-    from tasks import OPTIONS, StudySpec
-
-    values = {name: getattr(args, name) for name in OPTIONS}
-    for name, f in OPTIONS.items():
+def spec_from_args(cls: type, options: dict[str, dataclasses.Field], args: argparse.Namespace) -> Any:
+    """The spec of parsed arguments: --param pairs folded into per-method dicts, the figure defaulted
+    to the store path with .png ('none': no figure)."""
+    values = {name: getattr(args, name) for name in options}
+    for name, f in options.items():
         if f.metadata["cli"].get("type") == "param":  # NAME.KEY=VALUE pairs -> {NAME: {KEY: VALUE}}
             folded: dict[str, dict[str, Any]] = {}
             for owner, key, value in values[name]:
                 folded.setdefault(owner, {})[key] = value
             values[name] = folded
     figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
-    return StudySpec(**{**values, "figure": None if figure.lower() == "none" else figure})
+    return cls(**{**values, "figure": None if figure.lower() == "none" else figure})
+
+
+def study_spec(args: argparse.Namespace) -> Any:
+    """The `StudySpec` of parsed `study` arguments."""
+    from tasks import OPTIONS, StudySpec
+
+    return spec_from_args(StudySpec, OPTIONS, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=None, help="score on a local Dask cluster of N processes")
 
     sub.add_parser("metrics", help="list the evaluation metrics, their family and cost")
+    add_protocol_parsers(sub)
 
     st = sub.add_parser("status", help="blocks done per method, and the store's identity")
     st.add_argument("store")
@@ -208,6 +228,71 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--plot", default=None, metavar="PNG", help="also draw the mean maps (and correct vs incorrect) to this file")
     ag.add_argument("--by", choices=("label", "prediction"), default="label", help="group classes by the true label or the prediction")
     return p
+
+
+PROTOCOLS = {
+    "sanity": ("do the maps change when the model's layers or the labels are randomised? (Adebayo et al. 2018)",
+               """examples:
+  saliency-atlas sanity --methods saliency,guided_backprop,gradcam --samples 32 --json
+  saliency-atlas sanity ... --data-randomization       # also retrain on permuted labels
+  saliency-atlas sanity ... --study runs/shapes.zarr   # reuse the study's maps as the unrandomised ones
+
+Layers are re-initialised from the logits down in the order they run, cascading (all layers down
+to this one) and independent (this one alone); each map is compared with the original by Spearman
+rank correlation (of |map| and of the signed map), SSIM and the correlation of HOG features.
+A method whose maps stay similar when the model is destroyed does not explain the model."""),
+    "invariance": ("does a map change under an input shift the model compensates? (Kindermans et al. 2019)",
+                   """examples:
+  saliency-atlas invariance --methods saliency,integrated_gradients --baseline zeros --json
+  saliency-atlas invariance --methods integrated_gradients,deeplift --baseline shifted --json
+
+The shifted model takes x + shift (in [0, 1] pixel units) and its first layer's bias absorbs
+the shift, so both models compute the same function; invariant = relative L1 change of the maps
+at most --tolerance."""),
+    "manipulate": ("move a map to a target with an imperceptible input change (Dombrowski et al. 2019)",
+                   """examples:
+  saliency-atlas manipulate --method saliency --target-map other --samples 8 --json
+  saliency-atlas manipulate --method gradcam --target-map corner --steps 300
+
+The attack differentiates the map through a softplus copy of the model (--beta) and keeps the
+output (--gamma); "defended" repeats it against the map of a softplus copy with a small beta
+(--defence-beta), the defence the paper proposes."""),
+    "roar": ("remove the top-ranked pixels, retrain, test: does accuracy fall faster than at random? (Hooker et al. 2019)",
+             """examples:
+  saliency-atlas roar --methods saliency,gradcam --fractions 0.1,0.5,0.9 --seeds 3 --json
+  saliency-atlas roar ... --workers 2                 # retrains in parallel on a local Dask cluster
+
+Each (method, fraction, seed) retrain is one resumable unit of the store; rerun to resume."""),
+}
+
+
+def add_protocol_parsers(sub: Any) -> None:
+    from flows.protocols import SPECS
+
+    for name, (summary, examples) in PROTOCOLS.items():
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ". The same options "
+                           f"are the parameters of the `{name}` flow in the Prefect UI.", epilog=examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_study_options(p, {f.name: f for f in dataclasses.fields(SPECS[name])})
+        p.add_argument("--json", action="store_true", help="print the result as JSON only")
+
+
+def cmd_protocol(args: argparse.Namespace) -> None:
+    from flows import protocols
+    from tasks import invariance, manipulation, roar, sanity
+
+    cls = protocols.SPECS[args.command]
+    spec = spec_from_args(cls, {f.name: f for f in dataclasses.fields(cls)}, args)
+    # Every argument is checked (and the store opened or refused) before the flow starts.
+    {"sanity": sanity, "invariance": invariance, "manipulate": manipulation, "roar": roar}[args.command].open_store(spec)
+    result = protocols.FLOWS[args.command](**dataclasses.asdict(spec))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"store:   {spec.store}")
+    if spec.figure:
+        print(f"figure:  {spec.figure}")
+    print(json.dumps(result, indent=1))
 
 
 def cmd_methods() -> None:
@@ -409,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(args.store, args.out, args.samples, methods))
         elif args.command == "aggregate":
             cmd_aggregate(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        elif args.command in PROTOCOLS:
+            cmd_protocol(args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("SALIENCY_ATLAS_DEBUG"):
             raise  # the full traceback, for bug reports
         print(f"saliency-atlas: error: {error_line(e, args)}", file=sys.stderr)

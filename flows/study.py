@@ -6,6 +6,7 @@ the options are defined once for the flow, the form and the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any, Callable
@@ -19,7 +20,6 @@ from tqdm.auto import tqdm
 from tasks.evaluation_plot import render_evaluation
 
 from tasks import (
-    OPTIONS,
     StudySpec,
     accuracy,
     attribute_block,
@@ -31,15 +31,21 @@ from tasks import (
 )
 
 
-def spec_signature(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``fn(**options)`` the signature and the "Args:" docstring of `StudySpec`'s fields."""
-    defaults = StudySpec()
-    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name),
-                                annotation=f.type) for name, f in OPTIONS.items()]
-    fn.__signature__ = inspect.Signature(params, return_annotation=dict[str, Any])  # type: ignore[attr-defined]
-    args = "\n".join(f"    {name}: {f.metadata['help']}" for name, f in OPTIONS.items())
-    fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{args}\n"
-    return fn
+def spec_signature(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give ``fn(**options)`` the signature and the "Args:" docstring of the fields of `cls`
+    (`StudySpec`, or a protocol's spec)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        defaults = cls()
+        params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name),
+                                    annotation=f.type) for name, f in fields.items()]
+        fn.__signature__ = inspect.Signature(params, return_annotation=dict[str, Any])  # type: ignore[attr-defined]
+        args = "\n".join(f"    {name}: {f.metadata['help']}" for name, f in fields.items())
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{args}\n"
+        return fn
+
+    return decorate
 
 
 def task_runner(workers: int | None, dask_address: str | None, device: str = "cpu") -> TaskRunner:
@@ -90,7 +96,7 @@ def compute_blocks(
 
 
 @flow(name="study", log_prints=False)
-@spec_signature
+@spec_signature(StudySpec)
 def study(**options: Any) -> dict[str, Any]:
     """Explain a model on a dataset with each of several methods and store every map.
 

@@ -13,23 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .models import SHAPES_PREPROCESS, SHAPES_WEIGHTS, ShapesCNN, load_model
 from .shapes import ShapesDataset
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on [0, 1] images."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch):
-        x = SHAPES_PREPROCESS(torch.from_numpy(images[i:i + batch]))
-        correct += int((model(x).argmax(1).numpy() == labels[i:i + batch]).sum())
-    return correct / len(images)
+from .training import accuracy, fit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,31 +32,19 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)  # batch order
     t0 = time.time()
     train = ShapesDataset(seed=args.seed, split="train", length=args.train_samples).load(0, args.train_samples)
     val = ShapesDataset(seed=args.seed, split="val", length=1000).load(0, 1000)
     print(f"generated {len(train.labels)} train + {len(val.labels)} val images in {time.time() - t0:.1f}s", flush=True)
 
     model = ShapesCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * (len(train.labels) // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
-    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.from_numpy(rng.permutation(len(labels)))
-        total = 0.0
-        for i in range(len(labels) // args.batch_size):  # drops the last partial batch
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = F.cross_entropy(model(SHAPES_PREPROCESS(images[idx])), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / (i + 1):.4f}, "
-              f"val acc {accuracy(model, val.images, val.labels):.4f} ({time.time() - t0:.0f}s)", flush=True)
+
+    def report(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, val acc "
+              f"{accuracy(model, val.images, val.labels, SHAPES_PREPROCESS):.4f} ({time.time() - t0:.0f}s)", flush=True)
+
+    fit(model, train.images, train.labels, SHAPES_PREPROCESS, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, report=report)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out)
@@ -76,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     test = ShapesDataset(seed=args.seed, split="test", length=1000).load(0, 1000)
     shipped = load_model("shapes-cnn", weights=args.out)  # the path users take (weights_only=True)
-    print(f"test acc (1000 fresh test samples): {accuracy(shipped, test.images, test.labels):.4f}")
+    print(f"test acc (1000 fresh test samples): {accuracy(shipped, test.images, test.labels, SHAPES_PREPROCESS):.4f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""The store of a reliability protocol (sanity, invariance, manipulate, roar): results by unit of work.
+
+A protocol's work comes in *parts* (the unrandomised maps, one randomised layer, one retrain...).
+Each part has unit dimensions: one unit is one index along each of them, its variables are
+chunked 1 along those dimensions (so a unit's write is whole chunks and never races with
+another unit's writer), and a ``done_<part>`` flag over the unit dimensions is set only
+after the unit's variables are written. A rerun computes only units whose flag is unset, so
+a protocol resumes after a kill; the store is one Zarr v3 group read by ``xarray.open_zarr``.
+
+Opening a store made by another protocol, model, dataset or options is refused, naming what
+differs, and the store is left untouched.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet
+
+
+@dataclass(frozen=True)
+class Part:
+    """One kind of unit of work and the variables a unit writes (their dims start with `units`)."""
+
+    name: str
+    units: tuple[str, ...]
+    variables: dict[str, tuple[tuple[str, ...], str]]  # name -> (dims, dtype)
+
+
+def _fill(dtype: str) -> Any:
+    return np.nan if np.dtype(dtype).kind == "f" else -1 if np.dtype(dtype).kind in "iu" else False
+
+
+def _check_path(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"the store path {path!r} is a file, not a Zarr store; choose another path")
+    if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():
+        raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "
+                              "choose a new path")
+
+
+def _layout(coords: dict[str, Sequence[Any]], parts: Sequence[Part]) -> tuple[xr.Dataset, dict[str, Any]]:
+    sizes = {d: len(v) for d, v in coords.items()}
+    data, encoding = {}, {}
+    for part in parts:
+        for name, (dims, dtype) in {**part.variables, f"done_{part.name}": (part.units, "bool")}.items():
+            missing = [d for d in dims if d not in sizes]
+            if missing or tuple(dims[:len(part.units)]) != part.units:
+                raise ValueError(f"variable {name} of part {part.name}: dims {dims} must start with {part.units} "
+                                 f"and have coordinates (missing {missing})")
+            chunks = tuple(1 if d in part.units else sizes[d] for d in dims)
+            data[name] = (dims, da.full(tuple(sizes[d] for d in dims), _fill(dtype), dtype=dtype, chunks=chunks))
+            encoding[name] = {"chunks": chunks}
+    values = {d: np.asarray(v, dtype=object if isinstance(v[0], str) else None) for d, v in coords.items() if len(v)}
+    return xr.Dataset(data, coords=values), encoding
+
+
+class ResultStore:
+    """A protocol's store: create or reopen it (`open_or_create`), list and write units."""
+
+    def __init__(self, path: str, mode: str = "r+") -> None:
+        self.path = path
+        with _quiet():
+            try:
+                self.group = zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"no protocol store at {path!r}") from e
+        self.parts = {p["name"]: Part(p["name"], tuple(p["units"]), {k: (tuple(d), t) for k, (d, t) in
+                                                                      p["variables"].items()})
+                      for p in json.loads(self.group.attrs.get("parts", "[]"))}
+
+    @classmethod
+    def open_or_create(cls, path: str, protocol: str, identity: dict[str, Any], coords: dict[str, Sequence[Any]],
+                       parts: Sequence[Part]) -> tuple[ResultStore, bool]:
+        """The store at `path` (created when absent); refused when it holds another protocol or identity."""
+        _check_path(path)
+        identity = json.loads(json.dumps(identity, sort_keys=True))
+        if (Path(path) / "zarr.json").exists():
+            store = cls(path)
+            store.check(protocol, identity)
+            return store, False
+        ds, encoding = _layout(coords, parts)
+        ds.attrs.update(protocol=protocol, schema_version=SCHEMA_VERSION, identity=json.dumps(identity, sort_keys=True),
+                        parts=json.dumps([{"name": p.name, "units": p.units, "variables": p.variables} for p in parts]))
+        with _quiet():
+            ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+        return cls(path), True
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return json.loads(self.group.attrs["identity"])
+
+    def check(self, protocol: str, identity: dict[str, Any]) -> None:
+        stored = self.group.attrs.get("protocol")
+        if stored != protocol:
+            raise StoreMismatch(self.path, [Difference("protocol", stored, protocol)])
+        have = self.identity
+        diffs = [Difference(k, have.get(k), identity.get(k)) for k in sorted(set(have) | set(identity))
+                 if have.get(k) != identity.get(k)]
+        if diffs:
+            raise StoreMismatch(self.path, diffs)
+
+    def coord(self, dim: str) -> list[Any]:
+        return self.group[dim][:].tolist() if dim in self.group else []
+
+    def pending(self, part: str) -> list[tuple[int, ...]]:
+        """Units of `part` not yet done, as index tuples over its unit dimensions."""
+        flags = np.asarray(self.group[f"done_{part}"][...])
+        return [tuple(int(i) for i in idx) for idx in np.argwhere(~flags)]
+
+    def write(self, part: str, unit: tuple[int, ...], **values: np.ndarray) -> None:
+        """Write every variable of one unit of `part`, then set its done flag."""
+        p = self.parts[part]
+        if set(values) != set(p.variables):
+            raise KeyError(f"part {part} writes {sorted(p.variables)}, got {sorted(values)}")
+        for name, value in values.items():
+            arr = self.group[name]
+            # xarray does not check numpy-backed writes; not an assert, so it holds under python -O
+            if any(c != 1 for c in arr.chunks[:len(unit)]):
+                raise StoreLayoutError(f"{name} is not chunked 1 along {p.units}: a unit write would not be whole chunks")
+            expected = arr.shape[len(unit):]
+            value = np.asarray(value, dtype=arr.dtype)
+            if value.shape != expected:
+                raise ValueError(f"{name} of unit {unit} has shape {value.shape}, expected {expected}")
+            arr[unit] = value
+        self.group[f"done_{part}"][unit] = True
+
+    def read(self, name: str, unit: tuple[int, ...] = ()) -> np.ndarray:
+        return np.asarray(self.group[name][unit] if unit else self.group[name][...])
+
+    def dataset(self) -> xr.Dataset:
+        with _quiet():
+            return xr.open_zarr(self.path, consolidated=False)

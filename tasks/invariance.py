@@ -1,0 +1,92 @@
+"""Input invariance (Kindermans et al. 2019): a constant shift of the input, compensated in the
+first layer's bias, leaves the model's function unchanged; does it leave the map unchanged?
+
+The shift is given in [0, 1] pixel units (Kindermans et al. moved [0, 1] images to [-1, 0]:
+``shift = -1``) and becomes ``shift / std`` per channel in the model's normalised input. With
+``baseline="shifted"`` the methods that take a baseline get it shifted too (the reference
+moves with the input); with ``"zeros"`` both models use the zero input. A method is called
+invariant when the relative L1 change of its maps, summed over the images, is at most
+`tolerance` (float32 rounding in the compensated first layer stays far below the default 1e-3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import storage
+import xai_methods as xm
+from xai_methods import surgery
+
+from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of
+from .study import option
+
+SHOWN = 4
+VARIANTS = ("original", "shifted")
+
+
+@dataclass(frozen=True)
+class InvarianceSpec(ProtocolSpec):
+    methods: list[str] = option(["saliency", "input_x_gradient", "integrated_gradients", "deeplift", "gradcam"],
+                                "attribution methods to check", type="names")
+    store: str = option("runs/invariance.zarr", "the protocol's Zarr store; rerun to resume")
+    shift: float = option(-1.0, "the constant added to every [0, 1] pixel (Kindermans et al.: -1)", type="float")
+    baseline: str = option("zeros", "the reference of methods that take one: zeros (the same zero input for both "
+                                    "models) or shifted (moved with the input)", choices=("zeros", "shifted"))
+    tolerance: float = option(1e-3, "largest relative L1 change of the maps still called invariant", type="float")
+
+
+def shift_of(model: torch.nn.Module, shift: float, device: torch.device) -> torch.Tensor:
+    """The pixel shift in the model's normalised input space: shift / std, one value per channel."""
+    std = torch.tensor(model.preprocess.std, dtype=torch.float32, device=device)
+    return (shift / std).view(1, -1, 1, 1)
+
+
+def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any]:
+    if spec.tolerance <= 0:
+        raise ValueError(f"tolerance must be > 0, got {spec.tolerance}")
+    inputs = load_inputs(spec)
+    check_methods(spec.methods, spec, inputs.model)
+    n, (h, w) = len(inputs.ids), inputs.images.shape[-2:]
+    coords = {"xai_method": spec.methods, "sample": list(range(n)), "variant": list(VARIANTS),
+              "shown": list(range(min(SHOWN, n))), "y": list(range(h)), "x": list(range(w))}
+    parts = [storage.Part("maps", ("xai_method",), {
+        "l1_change": (("xai_method", "sample"), "float64"), "l1_norm": (("xai_method", "sample"), "float64"),
+        "example": (("xai_method", "variant", "shown", "y", "x"), "float32")})]
+    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
+    store, _ = storage.ResultStore.open_or_create(spec.store, "invariance", identity, coords, parts)
+    return store, inputs
+
+
+@task(cache_policy=NO_CACHE)
+def compare_method(spec: InvarianceSpec, m: int) -> dict[str, Any]:
+    """One method's maps on the model and on its shift-compensated copy (the copy's input is x + shift)."""
+    store, inputs = open_store(spec)
+    name = store.coord("xai_method")[m]
+    c = shift_of(inputs.model, spec.shift, inputs.images.device)
+    shifted = surgery.shift_compensated(inputs.model, inputs.images, c)
+    takes_baseline = "baseline" in xm.spec(name).defaults
+    extra = {"baseline": c} if takes_baseline and spec.baseline == "shifted" else {}
+    m1 = maps_of(name, inputs.model, inputs.images, inputs.target, spec)
+    m2 = maps_of(name, shifted, inputs.images + c, inputs.target, spec, **extra)
+    diff = np.abs(m2.astype(np.float64) - m1).reshape(len(m1), -1).sum(1)
+    norm = np.abs(m1.astype(np.float64)).reshape(len(m1), -1).sum(1)
+    k = len(store.coord("shown"))
+    store.write("maps", (m,), l1_change=diff, l1_norm=norm, example=np.stack([m1[:k], m2[:k]]))
+    return {"xai_method": name, "change": float(diff.sum() / norm.sum())}
+
+
+def summary(path: str) -> dict[str, Any]:
+    """The `--json` shape: per method, the relative L1 change of its maps and whether it is within tolerance."""
+    store = storage.ResultStore(path, mode="r")
+    ds, tol = store.dataset(), store.identity["tolerance"]
+    out = {}
+    for m in ds.xai_method.values.tolist():
+        norm = float(ds.l1_norm.sel(xai_method=m).sum())
+        change = float(ds.l1_change.sel(xai_method=m).sum()) / norm if norm > 0 else float("nan")
+        out[m] = {"change": change, "invariant": bool(change <= tol)}
+    return out

@@ -1,0 +1,112 @@
+"""Figures of the reliability protocols, drawn from their stores (so a finished store can be redrawn)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+import storage
+
+from .figure import plt, save
+from .protocol import nanmean
+
+
+def _show(ax: object, m: np.ndarray, title: str = "") -> None:
+    top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    ax.imshow(m, cmap="bwr" if np.nanmin(m) < -1e-3 * top else "jet", vmin=-top if np.nanmin(m) < 0 else 0,
+              vmax=top or 1.0)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+
+
+def plot_sanity(path: str, out: str) -> str:
+    """Adebayo et al.'s layout: per method, the maps of the first image as layers are randomised
+    (cascading), then mean similarity against the layers randomised, one curve per method."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    methods, layers = ds.xai_method.values.tolist(), ds.layer.values.tolist()
+    fig = plt.figure(figsize=(max(8, 0.9 * (len(layers) + 1)), 1.1 * len(methods) + 6))
+    grid = fig.add_gridspec(len(methods) + 3, len(layers) + 1)
+    for i, m in enumerate(methods):
+        _show(fig.add_subplot(grid[i, 0]), ds.original.sel(xai_method=m).isel(sample=0).values, "original" if i == 0 else "")
+        fig.axes[-1].set_ylabel(m, fontsize=7)
+        for j, layer in enumerate(layers):
+            ex = ds.example.sel(xai_method=m, randomization="cascading", layer=layer).isel(shown=0).values
+            _show(fig.add_subplot(grid[i, j + 1]), ex, layer if i == 0 else "")
+    for col, kind in enumerate(("cascading", "independent")):
+        for row, measure in enumerate(("spearman_abs", "ssim")):
+            ax = fig.add_subplot(grid[len(methods) + row:len(methods) + row + 1 + (row == 1),
+                                      col * (len(layers) + 1) // 2:(col + 1) * (len(layers) + 1) // 2])
+            for m in methods:
+                sim = ds.similarity.sel(xai_method=m, randomization=kind, measure=measure).values  # (layer, sample)
+                mean, _ = nanmean(sim, axis=1)
+                ax.plot(range(len(layers) + 1), [1.0, *mean], marker="o", ms=3, label=m)
+            ax.set_xticks(range(len(layers) + 1), ["original", *layers], rotation=60, fontsize=6)
+            ax.set_ylim(-0.2, 1.05)
+            ax.set_title(f"{kind}: {measure}", fontsize=8)
+            ax.axhline(0, color="grey", lw=0.5)
+    fig.axes[-1].legend(fontsize=6)
+    fig.suptitle("Model-parameter randomisation: similarity of each map to the original (mean over images)")
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_invariance(path: str, out: str) -> str:
+    """Per method: the map of the first images on the model and on the shift-compensated copy, and the change."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    methods, shown = ds.xai_method.values.tolist(), ds.shown.size
+    fig, axes = plt.subplots(len(methods), 2 * shown + 1, figsize=(2 * shown + 3, 1.3 * len(methods) + 0.6),
+                             squeeze=False)
+    for i, m in enumerate(methods):
+        change = float(ds.l1_change.sel(xai_method=m).sum() / ds.l1_norm.sel(xai_method=m).sum())
+        for j in range(shown):
+            for v, variant in enumerate(("original", "shifted")):
+                _show(axes[i, 2 * j + v], ds.example.sel(xai_method=m, variant=variant).isel(shown=j).values,
+                      f"{variant} #{j}" if i == 0 else "")
+        axes[i, 0].set_ylabel(m, fontsize=7)
+        axes[i, -1].barh([0], [change], color="tab:red" if change > 1e-3 else "tab:green")
+        axes[i, -1].set_xscale("symlog", linthresh=1e-4)
+        axes[i, -1].set_title(f"change {change:.2g}", fontsize=7)
+        axes[i, -1].set_yticks([])
+    fig.suptitle("Input invariance: maps of the model on x and of its compensated copy on x + shift")
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_manipulation(path: str, out: str) -> str:
+    """Per image: input, original map, manipulated map, target, perturbation; and the defended maps."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    n = min(4, ds.sample.size)
+    names = ["original", "manipulated", "target", "defended_original", "defended_manipulated", "defended_target"]
+    fig, axes = plt.subplots(n, len(names) + 1, figsize=(2 * (len(names) + 1), 2 * n + 0.5), squeeze=False)
+    for i in range(n):
+        for j, name in enumerate(names):
+            _show(axes[i, j], ds.maps.isel(sample=i).sel(map=name).values, name.replace("_", " ") if i == 0 else "")
+        delta = ds.delta.isel(sample=i).values
+        _show(axes[i, -1], np.abs(delta).max(0), f"|perturbation| (max {np.abs(delta).max():.2f})")
+    sim = ds.target_similarity.mean("sample")
+    fig.suptitle("Manipulation: similarity to the target " + ", ".join(
+        f"{s} {float(sim.sel(stage=s)):.2f}" for s in ds.stage.values.tolist()), fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_roar(path: str, out: str) -> str:
+    """Test accuracy after retraining against the fraction removed: mean and range over seeds, per method."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fractions = ds.fraction.values
+    for m in ds.xai_method.values.tolist():
+        acc = ds.accuracy.sel(xai_method=m).values  # (fraction, seed)
+        style = dict(color="black", ls="--") if m == "random" else {}
+        ax.plot(fractions, np.nanmean(acc, 1), marker="o", label=m, **style)
+        ax.fill_between(fractions, np.nanmin(acc, 1), np.nanmax(acc, 1), alpha=0.15, **({"color": "black"} if m == "random" else {}))
+    ax.set_xlabel("fraction of pixels removed (top-ranked)")
+    ax.set_ylabel("test accuracy after retraining")
+    ax.set_title(f"ROAR ({ds.seed.size} seeds: mean and range)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+PLOTS: dict[str, Callable[[str, str], str]] = {"sanity": plot_sanity, "invariance": plot_invariance,
+                                               "manipulate": plot_manipulation, "roar": plot_roar}

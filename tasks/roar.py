@@ -1,0 +1,130 @@
+"""Remove and retrain (ROAR, Hooker et al. 2019): does accuracy fall faster when the pixels a
+method ranks highest are removed from every train and test image, and the model retrained from
+scratch, than when random pixels are?
+
+The maps come from the trained model (one unit per method, over the train and test images);
+a removed pixel takes the per-channel mean of the training images in every channel; ties in a
+map are broken by one seeded permutation. Each (method, fraction, seed) retrain is one unit, so
+retrains run in parallel on Dask and a rerun does only the missing ones. The random ranking is
+the coordinate ``random``: a fresh uniform map per image and seed.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import storage
+from xai_methods import surgery
+from xai_methods.metrics.faithfulness import ranks
+from zoo.training import accuracy, fit, train_test
+
+from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of
+from .study import option
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class RoarSpec(ProtocolSpec):
+    methods: list[str] = option(["saliency", "integrated_gradients", "smoothgrad_sq", "vargrad", "gradcam"],
+                                "attribution methods whose rankings are removed", type="names")
+    store: str = option("runs/roar.zarr", "the protocol's Zarr store; rerun to resume")
+    fractions: list[float] = option([0.1, 0.3, 0.5, 0.7, 0.9], "fractions of each image's pixels removed",
+                                    type="floats")
+    seeds: int = option(3, "retrains per (method, fraction), seeds 0..K-1")
+    train_samples: int = option(2000, "training images of each retrain")
+    test_samples: int = option(500, "test images of each retrain")
+    epochs: int = option(3, "epochs of each retrain")
+    workers: int | None = option(None, "run the retrains on a local Dask cluster of this many processes")
+
+
+def check(spec: RoarSpec) -> None:
+    bad = [f for f in spec.fractions if not 0 < f < 1]
+    if bad or not spec.fractions:
+        raise ValueError(f"fractions must be in (0, 1), got {bad or spec.fractions}")
+    for name in ("seeds", "train_samples", "test_samples", "epochs"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
+    if RANDOM in spec.methods:
+        raise ValueError(f"{RANDOM!r} is always included (the random ranking); name attribution methods only")
+
+
+@functools.lru_cache(maxsize=2)
+def _data(dataset: str, size: tuple[int, int], train: int, test: int, seed: int) -> tuple[Any, Any]:
+    return train_test(dataset, size, train, test, seed)
+
+
+def open_store(spec: RoarSpec) -> tuple[storage.ResultStore, Any, Any]:
+    check(spec)
+    inputs = load_inputs(spec)
+    check_methods(spec.methods, spec, inputs.model)
+    pre = inputs.model.preprocess
+    train, test = _data(spec.dataset, tuple(pre.size), spec.train_samples, spec.test_samples, spec.seed)
+    n, (h, w) = len(train.labels) + len(test.labels), pre.size
+    coords = {"xai_method": [*spec.methods, RANDOM], "fraction": list(spec.fractions), "seed": list(range(spec.seeds)),
+              "image": list(range(n)), "y": list(range(h)), "x": list(range(w))}
+    parts = [storage.Part("ranking", ("xai_method",), {"ranking_map": (("xai_method", "image", "y", "x"), "float32")}),
+             storage.Part("retrain", ("xai_method", "fraction", "seed"), {
+                 "accuracy": (("xai_method", "fraction", "seed"), "float64"),
+                 "train_accuracy": (("xai_method", "fraction", "seed"), "float64")})]
+    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
+    store, _ = storage.ResultStore.open_or_create(spec.store, "roar", identity, coords, parts)
+    return store, inputs, (train, test)
+
+
+@task(cache_policy=NO_CACHE)
+def ranking_maps(spec: RoarSpec, m: int) -> dict[str, Any]:
+    """One method's maps of every train and test image, from the trained model (the random ranking: uniform noise)."""
+    t0 = time.perf_counter()
+    store, inputs, (train, test) = open_store(spec)
+    name = store.coord("xai_method")[m]
+    images01 = np.concatenate([train.images, test.images])
+    if name == RANDOM:
+        gen = torch.Generator().manual_seed(spec.seed)
+        maps = torch.rand((len(images01), *images01.shape[2:]), generator=gen).numpy()
+    else:
+        x = inputs.model.preprocess(torch.from_numpy(images01)).to(inputs.images.device)
+        with torch.no_grad():
+            t = torch.cat([inputs.model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        maps = maps_of(name, inputs.model, x, t, spec)
+    store.write("ranking", (m,), ranking_map=maps)
+    return {"xai_method": name, "seconds": time.perf_counter() - t0}
+
+
+def remove_top(images01: np.ndarray, maps: np.ndarray, fraction: float, fill: np.ndarray, seed: int) -> np.ndarray:
+    """`images01` with the `fraction` of each image's pixels ranked highest by `maps` set to `fill` (per channel)."""
+    order = ranks(torch.from_numpy(np.ascontiguousarray(maps)), seed).numpy()  # 0 = ranked first
+    removed = (order < round(fraction * order.shape[1])).reshape(maps.shape)
+    return np.where(removed[:, None], fill[None, :, None, None], images01).astype(images01.dtype)
+
+
+@task(cache_policy=NO_CACHE)
+def retrain(spec: RoarSpec, m: int, f: int, s: int) -> dict[str, Any]:
+    """Remove the top `fraction` of one method's ranking from every image, retrain from scratch, test."""
+    t0 = time.perf_counter()
+    store, inputs, (train, test) = open_store(spec)
+    name, fraction = store.coord("xai_method")[m], store.coord("fraction")[f]
+    maps = store.read("ranking_map", (m,))
+    fill = train.images.mean(axis=(0, 2, 3))
+    n = len(train.labels)
+    images = remove_top(np.concatenate([train.images, test.images]), maps, fraction, fill, seed=s)
+    model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), seed=1000 + s)
+    pre = inputs.model.preprocess
+    fit(model, images[:n], train.labels, pre, epochs=spec.epochs, seed=s)
+    acc, train_acc = accuracy(model, images[n:], test.labels, pre), accuracy(model, images[:n], train.labels, pre)
+    store.write("retrain", (m, f, s), accuracy=np.float64(acc), train_accuracy=np.float64(train_acc))
+    return {"xai_method": name, "fraction": fraction, "seed": s, "accuracy": acc, "seconds": time.perf_counter() - t0}
+
+
+def summary(path: str) -> dict[str, Any]:
+    """The `--json` shape: {xai_method: {fraction: [test accuracy per seed]}, "random": {...}}."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    return {m: {f"{f:g}": [float(a) for a in ds.accuracy.sel(xai_method=m, fraction=f).values]
+                for f in ds.fraction.values.tolist()} for m in ds.xai_method.values.tolist()}

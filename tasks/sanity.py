@@ -1,0 +1,217 @@
+"""Sanity checks (Adebayo et al. 2018): do the maps change when the model or the labels are randomised?
+
+Model-parameter randomisation re-initialises the layers with parameters, from the logits down
+in the order they execute: cascading (every layer down to this one) and independent (this
+one alone), each layer with its own initialiser and its own seed. Data randomisation
+retrains the model from scratch on permuted labels. Each randomised map is compared with the
+original by `xai_methods.metrics.similarity`'s measures. One unit of work is one
+(method, randomisation, layer): a rerun computes only what is missing.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import storage
+import zoo
+from xai_methods import surgery
+from xai_methods.metrics.similarity import MEASURES, similarities
+from zoo.training import accuracy, fit, train_test
+
+from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of, nanmean
+from .study import option
+
+KINDS = ("cascading", "independent")
+SHOWN = 4  # samples whose randomised maps are kept for the figure
+
+
+@dataclass(frozen=True)
+class SanitySpec(ProtocolSpec):
+    methods: list[str] = option(["saliency", "guided_backprop", "gradcam", "guided_gradcam"],
+                                "attribution methods to check", type="names")
+    store: str = option("runs/sanity.zarr", "the protocol's Zarr store; rerun to resume")
+    study: str | None = option(None, "a study store of the same model and data whose maps are reused as the "
+                                     "unrandomised ones")
+    data_randomization: bool = option(False, "also retrain the model on permuted labels and compare its maps",
+                                      flag="--data-randomization", switch_on=True)
+    train_samples: int = option(2000, "training images of the label-randomised retrain")
+    epochs: int = option(10, "epochs of the label-randomised retrain")
+
+
+def weights_vector(model: torch.nn.Module) -> np.ndarray:
+    """Every floating-point state-dict entry of `model`, flattened in key order."""
+    sd = model.state_dict()
+    return np.concatenate([sd[k].detach().cpu().reshape(-1).float().numpy() for k in sorted(sd) if sd[k].is_floating_point()])
+
+
+def load_weights_vector(model: torch.nn.Module, vector: np.ndarray) -> torch.nn.Module:
+    sd, at = model.state_dict(), 0
+    for k in sorted(sd):
+        if sd[k].is_floating_point():
+            n = sd[k].numel()
+            sd[k] = torch.from_numpy(np.ascontiguousarray(vector[at:at + n])).reshape(sd[k].shape).to(sd[k])
+            at += n
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def layout(spec: SanitySpec) -> tuple[dict[str, Any], list[storage.Part], Any]:
+    """Validate `spec`; the store's coordinates and parts, and the inputs."""
+    inputs = load_inputs(spec)
+    check_methods(spec.methods, spec, inputs.model)
+    layers = surgery.execution_order(inputs.model, inputs.images)[::-1]  # from the logits down
+    n, (h, w) = len(inputs.ids), inputs.images.shape[-2:]
+    coords: dict[str, Any] = {"xai_method": spec.methods, "randomization": list(KINDS), "layer": layers,
+                              "sample": list(range(n)), "measure": list(MEASURES), "shown": list(range(min(SHOWN, n))),
+                              "y": list(range(h)), "x": list(range(w))}
+    parts = [
+        storage.Part("original", ("xai_method",), {"original": (("xai_method", "sample", "y", "x"), "float32")}),
+        storage.Part("change", ("randomization", "layer"), {"output_change": (("randomization", "layer"), "float64")}),
+        storage.Part("step", ("xai_method", "randomization", "layer"), {
+            "similarity": (("xai_method", "randomization", "layer", "sample", "measure"), "float64"),
+            "example": (("xai_method", "randomization", "layer", "shown", "y", "x"), "float32")}),
+    ]
+    if spec.data_randomization:
+        params = len(weights_vector(inputs.model))
+        coords.update(retrain=[0], split=["train", "test"], param=list(range(params)))
+        parts += [
+            storage.Part("label_model", ("retrain",), {"label_weights": (("retrain", "param"), "float32"),
+                                                       "label_accuracy": (("retrain", "split"), "float64")}),
+            storage.Part("label", ("xai_method",), {
+                "label_similarity": (("xai_method", "sample", "measure"), "float64"),
+                "label_example": (("xai_method", "shown", "y", "x"), "float32")}),
+        ]
+    return coords, parts, inputs
+
+
+def open_store(spec: SanitySpec) -> tuple[storage.ResultStore, Any]:
+    coords, parts, inputs = layout(spec)
+    store, _ = storage.ResultStore.open_or_create(spec.store, "sanity", spec.identity(inputs.model, inputs.dataset,
+                                                                                     inputs.ids), coords, parts)
+    return store, inputs
+
+
+def _study_maps(spec: SanitySpec, method: str, n: int, model: torch.nn.Module) -> np.ndarray | None:
+    """The unrandomised maps from `spec.study`, when it holds them for this model, data and parameters."""
+    if spec.study is None:
+        return None
+    s = storage.Store(spec.study, mode="r")
+    a = s.attrs
+    if a.get("model_fingerprint") != zoo.model_fingerprint(model) or a.get("dataset") != spec.dataset:
+        raise ValueError(f"study {spec.study!r} was made with another model or dataset than this sanity check")
+    if method not in s.methods() or s.n_samples < n:
+        return None
+    if json.dumps(a["params"].get(method), sort_keys=True) != json.dumps(spec.method_params(method), sort_keys=True):
+        return None
+    maps = np.asarray(s.group["attribution"][s.methods().index(method), :n])
+    return maps if np.isfinite(maps).all() else None
+
+
+@task(cache_policy=NO_CACHE)
+def original_maps(spec: SanitySpec) -> dict[str, Any]:
+    """The maps of the unrandomised model (reused from the study when it has them)."""
+    store, inputs = open_store(spec)
+    methods = store.coord("xai_method")
+    reused = []
+    for (m,) in store.pending("original"):
+        maps = _study_maps(spec, methods[m], len(inputs.ids), inputs.model)
+        reused += [methods[m]] if maps is not None else []
+        if maps is None:
+            maps = maps_of(methods[m], inputs.model, inputs.images, inputs.target, spec)
+        store.write("original", (m,), original=maps)
+    return {"reused_from_study": reused}
+
+
+def randomized_model(model: torch.nn.Module, layers: list[str], kind: str, index: int, seed: int) -> torch.nn.Module:
+    """Cascading step `index`: layers[0..index] re-initialised; independent: layers[index] alone."""
+    chosen = layers[:index + 1] if kind == "cascading" else [layers[index]]
+    return surgery.randomized(model, chosen, seed)
+
+
+@task(cache_policy=NO_CACHE)
+def randomized_step(spec: SanitySpec, kind: int, layer: int) -> dict[str, Any]:
+    """One randomised model: its output change, and every pending method's similarity to the original."""
+    t0 = time.perf_counter()
+    store, inputs = open_store(spec)
+    layers, methods = store.coord("layer"), store.coord("xai_method")
+    model = randomized_model(inputs.model, layers, KINDS[kind], layer, spec.seed)
+    with torch.no_grad():
+        before, after = inputs.model(inputs.images), model(inputs.images)
+    change = float((after - before).norm() / before.norm())
+    if (kind, layer) in store.pending("change"):
+        store.write("change", (kind, layer), output_change=np.float64(change))
+    todo = [m for m, k, l in store.pending("step") if (k, l) == (kind, layer)]
+    for m in todo:
+        maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
+        sim = similarities(store.read("original", (m,)), maps)
+        store.write("step", (m, kind, layer), similarity=sim, example=maps[:len(store.coord("shown"))])
+    return {"randomization": KINDS[kind], "layer": layers[layer], "output_change": change,
+            "methods": [methods[m] for m in todo], "seconds": time.perf_counter() - t0}
+
+
+@task(cache_policy=NO_CACHE)
+def label_randomized_model(spec: SanitySpec) -> dict[str, float]:
+    """Retrain a re-initialised copy of the model on permuted labels (once; its weights are stored)."""
+    store, inputs = open_store(spec)
+    if store.pending("label_model"):
+        pre = inputs.model.preprocess
+        train, test = train_test(spec.dataset, pre.size, spec.train_samples, 500, seed=spec.seed)
+        permuted = np.random.default_rng(spec.seed).permutation(train.labels)
+        model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), spec.seed + 1)
+        fit(model, train.images, permuted, pre, epochs=spec.epochs, seed=spec.seed)
+        acc = [accuracy(model, train.images, permuted, pre), accuracy(model, test.images, test.labels, pre)]
+        store.write("label_model", (0,), label_weights=weights_vector(model)[None], label_accuracy=np.array([acc]))
+    train_acc, test_acc = store.read("label_accuracy", (0,))
+    with torch.no_grad():
+        classes = inputs.model(inputs.images[:1]).shape[1]
+    return {"train_accuracy": float(train_acc), "test_accuracy": float(test_acc), "chance": 1 / classes}
+
+
+@task(cache_policy=NO_CACHE)
+def label_randomized_maps(spec: SanitySpec) -> None:
+    store, inputs = open_store(spec)
+    model = load_weights_vector(copy.deepcopy(inputs.model), store.read("label_weights", (0,)))
+    methods = store.coord("xai_method")
+    for (m,) in store.pending("label"):
+        maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
+        store.write("label", (m,), label_similarity=similarities(store.read("original", (m,)), maps),
+                    label_example=maps[:len(store.coord("shown"))])
+
+
+def summary(path: str) -> dict[str, Any]:
+    """The `--json` shape: per method, the mean similarity per randomised layer (layers top-down),
+    with the output change and how many images' similarity was undefined (a constant map)."""
+    ds = storage.ResultStore(path, mode="r").dataset()
+    out: dict[str, Any] = {}
+    for m in ds.xai_method.values.tolist():
+        entry: dict[str, Any] = {}
+        for kind in KINDS:
+            rows = []
+            for layer in ds.layer.values.tolist():
+                sim = ds.similarity.sel(xai_method=m, randomization=kind, layer=layer).values
+                mean, undefined = nanmean(sim)
+                rows.append({"layer": layer, **{k: float(v) for k, v in zip(MEASURES, mean)},
+                             "output_change": float(ds.output_change.sel(randomization=kind, layer=layer)),
+                             "undefined": int(undefined.max())})
+            entry[f"{kind}_randomization"] = rows
+        if "label_similarity" in ds:
+            mean, undefined = nanmean(ds.label_similarity.sel(xai_method=m).values)
+            acc = ds.label_accuracy.isel(retrain=0).values
+            entry["label_randomization"] = {**{k: float(v) for k, v in zip(MEASURES, mean)},
+                                            "train_accuracy": float(acc[0]), "test_accuracy": float(acc[1]),
+                                            "undefined": int(undefined.max())}
+        out[m] = entry
+    return out
+
+
+SANITY_OPTIONS = {f.name: f for f in dataclasses.fields(SanitySpec)}
+
