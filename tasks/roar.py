@@ -46,9 +46,9 @@ class RoarSpec(ProtocolSpec):
 
 
 def check(spec: RoarSpec) -> None:
-    bad = [f for f in spec.fractions if not 0 < f < 1]
+    bad = [f for f in spec.fractions if not 0 <= f < 1]
     if bad or not spec.fractions:
-        raise ValueError(f"fractions must be in (0, 1), got {bad or spec.fractions}")
+        raise ValueError(f"fractions must be in [0, 1) (0: the unmodified images), got {bad or spec.fractions}")
     for name in ("seeds", "train_samples", "test_samples", "epochs"):
         if getattr(spec, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")

@@ -169,7 +169,7 @@ def label_randomized_model(spec: SanitySpec) -> dict[str, float]:
         model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), spec.seed + 1)
         fit(model, train.images, permuted, pre, epochs=spec.epochs, seed=spec.seed)
         acc = [accuracy(model, train.images, permuted, pre), accuracy(model, test.images, test.labels, pre)]
-        store.write("label_model", (0,), label_weights=weights_vector(model)[None], label_accuracy=np.array([acc]))
+        store.write("label_model", (0,), label_weights=weights_vector(model), label_accuracy=np.array(acc))
     train_acc, test_acc = store.read("label_accuracy", (0,))
     with torch.no_grad():
         classes = inputs.model(inputs.images[:1]).shape[1]
