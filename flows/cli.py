@@ -22,6 +22,10 @@ examples:
   saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
   saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,deletion,insertion
   saliency-atlas metrics
+  saliency-atlas sanity --methods saliency,guided_backprop,gradcam --data-randomization --json
+  saliency-atlas invariance --methods saliency,integrated_gradients --baseline shifted
+  saliency-atlas manipulate --method saliency --target-map other --samples 8
+  saliency-atlas roar --methods saliency,gradcam --fractions 0.1,0.5,0.9 --seeds 3 --workers 2
 
 A study is resumable: run the same command again after an interruption and only
 the blocks not yet done are computed. Open the result in Python with
@@ -122,8 +126,9 @@ def add_study_options(parser: argparse.ArgumentParser, options: dict[str, datacl
     if options is None:
         from tasks import OPTIONS as options
 
-    groups = {key: parser.add_argument_group(title) for key, title in STUDY_GROUPS.items()}
-    where = groups["where"].add_mutually_exclusive_group()
+    used = {f.metadata["cli"].get("group") for f in options.values()}
+    groups = {key: parser.add_argument_group(title) for key, title in STUDY_GROUPS.items() if key in used}
+    where = groups["where"].add_mutually_exclusive_group() if "where" in groups else None
     for name, f in options.items():
         cli = dict(f.metadata["cli"])
         group = cli.pop("group", None)

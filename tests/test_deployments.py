@@ -13,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in CONFIG["deployments"]}
-FLOW_NAMES = {"study": "study", "nightly": "dataset-audit"}  # deployment -> the flow it runs
+FLOW_NAMES = {"study": "study", "nightly": "dataset-audit", "sanity": "sanity", "invariance": "invariance",
+              "manipulate": "manipulate", "roar": "roar"}  # deployment -> the flow it runs
 
 
 def load_flow(entrypoint, monkeypatch):
@@ -149,7 +150,7 @@ def test_prefect_deploy_registers_the_deployments(prefect_api):
             return {f"{FLOW_NAMES[d.name]}/{d.name}": d for d in await client.read_deployments()}
 
     found = asyncio.run(read())
-    assert set(found) == {"study/study", "dataset-audit/nightly"}
+    assert set(found) == {f"{flow}/{name}" for name, flow in FLOW_NAMES.items()}
     for name, d in found.items():
         config = DEPLOYMENTS[name.split("/")[1]]
         assert d.work_pool_name == "saliency-atlas"

@@ -346,3 +346,33 @@ def test_a_store_of_another_protocol_is_refused_and_kept(tmp_path, capsys, sanit
     assert main(["invariance", "--samples", "16", "--store", sanity_store]) == 2
     assert "protocol differs" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in Path(sanity_store).rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["sanity", "invariance", "manipulate", "roar"])
+def test_every_protocol_has_a_help_that_teaches(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--store" in out and "--json" in out
+
+
+def test_sanity_reuses_the_unrandomised_maps_of_a_study(prefect_api, tmp_path):
+    from flows.protocols import sanity
+    from flows.study import study
+
+    study(methods=["saliency"], samples=16, block_size=8, store=str(tmp_path / "study.zarr"), figure=None)
+    sanity(methods=["saliency", "gradcam"], samples=16, store=str(tmp_path / "s.zarr"),
+           study=str(tmp_path / "study.zarr"))
+    stored = storage.open_dataset(str(tmp_path / "study.zarr")).attribution.sel(xai_method="saliency").values
+    original = storage.ResultStore(str(tmp_path / "s.zarr"), "r").read("original")
+    assert np.array_equal(original[0], stored)  # the study's maps, as they are
+    model, x, t = _first(16)
+    fresh = xm.attribute("saliency", model, x, target=t)
+    assert np.allclose(original[0], fresh.numpy())  # ... and what the sanity check would have computed
+
+
+def _first(n: int):
+    model = zoo.load_model("shapes-cnn")
+    x = model.preprocess(torch.from_numpy(zoo.load_dataset("shapes", limit=n).load(0, n).images))
+    return model, x, model(x).argmax(1)
