@@ -21,12 +21,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
@@ -34,13 +33,8 @@ import torch  # noqa: E402
 import xai_methods as xm  # noqa: E402
 import zoo  # noqa: E402
 from xai_methods import surgery  # noqa: E402
+from benchlib.timing import timed  # noqa: E402
 from xai_methods.metrics.similarity import MEASURES, similarities  # noqa: E402
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def sanity(n: int, methods: list[str]) -> None:
@@ -65,7 +59,7 @@ def sanity(n: int, methods: list[str]) -> None:
             for m in methods:
                 similarities(original[m], xm.attribute(m, r, x, target=t).numpy(), measures)
 
-    def explain(model, inputs, targets, method):
+    def explain(model, inputs, targets, method, **_):  # Quantus also passes device=
         return xm.attribute(method, model, torch.as_tensor(inputs), target=torch.as_tensor(targets)).numpy()[:, None]
 
     def peer() -> None:

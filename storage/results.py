@@ -21,9 +21,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 
-from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet
+from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet, open_group
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,7 @@ class ResultStore:
 
     def __init__(self, path: str, mode: str = "r+") -> None:
         self.path = path
-        with _quiet():
-            try:
-                self.group = zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"no protocol store at {path!r}") from e
+        self.group = open_group(path, mode, "protocol store")
         self.parts = {p["name"]: Part(p["name"], tuple(p["units"]), {k: (tuple(d), t) for k, (d, t) in
                                                                       p["variables"].items()})
                       for p in json.loads(self.group.attrs.get("parts", "[]"))}

@@ -273,6 +273,16 @@ def _committed(names: np.ndarray) -> list[str]:
     return [str(x) for x in names if str(x)]
 
 
+def open_group(path: str, mode: str, what: str) -> zarr.Group:
+    """The Zarr v3 group at `path`, read without consolidated metadata (block work must see the
+    arrays as they are); FileNotFoundError naming `what` is missing."""
+    with _quiet():
+        try:
+            return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no {what} at {path!r}") from e
+
+
 class Store:
     """A study store opened once: identity, flags, block reads and writes, growth."""
 
@@ -280,11 +290,7 @@ class Store:
         self.path = path
         # Not the consolidated metadata: it is refreshed only after a change of layout
         # (see grow), and block work must always see the arrays as they are.
-        with _quiet():
-            try:
-                self.group = zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"no study store at {path!r}") from e
+        self.group = open_group(path, mode, "study store")
 
     # ------------------------------------------------------------------ identity
 

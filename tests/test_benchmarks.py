@@ -126,3 +126,14 @@ def test_overhead_script_prints_a_row_per_method(capsys):
     assert [r[1].strip() for r in rows] == ["occlusion", "rise"]
     assert int(rows[0][3]) == 2 and int(rows[1][3]) == 4001  # one 32x32 window on 32x32 + the unperturbed pass
     assert all(float(r[5]) > 0 for r in rows)
+
+
+def test_protocol_benchmark_sets_ours_and_quantus_beside_the_floor(capsys):
+    spec = importlib.util.spec_from_file_location("bench_protocols", SCRIPT.parent / "bench_protocols.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.sanity(4, ["saliency"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r[1].strip() for r in rows[1:]]
+    assert names == ["floor (maps only)", "ours, 4 measures", "ours, spearman only", "Quantus MPRT (spearman)"]
+    assert float(rows[1][3]) == 1.0 and all(float(r[2]) > 0 for r in rows[1:])
