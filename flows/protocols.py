@@ -7,7 +7,7 @@ protocol's spec, so the Prefect form, the command line and the validation agree.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -35,11 +35,13 @@ def _figure(protocol: str, spec: Any) -> str | None:
     return path
 
 
-def _run(futures: list, desc: str) -> list[Any]:
+def _run(futures: list, desc: str, report: Callable[[Any], None]) -> list[Any]:
+    """Wait for `futures` with a progress bar, passing each result to `report` as it arrives."""
     out = []
     with tqdm(total=len(futures), desc=desc, unit="task", disable=None) as bar:
         for f in as_completed(futures):
             out.append(f.result())
+            report(out[-1])
             bar.update()
     return out
 
@@ -58,9 +60,12 @@ def sanity(**options: Any) -> dict[str, Any]:
     steps = sorted({(k, l) for _, k, l in store.pending("step")} | set(store.pending("change")))
     log.info("%d randomised models to explain (%d layers, cascading and independent)", len(steps),
              len(store.coord("layer")))
-    for r in _run([san.randomized_step.submit(spec, k, l) for k, l in steps], "sanity"):
+
+    def step(r: dict[str, Any]) -> None:
         level = log.warning if r["output_change"] < 1e-6 else log.info
         level("%s %s: output changed by %.3g (relative L2)", r["randomization"], r["layer"], r["output_change"])
+
+    _run([san.randomized_step.submit(spec, k, l) for k, l in steps], "sanity", step)
     if spec.data_randomization:
         acc = san.label_randomized_model(spec)
         chance = acc["chance"]
@@ -79,9 +84,10 @@ def invariance(**options: Any) -> dict[str, Any]:
     """Input invariance (Kindermans et al. 2019): each method's maps on the model and on its copy
     that takes the shifted input, the first layer's bias compensating the shift."""
     spec = inv.InvarianceSpec(**options)
-    store, _ = inv.open_store(spec)
-    for r in _run([inv.compare_method.submit(spec, m) for (m,) in store.pending("maps")], "invariance"):
-        get_run_logger().info("%s: relative L1 change of the maps %.3g", r["xai_method"], r["change"])
+    store, _, _ = inv.open_store(spec)
+    log = get_run_logger()
+    _run([inv.compare_method.submit(spec, m) for (m,) in store.pending("maps")], "invariance",
+         lambda r: log.info("%s: relative L1 change of the maps %.3g", r["xai_method"], r["change"]))
     _figure("invariance", spec)
     return inv.summary(spec.store)
 
@@ -99,7 +105,10 @@ def manipulate(**options: Any) -> dict[str, Any]:
 
 @flow(name="roar-retrains")
 def roar_retrains(spec: ro.RoarSpec, todo: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-    return _run([ro.retrain.submit(spec, m, f, s) for m, f, s in todo], "roar")
+    log = get_run_logger()
+    return _run([ro.retrain.submit(spec, m, f, s) for m, f, s in todo], "roar", lambda r: log.info(
+        "%s at %.2f, seed %d: test accuracy %.3f (%.0f s)", r["xai_method"], r["fraction"], r["seed"],
+        r["accuracy"], r["seconds"]))
 
 
 @flow(name="roar", task_runner=ONE_AT_A_TIME)
@@ -115,9 +124,7 @@ def roar(**options: Any) -> dict[str, Any]:
     todo = store.pending("retrain")
     log.info("%d retrains to run", len(todo))
     runner = task_runner(spec.workers, None, spec.device)
-    for r in roar_retrains.with_options(task_runner=runner)(spec, todo):
-        log.info("%s at %.2f, seed %d: test accuracy %.3f (%.0f s)", r["xai_method"], r["fraction"], r["seed"],
-                 r["accuracy"], r["seconds"])
+    roar_retrains.with_options(task_runner=runner)(spec, todo)
     _figure("roar", spec)
     return ro.summary(spec.store)
 

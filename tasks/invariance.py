@@ -6,7 +6,9 @@ The shift is given in [0, 1] pixel units (Kindermans et al. moved [0, 1] images 
 ``baseline="shifted"`` the methods that take a baseline get it shifted too (the reference
 moves with the input); with ``"zeros"`` both models use the zero input. A method is called
 invariant when the relative L1 change of its maps, summed over the images, is at most
-`tolerance` (float32 rounding in the compensated first layer stays far below the default 1e-3).
+`tolerance`. The default 1e-2 sits between float32 rounding (the compensated first layer
+adds and removes a large offset: up to 1.1e-3 measured, IG through a random-weight ResNet-18)
+and the changes of methods that are not invariant (above 0.5 on the built-in data).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class InvarianceSpec(ProtocolSpec):
     shift: float = option(-1.0, "the constant added to every [0, 1] pixel (Kindermans et al.: -1)", type="float")
     baseline: str = option("zeros", "the reference of methods that take one: zeros (the same zero input for both "
                                     "models) or shifted (moved with the input)", choices=("zeros", "shifted"))
-    tolerance: float = option(1e-3, "largest relative L1 change of the maps still called invariant", type="float")
+    tolerance: float = option(1e-2, "largest relative L1 change of the maps still called invariant", type="float")
 
 
 def shift_of(model: torch.nn.Module, shift: float, device: torch.device) -> torch.Tensor:
@@ -46,11 +48,15 @@ def shift_of(model: torch.nn.Module, shift: float, device: torch.device) -> torc
     return (shift / std).view(1, -1, 1, 1)
 
 
-def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any]:
+def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any, torch.nn.Module]:
+    """Validate `spec` (the first layer must compensate the shift), create or reopen the store;
+    also returns the shift-compensated copy of the model."""
     if spec.tolerance <= 0:
         raise ValueError(f"tolerance must be > 0, got {spec.tolerance}")
     inputs = load_inputs(spec)
     check_methods(spec.methods, spec, inputs.model)
+    c = shift_of(inputs.model, spec.shift, inputs.images.device)
+    shifted = surgery.shift_compensated(inputs.model, inputs.images, c)
     n, (h, w) = len(inputs.ids), inputs.images.shape[-2:]
     coords = {"xai_method": spec.methods, "sample": list(range(n)), "variant": list(VARIANTS),
               "shown": list(range(min(SHOWN, n))), "y": list(range(h)), "x": list(range(w))}
@@ -59,16 +65,15 @@ def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any]:
         "example": (("xai_method", "variant", "shown", "y", "x"), "float32")})]
     identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
     store, _ = storage.ResultStore.open_or_create(spec.store, "invariance", identity, coords, parts)
-    return store, inputs
+    return store, inputs, shifted
 
 
 @task(cache_policy=NO_CACHE)
 def compare_method(spec: InvarianceSpec, m: int) -> dict[str, Any]:
     """One method's maps on the model and on its shift-compensated copy (the copy's input is x + shift)."""
-    store, inputs = open_store(spec)
+    store, inputs, shifted = open_store(spec)
     name = store.coord("xai_method")[m]
     c = shift_of(inputs.model, spec.shift, inputs.images.device)
-    shifted = surgery.shift_compensated(inputs.model, inputs.images, c)
     takes_baseline = "baseline" in xm.spec(name).defaults
     extra = {"baseline": c} if takes_baseline and spec.baseline == "shifted" else {}
     m1 = maps_of(name, inputs.model, inputs.images, inputs.target, spec)

@@ -52,7 +52,8 @@ def plot_sanity(path: str, out: str) -> str:
 
 def plot_invariance(path: str, out: str) -> str:
     """Per method: the map of the first images on the model and on the shift-compensated copy, and the change."""
-    ds = storage.ResultStore(path, mode="r").dataset()
+    store = storage.ResultStore(path, mode="r")
+    ds, tolerance = store.dataset(), store.identity["tolerance"]
     methods, shown = ds.xai_method.values.tolist(), ds.shown.size
     fig, axes = plt.subplots(len(methods), 2 * shown + 1, figsize=(2 * shown + 3, 1.3 * len(methods) + 0.6),
                              squeeze=False)
@@ -63,7 +64,7 @@ def plot_invariance(path: str, out: str) -> str:
                 _show(axes[i, 2 * j + v], ds.example.sel(xai_method=m, variant=variant).isel(shown=j).values,
                       f"{variant} #{j}" if i == 0 else "")
         axes[i, 0].set_ylabel(m, fontsize=7)
-        axes[i, -1].barh([0], [change], color="tab:red" if change > 1e-3 else "tab:green")
+        axes[i, -1].barh([0], [change], color="tab:red" if change > tolerance else "tab:green")
         axes[i, -1].set_xscale("symlog", linthresh=1e-4)
         axes[i, -1].set_title(f"change {change:.2g}", fontsize=7)
         axes[i, -1].set_yticks([])

@@ -302,7 +302,7 @@ def test_invariance_reproduces_kindermans(prefect_api, tmp_path, capsys):
     assert zeros["saliency"]["invariant"] and shifted["saliency"]["invariant"]
     for m in ("integrated_gradients", "deeplift"):
         assert not zeros[m]["invariant"] and zeros[m]["change"] > 0.5, zeros
-        assert shifted[m]["invariant"] and shifted[m]["change"] < 1e-3, shifted
+        assert shifted[m]["invariant"] and shifted[m]["change"] < 1e-3, shifted  # float rounding only
     assert (tmp_path / "z.png").stat().st_size > 0
 
 
@@ -376,3 +376,28 @@ def _first(n: int):
     model = zoo.load_model("shapes-cnn")
     x = model.preprocess(torch.from_numpy(zoo.load_dataset("shapes", limit=n).load(0, n).images))
     return model, x, model(x).argmax(1)
+
+
+@pytest.mark.slow
+def test_protocols_run_on_a_users_torchvision_model_and_folder(prefect_api, tmp_path, capsys):
+    """A folder of images and a resnet18 with the user's (here: random) weights, as a user has them."""
+    import torchvision
+    from PIL import Image
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), weights)
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    user = ["--dataset", str(tmp_path / "data"), "--model", "resnet18", "--weights", str(weights), "--samples", "4"]
+    inv = run_cli("invariance", *user, "--methods", "saliency,integrated_gradients", "--baseline", "shifted",
+                  "--param", "integrated_gradients.steps=8", "--store", str(tmp_path / "i.zarr"), "--json",
+                  capsys=capsys)
+    assert inv["saliency"]["invariant"] and inv["integrated_gradients"]["invariant"], inv
+    sanity = run_cli("sanity", *user, "--methods", "saliency", "--store", str(tmp_path / "s.zarr"), "--json",
+                     capsys=capsys)
+    cascade = sanity["saliency"]["cascading_randomization"]
+    assert cascade[0]["layer"] == "fc" and cascade[-1]["layer"] == "conv1" and len(cascade) == 41
