@@ -42,6 +42,8 @@ class ManipulateSpec(ProtocolSpec):
     beta: float = option(10.0, "softplus beta of the copy the attack differentiates through", type="float")
     defence_beta: float = option(2.0, "softplus beta of the defended (smoothed) explanation", type="float")
     gamma: float = option(1e3, "weight of keeping the output in the attack's loss", type="float")
+    epsilon: float = option(0.05, "largest change of a pixel (L-inf budget, [0, 1] units; 0.05 is about 13/255)",
+                            type="float")
 
 
 def corner_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,8 @@ def check(spec: ManipulateSpec) -> None:
             raise ValueError(f"{name} must be > 0, got {getattr(spec, name)}")
     if spec.gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {spec.gamma}")
+    if not 0 < spec.epsilon <= 1:
+        raise ValueError(f"epsilon must be in (0, 1] (a pixel change in [0, 1] units), got {spec.epsilon}")
 
 
 def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
@@ -88,7 +92,8 @@ def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
     parts = [storage.Part("attack", ("sample",), {
         "target_similarity": (("sample", "stage"), "float64"), "output_change": (("sample", "stage"), "float64"),
         "linf": (("sample", "stage"), "float64"), "l2": (("sample", "stage"), "float64"),
-        "maps": (("sample", "map", "y", "x"), "float32"), "delta": (("sample", "channel", "y", "x"), "float32")})]
+        "maps": (("sample", "map", "y", "x"), "float32"), "delta": (("sample", "channel", "y", "x"), "float32"),
+        "image": (("sample", "channel", "y", "x"), "float32")})]
     identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
     store, _ = storage.ResultStore.open_or_create(spec.store, "manipulate", identity, coords, parts)
     return store, inputs
@@ -100,7 +105,7 @@ def _attack(spec: ManipulateSpec, inputs: Any, beta: float, explain: Any) -> dic
     original = explain(x)
     goal = target_of(spec.target_map, original)
     res = M.manipulate(spec.method, model, x, goal, preprocess=model.preprocess, target=t, layer=spec.layer,
-                       steps=spec.steps, lr=spec.lr, beta=beta, gamma=spec.gamma)
+                       steps=spec.steps, lr=spec.lr, beta=beta, gamma=spec.gamma, epsilon=spec.epsilon)
     return {"original": original, "goal": goal, "after": explain(res.images), "delta": res.delta,
             "change": M.output_change(model, x, res.images)}
 
@@ -125,6 +130,7 @@ def attack(spec: ManipulateSpec) -> dict[str, Any]:
         return M.smoothed_explanation(spec.method, inputs.model, x, sub.target, spec.defence_beta, spec.layer)
 
     runs = [_attack(spec, sub, spec.beta, plain), _attack(spec, sub, spec.defence_beta, smoothed)]
+    images01 = inputs.model.preprocess.invert(sub.images).cpu().numpy()  # [0, 1], for the figure
 
     def sim(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         return similarity("pearson", a.cpu().numpy(), b.cpu().numpy())
@@ -137,7 +143,7 @@ def attack(spec: ManipulateSpec) -> dict[str, Any]:
         store.write("attack", (i,), target_similarity=np.array([r[0] for r in rows]),
                     output_change=np.array([r[1] for r in rows]), linf=np.array([r[2] for r in rows]),
                     l2=np.array([r[3] for r in rows]), maps=torch.stack(maps).cpu().numpy(),
-                    delta=runs[0]["delta"][j].cpu().numpy())
+                    delta=runs[0]["delta"][j].cpu().numpy(), image=images01[j])
     return {"attacked": len(todo)}
 
 

@@ -24,25 +24,27 @@ def plot_sanity(path: str, out: str) -> str:
     (cascading), then mean similarity against the layers randomised, one curve per method."""
     ds = storage.ResultStore(path, mode="r").dataset()
     methods, layers = ds.xai_method.values.tolist(), ds.layer.values.tolist()
-    fig = plt.figure(figsize=(max(8, 0.9 * (len(layers) + 1)), 1.1 * len(methods) + 6))
-    grid = fig.add_gridspec(len(methods) + 3, len(layers) + 1)
+    cols = len(layers) + 1
+    fig = plt.figure(figsize=(max(8.0, 1.05 * cols), 1.15 * len(methods) + 6.5))
+    grid = fig.add_gridspec(len(methods) + 2, cols, height_ratios=[1.0] * len(methods) + [2.6, 2.6])
     for i, m in enumerate(methods):
-        _show(fig.add_subplot(grid[i, 0]), ds.original.sel(xai_method=m).isel(sample=0).values, "original" if i == 0 else "")
-        fig.axes[-1].set_ylabel(m, fontsize=7)
+        ax = fig.add_subplot(grid[i, 0])
+        _show(ax, ds.original.sel(xai_method=m).isel(sample=0).values, "original" if i == 0 else "")
+        ax.set_ylabel(m, fontsize=7)
         for j, layer in enumerate(layers):
             ex = ds.example.sel(xai_method=m, randomization="cascading", layer=layer).isel(shown=0).values
             _show(fig.add_subplot(grid[i, j + 1]), ex, layer if i == 0 else "")
+    half = cols // 2
     for col, kind in enumerate(("cascading", "independent")):
         for row, measure in enumerate(("spearman_abs", "ssim")):
-            ax = fig.add_subplot(grid[len(methods) + row:len(methods) + row + 1 + (row == 1),
-                                      col * (len(layers) + 1) // 2:(col + 1) * (len(layers) + 1) // 2])
+            ax = fig.add_subplot(grid[len(methods) + row, col * half:(col + 1) * half if col == 0 else cols])
             for m in methods:
                 sim = ds.similarity.sel(xai_method=m, randomization=kind, measure=measure).values  # (layer, sample)
                 mean, _ = nanmean(sim, axis=1)
-                ax.plot(range(len(layers) + 1), [1.0, *mean], marker="o", ms=3, label=m)
-            ax.set_xticks(range(len(layers) + 1), ["original", *layers], rotation=60, fontsize=6)
+                ax.plot(range(cols), [1.0, *mean], marker="o", ms=3, label=m)
+            ax.set_xticks(range(cols), ["original", *layers], rotation=60, fontsize=6)
             ax.set_ylim(-0.2, 1.05)
-            ax.set_title(f"{kind}: {measure}", fontsize=8)
+            ax.set_title(f"{kind} randomisation: {measure}", fontsize=8)
             ax.axhline(0, color="grey", lw=0.5)
     fig.axes[-1].legend(fontsize=6)
     fig.suptitle("Model-parameter randomisation: similarity of each map to the original (mean over images)")
@@ -74,19 +76,24 @@ def plot_invariance(path: str, out: str) -> str:
 
 
 def plot_manipulation(path: str, out: str) -> str:
-    """Per image: input, original map, manipulated map, target, perturbation; and the defended maps."""
+    """Per image: the input and the manipulated input, the original, manipulated and target maps, the
+    perturbation; then the same maps of the defended (smoothed) explanation under its own attack."""
     ds = storage.ResultStore(path, mode="r").dataset()
     n = min(4, ds.sample.size)
     names = ["original", "manipulated", "target", "defended_original", "defended_manipulated", "defended_target"]
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(2 * (len(names) + 1), 2 * n + 0.5), squeeze=False)
+    fig, axes = plt.subplots(n, len(names) + 3, figsize=(2 * (len(names) + 3), 2 * n + 0.5), squeeze=False)
     for i in range(n):
+        image, delta = ds.image.isel(sample=i).values, ds.delta.isel(sample=i).values
+        for k, (picture, title) in enumerate(((image, "input"), (np.clip(image + delta, 0, 1), "manipulated input"))):
+            axes[i, k].imshow(picture.transpose(1, 2, 0))
+            axes[i, k].set_xticks([]), axes[i, k].set_yticks([])
+            axes[i, k].set_title(title if i == 0 else "", fontsize=7)
         for j, name in enumerate(names):
-            _show(axes[i, j], ds.maps.isel(sample=i).sel(map=name).values, name.replace("_", " ") if i == 0 else "")
-        delta = ds.delta.isel(sample=i).values
-        _show(axes[i, -1], np.abs(delta).max(0), f"|perturbation| (max {np.abs(delta).max():.2f})")
+            _show(axes[i, j + 2], ds.maps.isel(sample=i).sel(map=name).values, name.replace("_", " ") if i == 0 else "")
+        _show(axes[i, -1], np.abs(delta).max(0), f"|perturbation|, max {np.abs(delta).max():.2f}")
     sim = ds.target_similarity.mean("sample")
-    fig.suptitle("Manipulation: similarity to the target " + ", ".join(
-        f"{s} {float(sim.sel(stage=s)):.2f}" for s in ds.stage.values.tolist()), fontsize=9)
+    fig.suptitle("Manipulation: Pearson similarity of the map to the target, " + ", ".join(
+        f"{s.replace('_', ' ')} {float(sim.sel(stage=s)):.2f}" for s in ds.stage.values.tolist()), fontsize=9)
     fig.tight_layout()
     return save(fig, out)
 

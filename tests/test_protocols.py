@@ -311,7 +311,7 @@ def test_manipulation_moves_the_map_keeps_the_output_and_the_defence_reduces_it(
     r = run_cli("manipulate", "--method", "saliency", "--samples", "8", "--steps", "150", "--figure", "none",
                 "--store", str(tmp_path / "m.zarr"), "--json", capsys=capsys)
     assert r["after"]["target_similarity"] > r["before"]["target_similarity"] + 0.4
-    assert r["after"]["output_change"] < 0.01 and r["after"]["linf"] < 0.3
+    assert r["after"]["output_change"] < 0.01 and r["after"]["linf"] <= 0.05 + 1e-6  # the L-inf budget
     assert r["defended"]["target_similarity"] < r["after"]["target_similarity"] - 0.1
 
 

@@ -67,18 +67,20 @@ class Manipulated(NamedTuple):
 
 
 def manipulate(method: str, model: nn.Module, images: Tensor, target_maps: Tensor, *, preprocess: Any,
-               target: Any = None, layer: str | None = None, steps: int = 300, lr: float = 2e-3,
-               beta: float = 10.0, gamma: float = 1e3) -> Manipulated:
+               target: Any = None, layer: str | None = None, steps: int = 200, lr: float = 1e-3,
+               beta: float = 10.0, gamma: float = 1e3, epsilon: float = 0.05) -> Manipulated:
     """Dombrowski et al.'s attack: minimise ||h(x + d) - h_t||^2 + gamma ||p(x + d) - p(x)||^2 over d.
 
     h is `method`'s map scaled to unit absolute sum, h_t the target map scaled alike, p the
-    softmax output; d is optimised by Adam in [0, 1] pixel units with the image kept in [0, 1].
+    softmax output; d is optimised by Adam in [0, 1] pixel units, projected after each step to
+    |d| <= `epsilon` (the L-inf budget that keeps it imperceptible) and to an image in [0, 1].
     The map is differentiated through the softplus copy of `beta` (with a small beta, that
     copy's map is the defended explanation, and this is the attack on it).
     `preprocess` maps [0, 1] images to model inputs and back (`zoo.Preprocess`).
     """
-    if steps < 1 or lr <= 0 or gamma < 0:
-        raise ValueError(f"steps must be >= 1, lr > 0 and gamma >= 0; got steps={steps}, lr={lr}, gamma={gamma}")
+    if steps < 1 or lr <= 0 or gamma < 0 or not 0 < epsilon <= 1:
+        raise ValueError(f"steps must be >= 1, lr > 0, gamma >= 0 and epsilon in (0, 1]; got steps={steps}, "
+                         f"lr={lr}, gamma={gamma}, epsilon={epsilon}")
     surrogate = softplus_copy(model, beta)
     for p in surrogate.parameters():
         p.requires_grad_(False)
@@ -99,7 +101,7 @@ def manipulate(method: str, model: nn.Module, images: Tensor, target_maps: Tenso
             loss.sum().backward()
         opt.step()
         with torch.no_grad():
-            delta.copy_((x01 + delta).clamp(0, 1) - x01)
+            delta.copy_((x01 + delta.clamp(-epsilon, epsilon)).clamp(0, 1) - x01)
     d = delta.detach()
     return Manipulated(images=preprocess(x01 + d).detach(), delta=d)
 
