@@ -413,9 +413,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"figure:  {path}")
 
 
+def cmd_protocol_status(store: str) -> None:
+    import storage
+
+    st = storage.ResultStore(store, mode="r").status()
+    who = st["identity"]
+    print(f"store    {st['path']}  ({st['protocol']} protocol)")
+    print(f"model    {who.get('model')}  (fingerprint {str(who.get('model_fingerprint'))[:12]})")
+    print(f"dataset  {who.get('dataset')}  (fingerprint {str(who.get('dataset_fingerprint'))[:12]})")
+    for part, (done, total) in st["parts"].items():
+        print(f"  {part.ljust(12)} {done:>5}/{total} units done  [{('#' * round(20 * done / max(total, 1))).ljust(20)}]")
+
+
 def cmd_status(store: str) -> None:
     import storage
 
+    if storage.is_result_store(store):
+        return cmd_protocol_status(store)
     st = storage.Store(store, mode="r").status()
     print(f"store    {st['path']}")
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")

@@ -7,7 +7,7 @@
 >>> store.pending("gradcam"), store.status()
 """
 from .aggregate import aggregate, default_out, select, summarize
-from .results import Part, ResultStore
+from .results import Part, ResultStore, is_result_store
 from .scores import compare, comparisons, describe_comparison, interval, means, score_table
 from .store import (
     COMPRESSIONS,
@@ -28,7 +28,7 @@ from .store import (
 )
 
 __all__ = [
-    "COMPRESSIONS", "Part", "ResultStore", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
+    "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
     "Template", "Variable", "aggregate", "block_slice", "create", "default_out", "exists", "n_blocks",
     "open_dataset", "schema_markdown", "select", "summarize",
     "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",

@@ -38,6 +38,14 @@ def _fill(dtype: str) -> Any:
     return np.nan if np.dtype(dtype).kind == "f" else -1 if np.dtype(dtype).kind in "iu" else False
 
 
+def is_result_store(path: str) -> bool:
+    """True for a protocol's store (a study store is not one)."""
+    try:
+        return "protocol" in open_group(path, "r", "store").attrs
+    except FileNotFoundError:
+        return False
+
+
 def _check_path(path: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -128,6 +136,12 @@ class ResultStore:
                 raise ValueError(f"{name} of unit {unit} has shape {value.shape}, expected {expected}")
             arr[unit] = value
         self.group[f"done_{part}"][unit] = True
+
+    def status(self) -> dict[str, Any]:
+        """The protocol, what it was run on, and per part the units done out of all."""
+        done = {name: np.asarray(self.group[f"done_{name}"][...]) for name in self.parts}
+        return {"path": self.path, "protocol": self.group.attrs["protocol"], "identity": self.identity,
+                "parts": {name: (int(d.sum()), int(d.size)) for name, d in done.items()}}
 
     def read(self, name: str, unit: tuple[int, ...] = ()) -> np.ndarray:
         return np.asarray(self.group[name][unit] if unit else self.group[name][...])

@@ -401,3 +401,10 @@ def test_protocols_run_on_a_users_torchvision_model_and_folder(prefect_api, tmp_
                      capsys=capsys)
     cascade = sanity["saliency"]["cascading_randomization"]
     assert cascade[0]["layer"] == "fc" and cascade[-1]["layer"] == "conv1" and len(cascade) == 41
+
+
+def test_status_of_a_protocol_store_counts_units_per_part(sanity_store, capsys):
+    assert main(["status", sanity_store]) == 0
+    out = capsys.readouterr().out
+    assert "(sanity protocol)" in out and "shapes-cnn" in out
+    assert "22/22 units done" in out and "88/88 units done" in out and "1/1 units done" in out
