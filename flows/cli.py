@@ -273,21 +273,23 @@ Each (method, fraction, seed) retrain is one resumable unit of the store; rerun 
 
 def add_protocol_parsers(sub: Any) -> None:
     from flows.protocols import SPECS
+    from tasks.study import options_of
 
     for name, (summary, examples) in PROTOCOLS.items():
         p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ". The same options "
                            f"are the parameters of the `{name}` flow in the Prefect UI.", epilog=examples,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_study_options(p, {f.name: f for f in dataclasses.fields(SPECS[name])})
+        add_study_options(p, options_of(SPECS[name]))
         p.add_argument("--json", action="store_true", help="print the result as JSON only")
 
 
 def cmd_protocol(args: argparse.Namespace) -> None:
     from flows import protocols
     from tasks import invariance, manipulation, roar, sanity
+    from tasks.study import options_of
 
     cls = protocols.SPECS[args.command]
-    spec = spec_from_args(cls, {f.name: f for f in dataclasses.fields(cls)}, args)
+    spec = spec_from_args(cls, options_of(cls), args)
     # Every argument is checked (and the store opened or refused) before the flow starts.
     {"sanity": sanity, "invariance": invariance, "manipulate": manipulation, "roar": roar}[args.command].open_store(spec)
     result = protocols.FLOWS[args.command](**dataclasses.asdict(spec))

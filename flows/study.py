@@ -6,7 +6,6 @@ the options are defined once for the flow, the form and the command line.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from tasks.evaluation_plot import render_evaluation
+from tasks.study import options_of
 
 from tasks import (
     StudySpec,
@@ -34,7 +34,7 @@ from tasks import (
 def spec_signature(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give ``fn(**options)`` the signature and the "Args:" docstring of the fields of `cls`
     (`StudySpec`, or a protocol's spec)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = options_of(cls)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         defaults = cls()

@@ -3,9 +3,12 @@ to a target map while the output stays, and beta-smoothing (explaining through a
 of the model with a small beta) defends against it.
 
 The target map of each image is another image's map (the next one's, ``other``) or a square in
-the corner that is farthest from the map's mass (``corner``). The defence is measured by the
-same attack aimed at the smoothed explanation (an attacker who knows the defence), with the
-same budget. Similarity to the target is the Pearson correlation of the maps.
+the corner that is farthest from the map's mass (``corner``). The defence is measured twice:
+the smoothed map of the images the attack on the model's own map made (``transfer``: an
+attacker who does not know the defence) and the same attack aimed at the smoothed map itself,
+with the same budget (``defended``: one who does). Its cost is ``fidelity``: how well the
+smoothed map agrees with the model's own map on the clean images. Similarity is the Pearson
+correlation of the maps.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .protocol import ProtocolSpec, check_methods, load_inputs
 from .study import option
 
 TARGET_MAPS = ("other", "corner")
-STAGES = ("before", "after", "defended_before", "defended_after")
+STAGES = ("before", "after", "defended_before", "defended_after", "defended_transfer")
 MAPS = ("original", "manipulated", "target", "defended_original", "defended_manipulated", "defended_target")
 
 
@@ -92,6 +95,7 @@ def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
     parts = [storage.Part("attack", ("sample",), {
         "target_similarity": (("sample", "stage"), "float64"), "output_change": (("sample", "stage"), "float64"),
         "linf": (("sample", "stage"), "float64"), "l2": (("sample", "stage"), "float64"),
+        "fidelity": (("sample",), "float64"),
         "maps": (("sample", "map", "y", "x"), "float32"), "delta": (("sample", "channel", "y", "x"), "float32"),
         "image": (("sample", "channel", "y", "x"), "float32")})]
     identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
@@ -106,58 +110,77 @@ def _attack(spec: ManipulateSpec, inputs: Any, beta: float, explain: Any) -> dic
     goal = target_of(spec.target_map, original)
     res = M.manipulate(spec.method, model, x, goal, preprocess=model.preprocess, target=t, layer=spec.layer,
                        steps=spec.steps, lr=spec.lr, beta=beta, gamma=spec.gamma, epsilon=spec.epsilon)
-    return {"original": original, "goal": goal, "after": explain(res.images), "delta": res.delta,
-            "change": M.output_change(model, x, res.images)}
+    return {"original": original, "goal": goal, "after": explain(res.images), "images": res.images,
+            "delta": res.delta, "change": M.output_change(model, x, res.images)}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return similarity("pearson", a.cpu().numpy(), b.cpu().numpy())
+
+
+def _stages(plain: dict[str, torch.Tensor], defended: dict[str, torch.Tensor],
+            transfer: torch.Tensor) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per stage of STAGES: (target similarity, output change, L-inf, L2) per image."""
+    zero = np.zeros(len(plain["delta"]))
+
+    def attacked(r: dict[str, torch.Tensor], maps: torch.Tensor) -> tuple[np.ndarray, ...]:
+        d = r["delta"].flatten(1)
+        return (_pearson(maps, r["goal"]), r["change"].cpu().numpy(), d.abs().amax(1).cpu().numpy(),
+                d.norm(dim=1).cpu().numpy())
+
+    return {"before": (_pearson(plain["original"], plain["goal"]), zero, zero, zero),
+            "after": attacked(plain, plain["after"]),
+            "defended_before": (_pearson(defended["original"], defended["goal"]), zero, zero, zero),
+            "defended_after": attacked(defended, defended["after"]),
+            "defended_transfer": (_pearson(transfer, defended["goal"]), *attacked(plain, plain["after"])[1:])}
 
 
 @task(cache_policy=NO_CACHE)
 def attack(spec: ManipulateSpec) -> dict[str, Any]:
-    """Attack every pending image, undefended then defended, and write one unit per image."""
+    """Attack every pending image: the model's own map, then the defended (smoothed) map under its own
+    attack; the smoothed map of the first attack's images (transfer); one unit written per image."""
     store, inputs = open_store(spec)
     todo = [i for (i,) in store.pending("attack")]
     if not todo:
         return {"attacked": 0}
-    sub = inputs._replace(images=inputs.images[todo], target=inputs.target[todo])
-    if spec.target_map == "other" and len(todo) < len(inputs.ids):  # the next image's map needs every image
-        sub = inputs
+    if spec.target_map == "other":  # each image's target is the next image's map: attack them all
         todo = list(range(len(inputs.ids)))
-    params = {k: v for k, v in spec.method_params(spec.method).items() if k == "layer"}
+    sub = inputs._replace(images=inputs.images[todo], target=inputs.target[todo])
+    layer = {"layer": spec.layer} if xm.spec(spec.method).needs_layer else {}
 
     def plain(x: torch.Tensor) -> torch.Tensor:
-        return xm.attribute(spec.method, inputs.model, x, target=sub.target, **params).detach()
+        return xm.attribute(spec.method, inputs.model, x, target=sub.target, **layer).detach()
 
     def smoothed(x: torch.Tensor) -> torch.Tensor:
         return M.smoothed_explanation(spec.method, inputs.model, x, sub.target, spec.defence_beta, spec.layer)
 
-    runs = [_attack(spec, sub, spec.beta, plain), _attack(spec, sub, spec.defence_beta, smoothed)]
+    undefended, defended = _attack(spec, sub, spec.beta, plain), _attack(spec, sub, spec.defence_beta, smoothed)
+    stages = _stages(undefended, defended, smoothed(undefended["images"]))
+    fidelity = _pearson(defended["original"], undefended["original"])  # what the smoothing costs
     images01 = inputs.model.preprocess.invert(sub.images).cpu().numpy()  # [0, 1], for the figure
-
-    def sim(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-        return similarity("pearson", a.cpu().numpy(), b.cpu().numpy())
-
+    maps = torch.stack([r[k] for r in (undefended, defended) for k in ("original", "after", "goal")], 1).cpu().numpy()
     for j, i in enumerate(todo):
-        rows = [(sim(r["original"], r["goal"])[j], 0.0, 0.0, 0.0) if before else
-                (sim(r["after"], r["goal"])[j], float(r["change"][j]), float(r["delta"][j].abs().max()),
-                 float(r["delta"][j].norm())) for r in runs for before in (True, False)]
-        maps = [r[k][j] for r in runs for k in ("original", "after", "goal")]
-        store.write("attack", (i,), target_similarity=np.array([r[0] for r in rows]),
-                    output_change=np.array([r[1] for r in rows]), linf=np.array([r[2] for r in rows]),
-                    l2=np.array([r[3] for r in rows]), maps=torch.stack(maps).cpu().numpy(),
-                    delta=runs[0]["delta"][j].cpu().numpy(), image=images01[j])
+        rows = np.array([[v[j] for v in stages[s]] for s in STAGES])  # (stage, 4)
+        store.write("attack", (i,), target_similarity=rows[:, 0], output_change=rows[:, 1], linf=rows[:, 2],
+                    l2=rows[:, 3], fidelity=np.float64(fidelity[j]), maps=maps[j],
+                    delta=undefended["delta"][j].cpu().numpy(), image=images01[j])
     return {"attacked": len(todo)}
 
 
 def summary(path: str) -> dict[str, Any]:
-    """The `--json` shape: mean target similarity before and after the attack, the output change and
-    the perturbation's norms, undefended and defended."""
+    """The `--json` shape: mean target similarity before and after the attack, the output change and the
+    perturbation's norms (largest L-inf, mean L2), undefended and defended; for the defence also its
+    `transfer` (the smoothed map of the undefended attack's images) and its `fidelity` (Pearson of the
+    smoothed map with the model's own map on the clean images)."""
     ds = storage.ResultStore(path, mode="r").dataset()
 
-    def stage(name: str, norms: bool) -> dict[str, float]:
+    def stage(name: str, norms: bool = True) -> dict[str, float]:
         row = {"target_similarity": float(ds.target_similarity.sel(stage=name).mean())}
         if norms:
             row.update(output_change=float(ds.output_change.sel(stage=name).mean()),
                        linf=float(ds.linf.sel(stage=name).max()), l2=float(ds.l2.sel(stage=name).mean()))
         return row
 
-    return {"before": stage("before", False), "after": stage("after", True),
-            "defended": {"before": stage("defended_before", False), **stage("defended_after", True)}}
+    return {"before": stage("before", False), "after": stage("after"),
+            "defended": {"before": stage("defended_before", False), **stage("defended_after"),
+                         "transfer": stage("defended_transfer", False), "fidelity": float(ds.fidelity.mean())}}

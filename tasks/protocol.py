@@ -50,10 +50,6 @@ class ProtocolSpec:
                 "package_version": metadata.version("saliency-atlas")}
 
 
-def protocol_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 class Inputs(NamedTuple):
     model: torch.nn.Module
     images: torch.Tensor  # (N, C, H, W) normalised, on the device

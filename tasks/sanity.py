@@ -10,7 +10,6 @@ original by `xai_methods.metrics.similarity`'s measures. One unit of work is one
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -211,7 +210,3 @@ def summary(path: str) -> dict[str, Any]:
                                             "undefined": int(undefined.max())}
         out[m] = entry
     return out
-
-
-SANITY_OPTIONS = {f.name: f for f in dataclasses.fields(SanitySpec)}
-

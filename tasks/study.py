@@ -107,7 +107,12 @@ class StudySpec:
         return dict(xm.spec(method).defaults)
 
 
-OPTIONS = {f.name: f for f in dataclasses.fields(StudySpec)}
+def options_of(cls: type) -> dict[str, dataclasses.Field]:
+    """The options of a spec class (`StudySpec`, a protocol's spec) by name, in definition order."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+OPTIONS = options_of(StudySpec)
 BASELINE_MAPS = ("random_map", "centre_map", "edge_map")
 TASK_SUPPLIED = ("method", "method_params", "layer", "contrast")
 

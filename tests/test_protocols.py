@@ -312,7 +312,12 @@ def test_manipulation_moves_the_map_keeps_the_output_and_the_defence_reduces_it(
                 "--store", str(tmp_path / "m.zarr"), "--json", capsys=capsys)
     assert r["after"]["target_similarity"] > r["before"]["target_similarity"] + 0.4
     assert r["after"]["output_change"] < 0.01 and r["after"]["linf"] <= 0.05 + 1e-6  # the L-inf budget
-    assert r["defended"]["target_similarity"] < r["after"]["target_similarity"] - 0.1
+    # The defence holds against the attack on the model's own map (the smoothed map of those images
+    # stays far from the target), at a cost in fidelity to the model's map ...
+    assert r["defended"]["transfer"]["target_similarity"] < r["after"]["target_similarity"] - 0.3
+    assert 0.3 < r["defended"]["fidelity"] < 0.95
+    # ... and an attacker who aims at the smoothed map itself still moves it (measured, not hidden).
+    assert r["defended"]["target_similarity"] > r["defended"]["before"]["target_similarity"]
 
 
 def test_roar_small_configuration_json_and_resume(prefect_api, tmp_path, capsys):

@@ -72,7 +72,7 @@ def manipulate(method: str, model: nn.Module, images: Tensor, target_maps: Tenso
     """Dombrowski et al.'s attack: minimise ||h(x + d) - h_t||^2 + gamma ||p(x + d) - p(x)||^2 over d.
 
     h is `method`'s map scaled to unit absolute sum, h_t the target map scaled alike, p the
-    softmax output; d is optimised by Adam in [0, 1] pixel units, projected after each step to
+    model's softmax output (the model itself: keeping it needs first derivatives only); d is optimised by Adam in [0, 1] pixel units, projected after each step to
     |d| <= `epsilon` (the L-inf budget that keeps it imperceptible) and to an image in [0, 1].
     The map is differentiated through the softplus copy of `beta` (with a small beta, that
     copy's map is the defended explanation, and this is the attack on it).
@@ -82,12 +82,11 @@ def manipulate(method: str, model: nn.Module, images: Tensor, target_maps: Tenso
         raise ValueError(f"steps must be >= 1, lr > 0, gamma >= 0 and epsilon in (0, 1]; got steps={steps}, "
                          f"lr={lr}, gamma={gamma}, epsilon={epsilon}")
     surrogate = softplus_copy(model, beta)
-    for p in surrogate.parameters():
-        p.requires_grad_(False)
     x01 = preprocess.invert(images).detach()
     with torch.no_grad():
-        t = targets(model(images), target, images.shape[0], images.device)
-        p0 = surrogate(images).softmax(1)  # the output the surrogate keeps
+        logits = model(images)
+        t = targets(logits, target, images.shape[0], images.device)
+        p0 = logits.softmax(1)
         goal = _unit(target_maps.to(images.dtype))
     delta = torch.zeros_like(x01, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
@@ -96,9 +95,9 @@ def manipulate(method: str, model: nn.Module, images: Tensor, target_maps: Tenso
         h = _unit(explanation(method, surrogate, x, t, layer))
         with torch.enable_grad():
             loss = ((h - goal) ** 2).flatten(1).sum(1) * goal[0].numel() \
-                + gamma * ((surrogate(x).softmax(1) - p0) ** 2).sum(1)
-            opt.zero_grad()
-            loss.sum().backward()
+                + gamma * ((model(x).softmax(1) - p0) ** 2).sum(1)  # the model's own output (first order only)
+            # the gradient w.r.t. the perturbation only: nothing accumulates in the model's parameters
+            (delta.grad,) = torch.autograd.grad(loss.sum(), delta)
         opt.step()
         with torch.no_grad():
             delta.copy_((x01 + delta.clamp(-epsilon, epsilon)).clamp(0, 1) - x01)
