@@ -67,6 +67,9 @@ def layout(spec: SanitySpec) -> tuple[dict[str, Any], list[storage.Part], Any]:
     """Validate `spec`; the store's coordinates and parts, and the inputs."""
     inputs = load_inputs(spec)
     check_methods(spec.methods, spec, inputs.model)
+    if spec.study is not None and storage.Store(spec.study, mode="r").attrs.get("model_fingerprint") != \
+            zoo.model_fingerprint(inputs.model):
+        raise ValueError(f"study {spec.study!r} was made with another model (or weights) than this sanity check")
     layers = surgery.execution_order(inputs.model, inputs.images)[::-1]  # from the logits down
     n, (h, w) = len(inputs.ids), inputs.images.shape[-2:]
     coords: dict[str, Any] = {"xai_method": spec.methods, "randomization": list(KINDS), "layer": layers,
@@ -99,15 +102,14 @@ def open_store(spec: SanitySpec) -> tuple[storage.ResultStore, Any]:
     return store, inputs
 
 
-def _study_maps(spec: SanitySpec, method: str, n: int, model: torch.nn.Module) -> np.ndarray | None:
-    """The unrandomised maps from `spec.study`, when it holds them for this model, data and parameters."""
+def _study_maps(spec: SanitySpec, method: str, inputs: Any) -> np.ndarray | None:
+    """The unrandomised maps from `spec.study`, when it holds them for these images, this model and
+    these parameters (None otherwise: they are computed)."""
     if spec.study is None:
         return None
     s = storage.Store(spec.study, mode="r")
-    a = s.attrs
-    if a.get("model_fingerprint") != zoo.model_fingerprint(model) or a.get("dataset") != spec.dataset:
-        raise ValueError(f"study {spec.study!r} was made with another model or dataset than this sanity check")
-    if method not in s.methods() or s.n_samples < n:
+    a, n = s.attrs, len(inputs.ids)
+    if method not in s.methods() or s.sample_ids()[:n] != inputs.ids:
         return None
     if json.dumps(a["params"].get(method), sort_keys=True) != json.dumps(spec.method_params(method), sort_keys=True):
         return None
@@ -122,7 +124,7 @@ def original_maps(spec: SanitySpec) -> dict[str, Any]:
     methods = store.coord("xai_method")
     reused = []
     for (m,) in store.pending("original"):
-        maps = _study_maps(spec, methods[m], len(inputs.ids), inputs.model)
+        maps = _study_maps(spec, methods[m], inputs)
         reused += [methods[m]] if maps is not None else []
         if maps is None:
             maps = maps_of(methods[m], inputs.model, inputs.images, inputs.target, spec)

@@ -337,6 +337,7 @@ def test_roar_small_configuration_json_and_resume(prefect_api, tmp_path, capsys)
     (["roar", "--fractions", "0.5,1.5"], "fractions must be in"),
     (["invariance", "--tolerance", "0"], "tolerance must be > 0"),
     (["sanity", "--samples", "0"], "samples must be >= 1"),
+    (["sanity", "--study", "nowhere.zarr"], "no study store"),
 ])
 def test_bad_protocol_input_is_one_line_before_any_store(tmp_path, capsys, argv, message):
     store = tmp_path / "x.zarr"
@@ -413,3 +414,18 @@ def test_status_of_a_protocol_store_counts_units_per_part(sanity_store, capsys):
     out = capsys.readouterr().out
     assert "(sanity protocol)" in out and "shapes-cnn" in out
     assert "22/22 units done" in out and "88/88 units done" in out and "1/1 units done" in out
+
+
+def test_manipulate_respects_the_budget_and_leaves_the_model_alone(shapes):
+    model, x, t = shapes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    goal = xm.attribute("saliency", model, x, target=t).roll(-1, 0)
+    res = M.manipulate("saliency", model, x[:2], goal[:2], preprocess=model.preprocess, target=t[:2], steps=5,
+                       epsilon=0.01)
+    assert float(res.delta.abs().max()) <= 0.01 + 1e-6
+    images01 = model.preprocess.invert(res.images)
+    assert float(images01.min()) >= 0 and float(images01.max()) <= 1
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="epsilon"):
+        M.manipulate("saliency", model, x[:2], goal[:2], preprocess=model.preprocess, epsilon=0.0)
