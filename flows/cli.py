@@ -484,7 +484,8 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
         advice = [MISMATCH_ADVICE[d.what].format(stored=d.stored) for d in e.differences if d.what in MISMATCH_ADVICE]
         text = "; ".join([*advice, "or use a new --store path"])
         return f"{e} {text[0].upper()}{text[1:]}."
-    if isinstance(e, FileNotFoundError) and "no study store" in str(e) and getattr(args, "command", "") != "study":
+    if isinstance(e, FileNotFoundError) and "no study store" in str(e) and \
+            getattr(args, "command", "") in ("evaluate", "status", "figure", "aggregate"):
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
     from tasks import OPTIONS

@@ -41,7 +41,9 @@ class RoarSpec(ProtocolSpec):
     seeds: int = option(3, "retrains per (method, fraction), seeds 0..K-1")
     train_samples: int = option(2000, "training images of each retrain")
     test_samples: int = option(500, "test images of each retrain")
-    epochs: int = option(3, "epochs of each retrain")
+    epochs: int = option(10, "epochs of each retrain (shapes-cnn from scratch needs about 600 steps: 2000 "
+                              "images, 10 epochs, batches of 32 reach 99.8% test accuracy; 3 epochs stay at chance)")
+    batch_size: int = option(32, "images per training step of each retrain")
     workers: int | None = option(None, "run the retrains on a local Dask cluster of this many processes")
 
 
@@ -49,7 +51,7 @@ def check(spec: RoarSpec) -> None:
     bad = [f for f in spec.fractions if not 0 <= f < 1]
     if bad or not spec.fractions:
         raise ValueError(f"fractions must be in [0, 1) (0: the unmodified images), got {bad or spec.fractions}")
-    for name in ("seeds", "train_samples", "test_samples", "epochs"):
+    for name in ("seeds", "train_samples", "test_samples", "epochs", "batch_size"):
         if getattr(spec, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
     if RANDOM in spec.methods:
@@ -117,7 +119,7 @@ def retrain(spec: RoarSpec, m: int, f: int, s: int) -> dict[str, Any]:
     images = remove_top(np.concatenate([train.images, test.images]), maps, fraction, fill, seed=s)
     model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), seed=1000 + s)
     pre = inputs.model.preprocess
-    fit(model, images[:n], train.labels, pre, epochs=spec.epochs, seed=s)
+    fit(model, images[:n], train.labels, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=s)
     acc, train_acc = accuracy(model, images[n:], test.labels, pre), accuracy(model, images[:n], train.labels, pre)
     store.write("retrain", (m, f, s), accuracy=np.float64(acc), train_accuracy=np.float64(train_acc))
     return {"xai_method": name, "fraction": fraction, "seed": s, "accuracy": acc, "seconds": time.perf_counter() - t0}

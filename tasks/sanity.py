@@ -44,6 +44,7 @@ class SanitySpec(ProtocolSpec):
                                       flag="--data-randomization", switch_on=True)
     train_samples: int = option(2000, "training images of the label-randomised retrain")
     epochs: int = option(10, "epochs of the label-randomised retrain")
+    batch_size: int = option(32, "images per training step of the label-randomised retrain")
 
 
 def weights_vector(model: torch.nn.Module) -> np.ndarray:
@@ -168,7 +169,7 @@ def label_randomized_model(spec: SanitySpec) -> dict[str, float]:
         train, test = train_test(spec.dataset, pre.size, spec.train_samples, 500, seed=spec.seed)
         permuted = np.random.default_rng(spec.seed).permutation(train.labels)
         model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), spec.seed + 1)
-        fit(model, train.images, permuted, pre, epochs=spec.epochs, seed=spec.seed)
+        fit(model, train.images, permuted, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed)
         acc = [accuracy(model, train.images, permuted, pre), accuracy(model, test.images, test.labels, pre)]
         store.write("label_model", (0,), label_weights=weights_vector(model), label_accuracy=np.array(acc))
     train_acc, test_acc = store.read("label_accuracy", (0,))
