@@ -149,8 +149,8 @@ def add_study_options(parser: argparse.ArgumentParser, options: dict[str, datacl
         else:
             type_ = ARG_TYPES.get(kind) or (int if f.type in ("int", "int | None") else str)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            target.add_argument(flag, dest=name, type=type_, default=default, help=f"{f.metadata['help']} "
-                                f"(default: {shown})", **cli)
+            text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
+            target.add_argument(flag, dest=name, type=type_, default=default, help=f"{text} (default: {shown})", **cli)
 
 
 def spec_from_args(cls: type, options: dict[str, dataclasses.Field], args: argparse.Namespace) -> Any:
