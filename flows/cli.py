@@ -490,9 +490,16 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
     from tasks import OPTIONS
 
+    command = getattr(args, "command", "")
+    options = OPTIONS if command == "study" else {}
+    if command in PROTOCOLS:
+        from flows.protocols import SPECS
+        from tasks.study import options_of
+
+        options = options_of(SPECS[command])
     first = message.split(" ", 1)[0]
-    if getattr(args, "command", "") == "study" and first in OPTIONS:  # the option as this command spells it
-        message = flag_of(first) + message[len(first):]
+    if first in options:  # the option as this command spells it
+        message = flag_of(first, options) + message[len(first):]
     return message
 
 

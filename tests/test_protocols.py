@@ -334,9 +334,10 @@ def test_roar_small_configuration_json_and_resume(prefect_api, tmp_path, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["sanity", "--methods", "nope"], "unknown method"),
     (["manipulate", "--method", "occlusion"], "cannot be manipulated"),
-    (["roar", "--fractions", "0.5,1.5"], "fractions must be in"),
-    (["invariance", "--tolerance", "0"], "tolerance must be > 0"),
-    (["sanity", "--samples", "0"], "samples must be >= 1"),
+    (["roar", "--fractions", "0.5,1.5"], "--fractions must be in"),
+    (["invariance", "--tolerance", "0"], "--tolerance must be > 0"),
+    (["sanity", "--samples", "0"], "--samples must be >= 1"),
+    (["manipulate", "--epsilon", "2"], "--epsilon must be in (0, 1]"),
     (["sanity", "--study", "nowhere.zarr"], "no study store"),
 ])
 def test_bad_protocol_input_is_one_line_before_any_store(tmp_path, capsys, argv, message):
