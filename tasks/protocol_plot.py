@@ -11,10 +11,12 @@ from .figure import plt, save
 from .protocol import nanmean
 
 
-def _show(ax: object, m: np.ndarray, title: str = "") -> None:
-    top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
-    ax.imshow(m, cmap="bwr" if np.nanmin(m) < -1e-3 * top else "jet", vmin=-top if np.nanmin(m) < 0 else 0,
-              vmax=top or 1.0)
+def _show(ax: object, m: np.ndarray, title: str = "", top: float | None = None) -> None:
+    """A heatmap: diverging around 0 for a signed map, from 0 otherwise; `top` shares a scale between maps."""
+    if top is None:
+        top = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    signed = np.nanmin(m) < -1e-3 * (top or 1.0)
+    ax.imshow(m, cmap="bwr" if signed else "jet", vmin=-top if signed else 0, vmax=top or 1.0)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title, fontsize=7)
 
@@ -62,14 +64,16 @@ def plot_invariance(path: str, out: str) -> str:
     for i, m in enumerate(methods):
         change = float(ds.l1_change.sel(xai_method=m).sum() / ds.l1_norm.sel(xai_method=m).sum())
         for j in range(shown):
+            pair = ds.example.sel(xai_method=m).isel(shown=j).values  # (variant, y, x): one colour scale
+            top = float(np.nanmax(np.abs(pair))) if np.isfinite(pair).any() else 1.0
             for v, variant in enumerate(("original", "shifted")):
-                _show(axes[i, 2 * j + v], ds.example.sel(xai_method=m, variant=variant).isel(shown=j).values,
-                      f"{variant} #{j}" if i == 0 else "")
+                _show(axes[i, 2 * j + v], pair[v], f"{variant} #{j}" if i == 0 else "", top)
         axes[i, 0].set_ylabel(m, fontsize=7)
-        axes[i, -1].barh([0], [change], color="tab:red" if change > tolerance else "tab:green")
-        axes[i, -1].set_xscale("symlog", linthresh=1e-4)
-        axes[i, -1].set_title(f"change {change:.2g}", fontsize=7)
-        axes[i, -1].set_yticks([])
+        ok = change <= tolerance
+        axes[i, -1].axis("off")
+        axes[i, -1].text(0.5, 0.5, f"{'invariant' if ok else 'changes'}\nrelative L1 {change:.2g}", ha="center",
+                         va="center", fontsize=8, color="white", transform=axes[i, -1].transAxes,
+                         bbox=dict(boxstyle="round", facecolor="tab:green" if ok else "tab:red"))
     fig.suptitle("Input invariance: maps of the model on x and of its compensated copy on x + shift")
     fig.tight_layout()
     return save(fig, out)
