@@ -24,7 +24,7 @@ import storage
 import xai_methods as xm
 from xai_methods import surgery
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of
+from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of
 from .study import option
 
 SHOWN = 4
@@ -63,8 +63,7 @@ def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any, torch.nn
     parts = [storage.Part("maps", ("xai_method",), {
         "l1_change": (("xai_method", "sample"), "float64"), "l1_norm": (("xai_method", "sample"), "float64"),
         "example": (("xai_method", "variant", "shown", "y", "x"), "float32")})]
-    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
-    store, _ = storage.ResultStore.open_or_create(spec.store, "invariance", identity, coords, parts)
+    store = open_results(spec, "invariance", inputs, coords, parts)
     return store, inputs, shifted
 
 

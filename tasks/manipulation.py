@@ -25,7 +25,7 @@ import xai_methods as xm
 from xai_methods import manipulation as M
 from xai_methods.metrics.similarity import similarity
 
-from .protocol import ProtocolSpec, check_methods, load_inputs
+from .protocol import ProtocolSpec, check_methods, load_inputs, open_results
 from .study import option
 
 TARGET_MAPS = ("other", "corner")
@@ -98,8 +98,7 @@ def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
         "fidelity": (("sample",), "float64"),
         "maps": (("sample", "map", "y", "x"), "float32"), "delta": (("sample", "channel", "y", "x"), "float32"),
         "image": (("sample", "channel", "y", "x"), "float32")})]
-    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
-    store, _ = storage.ResultStore.open_or_create(spec.store, "manipulate", identity, coords, parts)
+    store = open_results(spec, "manipulate", inputs, coords, parts)
     return store, inputs
 
 

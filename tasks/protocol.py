@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+import storage
 import xai_methods as xm
 import zoo
 
@@ -57,6 +58,13 @@ class Inputs(NamedTuple):
     labels: np.ndarray
     ids: list[str]
     dataset: zoo.Dataset
+
+
+def open_results(spec: ProtocolSpec, protocol: str, inputs: Inputs, coords: dict[str, Any],
+                 parts: list[storage.Part]) -> storage.ResultStore:
+    """The protocol's store at `spec.store`, created or reopened (refused when made for another identity)."""
+    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
+    return storage.ResultStore.open_or_create(spec.store, protocol, identity, coords, parts)[0]
 
 
 def check_methods(methods: list[str], spec: ProtocolSpec, model: torch.nn.Module, allowed: tuple[str, ...] = ()) -> None:

@@ -25,7 +25,7 @@ from xai_methods import surgery
 from xai_methods.metrics.faithfulness import ranks
 from zoo.training import accuracy, fit, train_test
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of
+from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of
 from .study import option
 
 RANDOM = "random"
@@ -76,8 +76,7 @@ def open_store(spec: RoarSpec) -> tuple[storage.ResultStore, Any, Any]:
              storage.Part("retrain", ("xai_method", "fraction", "seed"), {
                  "accuracy": (("xai_method", "fraction", "seed"), "float64"),
                  "train_accuracy": (("xai_method", "fraction", "seed"), "float64")})]
-    identity = spec.identity(inputs.model, inputs.dataset, inputs.ids)
-    store, _ = storage.ResultStore.open_or_create(spec.store, "roar", identity, coords, parts)
+    store = open_results(spec, "roar", inputs, coords, parts)
     return store, inputs, (train, test)
 
 

@@ -26,7 +26,7 @@ from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities
 from zoo.training import accuracy, fit, train_test
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, maps_of, nanmean
+from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of, nanmean
 from .study import option
 
 KINDS = ("cascading", "independent")
@@ -98,8 +98,7 @@ def layout(spec: SanitySpec) -> tuple[dict[str, Any], list[storage.Part], Any]:
 
 def open_store(spec: SanitySpec) -> tuple[storage.ResultStore, Any]:
     coords, parts, inputs = layout(spec)
-    store, _ = storage.ResultStore.open_or_create(spec.store, "sanity", spec.identity(inputs.model, inputs.dataset,
-                                                                                     inputs.ids), coords, parts)
+    store = open_results(spec, "sanity", inputs, coords, parts)
     return store, inputs
 
 
