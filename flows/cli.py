@@ -446,6 +446,10 @@ def cmd_status(store: str) -> None:
         bar = "#" * round(20 * done / st["blocks"])
         params = ", ".join(f"{k}={v}" for k, v in st["params"].get(m, {}).items())
         print(f"  {m.ljust(width)}  {done:>5}/{st['blocks']}  [{bar.ljust(20)}]  {params}")
+    codes = json.loads(st.get("failure_codes") or "{}")
+    for m, counts in st["failures"].items():
+        print(f"  {m}: {sum(counts.values())} failed map(s), stored as NaN and left out of every score: "
+              + "; ".join(f"{n} {codes.get(str(c), f'code {c}')}" for c, n in counts.items()))
     for metric, per_method in st["scored"].items():
         print(f"scored by {metric}: " + ", ".join(f"{m} {n}/{st['blocks']}" for m, n in per_method.items()))
 
@@ -469,6 +473,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 # What a user can do about each way a run differs from its store (storage names the difference).
 MISMATCH_ADVICE = {
     "contrast": "use --contrast {stored}",
+    "dataset_name": "use --dataset {stored}",
     "samples": "use --samples {stored} or more (a run may add samples after the stored ones, not drop them)",
     "block_size": "use --block-size {stored}",
     "schema_version": "an older store is read by xarray but not extended; start a new --store",

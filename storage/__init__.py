@@ -20,6 +20,7 @@ from .store import (
     Template,
     Variable,
     block_slice,
+    check_path,
     create,
     exists,
     n_blocks,
@@ -29,7 +30,7 @@ from .store import (
 
 __all__ = [
     "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
-    "Template", "Variable", "aggregate", "block_slice", "create", "default_out", "exists", "n_blocks",
+    "Template", "Variable", "aggregate", "block_slice", "check_path", "create", "default_out", "exists", "n_blocks",
     "open_dataset", "schema_markdown", "select", "summarize",
     "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",
 ]

@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet, open_group
+from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet, check_path, open_group
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,6 @@ def is_result_store(path: str) -> bool:
         return "protocol" in open_group(path, "r", "store").attrs
     except FileNotFoundError:
         return False
-
-
-def _check_path(path: str) -> None:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise FileExistsError(f"the store path {path!r} is a file, not a Zarr store; choose another path")
-    if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():
-        raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "
-                              "choose a new path")
 
 
 def _layout(coords: dict[str, Sequence[Any]], parts: Sequence[Part]) -> tuple[xr.Dataset, dict[str, Any]]:
@@ -85,7 +76,7 @@ class ResultStore:
     def open_or_create(cls, path: str, protocol: str, identity: dict[str, Any], coords: dict[str, Sequence[Any]],
                        parts: Sequence[Part]) -> tuple[ResultStore, bool]:
         """The store at `path` (created when absent); refused when it holds another protocol or identity."""
-        _check_path(path)
+        check_path(path, "protocol")
         identity = json.loads(json.dumps(identity, sort_keys=True))
         if (Path(path) / "zarr.json").exists():
             store = cls(path)

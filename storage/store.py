@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import dask.array as da
@@ -27,6 +29,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+LOCKS = ".claims"  # the folder of block claims inside a local store (see `storage.claims`)
 SCHEMA_VERSION = 3  # 2: the contrast variable; 3: one blur and torch.optim changed some methods' maps
 
 COMPRESSIONS = {
@@ -57,6 +60,8 @@ class Variable:
 SCHEMA: tuple[Variable, ...] = (
     Variable("attribution", ("xai_method", "sample", "y", "x"), "maps", np.nan, "done",
              doc="the maps; NaN where not computed"),
+    Variable("failure", ("xai_method", "sample"), "int8", -1, "done",
+             doc="why a map is NaN: 0 a usable map, >0 a failure (codes in the attribute `failure_codes`), -1 not computed"),
     Variable("image", ("sample", "channel", "y", "x"), "float32", np.nan, "ingested", when="keep_images",
              doc="the exact model input"),
     Variable("mask", ("sample", "y", "x"), "bool", False, "ingested", when="has_masks",
@@ -104,6 +109,8 @@ class Difference:
         if self.what == "samples":
             return (f"the store has {self.stored} samples and this run asks for {self.requested} others; a run may "
                     "add samples after the stored ones but not drop or reorder them")
+        if self.what == "dataset_name":
+            return f"the store was made from dataset {self.stored!r} and this run names dataset {self.requested!r}"
         if self.what in ("params", "metric_params"):
             return f"parameters of {self.detail} differ: the store has {self.stored}, this run {self.requested}"
         tail = " — the stored samples changed" if self.what == "dataset" else ""
@@ -257,6 +264,26 @@ def open_dataset(path: str) -> xr.Dataset:
             return xr.open_zarr(path, consolidated=True)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no study store at {path!r}") from e
+
+
+def check_path(path: str, kind: str) -> None:
+    """Refuse, before anything is written, a store path that holds something else: a file, a folder
+    with other content, or the other kind of store (`kind`: "study" or "protocol")."""
+    if "://" in path:  # an fsspec URL: the store's own metadata decides
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"the store path {path!r} is a file, not a Zarr store; give a new path "
+                              "or an existing store")
+    if not p.is_dir() or not any(n for n in os.listdir(p) if n != LOCKS):
+        return
+    if not (p / "zarr.json").exists():
+        raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "
+                              "give a new path or an existing store")
+    protocol = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("protocol")
+    if (protocol is None) != (kind == "study"):
+        found = f"the {protocol} protocol's store" if protocol else "a study store"
+        raise FileExistsError(f"the store path {path!r} holds {found}, not a {kind} store; give a new path")
 
 
 def exists(path: str) -> bool:
@@ -421,6 +448,8 @@ class Store:
             g.attrs["metric_params"] = json.dumps(params, sort_keys=True)
             self._extend_names("metric", old_metrics + new_metrics)
         g.attrs["dataset_fingerprint"] = t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint"))
+        if "failure_codes" in t.attrs:
+            g.attrs["failure_codes"] = t.attrs["failure_codes"]
         with _quiet():
             zarr.consolidate_metadata(self.path, zarr_format=3)
         return {"samples": n_new - n_old, "methods": new_methods, "metrics": new_metrics}
@@ -488,14 +517,21 @@ class Store:
             self.group[name][s] = value
         self.group["ingested"][block] = True
 
-    def write_attribution(self, method: str, block: int, maps: np.ndarray) -> None:
-        """Write one whole block of maps for ``method``; ``done`` is set only afterwards."""
+    def write_attribution(self, method: str, block: int, maps: np.ndarray, failure: np.ndarray | None = None) -> None:
+        """Write one whole block of maps for ``method`` and, per sample, its failure code (0: a usable
+        map; a failed sample's map must be NaN); ``done`` is set only afterwards."""
         s, m = self.aligned(block), self._method_index(method)
         arr = self.group["attribution"]
         expected = (s.stop - s.start, *arr.shape[2:])
         if maps.shape != expected:
             raise ValueError(f"maps for {method} block {block} have shape {maps.shape}, expected {expected}")
+        failure = np.zeros(expected[0], np.int8) if failure is None else np.asarray(failure, np.int8)
+        if failure.shape != expected[:1] or not np.isnan(maps[failure > 0]).all():
+            raise ValueError(f"failure codes for {method} block {block} must be ({expected[0]},) with the failed "
+                             "samples' maps NaN")
         arr[m, s] = maps.astype(arr.dtype)
+        if "failure" in self.group:  # a store made before failures were recorded gains it in `grow`
+            self.group["failure"][m, s] = failure
         self.group["done"][m, block] = True
 
     def write_scores(self, method: str, metric: str, block: int, value: np.ndarray, status: np.ndarray,
@@ -518,6 +554,13 @@ class Store:
         s = block_slice(block, self.n_samples, self.block_size)
         return self.group["attribution"][self._method_index(method), s]
 
+    def read_failures(self, method: str, block: int) -> np.ndarray:
+        """The block's failure codes of `method` (-1 for a store made before failures were recorded)."""
+        s = block_slice(block, self.n_samples, self.block_size)
+        if "failure" not in self.group:
+            return np.full(s.stop - s.start, -1, np.int8)
+        return self.group["failure"][self._method_index(method), s]
+
     def pending_scores(self, method: str, metric: str) -> list[int]:
         """Blocks of `method` not yet scored by `metric`."""
         flags = self.group["scored"][self._method_index(method), self.metrics().index(metric)]
@@ -531,6 +574,18 @@ class Store:
         """Blocks still to compute: for ``method``, or blocks not yet ingested when None."""
         flags = self.group["ingested"][:] if method is None else self.group["done"][self._method_index(method)]
         return [int(b) for b in np.flatnonzero(~flags)]
+
+    def failure_counts(self) -> dict[str, dict[int, int]]:
+        """Per method, the number of failed maps by failure code (methods without failures are left out)."""
+        if "failure" not in self.group:
+            return {}
+        codes = self.group["failure"][:]
+        out = {}
+        for i, m in enumerate(self.methods()):
+            found, counts = np.unique(codes[i][codes[i] > 0], return_counts=True)
+            if found.size:
+                out[m] = {int(c): int(n) for c, n in zip(found, counts)}
+        return out
 
     def _scored(self) -> np.ndarray | None:
         return self.group["scored"][:] if "scored" in self.group else None
@@ -553,8 +608,9 @@ class Store:
             "blocks": int(done.shape[1]),
             "ingested": int(g["ingested"][:].sum()),
             "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
+            "failures": self.failure_counts(),
             "params": a["params"],
             "scored": ({k: {m: int(scored[i, j].sum()) for i, m in enumerate(self.methods())}
                         for j, k in enumerate(self.metrics())} if (scored := self._scored()) is not None else {}),
-            **{k: a.get(k) for k in ("model", "dataset", "model_fingerprint", "dataset_fingerprint")},
+            **{k: a.get(k) for k in ("model", "dataset", "model_fingerprint", "dataset_fingerprint", "failure_codes")},
         }

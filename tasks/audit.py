@@ -103,19 +103,22 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def audit_rows(scores: xr.DataArray, classes: np.ndarray, correct: np.ndarray | None,
-               order: Sequence[str]) -> list[dict[str, Any]]:
+               order: Sequence[str], failure: xr.DataArray | None = None) -> list[dict[str, Any]]:
     """One row per method and class (first the row of all classes): sample count, accuracy, maps
-    scored (a finite score for every metric), and the mean of each metric over its scored maps."""
+    scored (a finite score for every metric), maps failed (the method found nothing: left out of the
+    means, see the store's `failure`), and the mean of each metric over its scored maps."""
     metrics = [str(k) for k in scores.metric.values]
     rows: list[dict[str, Any]] = []
     for method in [str(m) for m in scores.xai_method.values]:
         values = scores.sel(xai_method=method).transpose("sample", "metric").values
+        failed = np.zeros(len(classes), bool) if failure is None else failure.sel(xai_method=method).values > 0
         for cls in [ALL, *order]:
             sel = np.ones(len(classes), bool) if cls == ALL else classes == cls
             row: dict[str, Any] = {
                 "xai_method": method, "class": cls, "samples": int(sel.sum()),
                 "accuracy": None if correct is None else _mean(correct[sel]),
                 "maps_scored": int(np.isfinite(values[sel]).all(1).sum()),
+                "maps_failed": int(failed[sel].sum()),
             }
             row.update({metric: _mean(values[sel, k]) for k, metric in enumerate(metrics)})
             rows.append(row)
@@ -156,7 +159,8 @@ def measure(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any
         scores = xr.DataArray(np.zeros((len(methods), ds.sizes["sample"], 0)), dims=("xai_method", "sample", "metric"),
                               coords={"xai_method": list(methods), "metric": []})
     classes, correct, order = true_classes(ds)
-    rows = audit_rows(scores, classes, correct, order)
+    failure = ds.failure.sel(xai_method=list(methods)).compute() if "failure" in ds else None
+    rows = audit_rows(scores, classes, correct, order, failure)
     # the samples the report shows: those whose maps put the most mass where they should not
     shown = next((m for m in ("region_share", "outside_mask_share") if m in metrics), None)
     if shown:
@@ -250,7 +254,7 @@ def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str
     ]
     if not measured["measures"]:
         lines += ["No share was measured: the dataset has no ground-truth masks and no region was given.", ""]
-    cols = ["xai_method", "samples", "accuracy", "maps_scored", *measured["measures"]]
+    cols = ["xai_method", "samples", "accuracy", "maps_scored", "maps_failed", *measured["measures"]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in (r for r in measured["rows"] if r["class"] == ALL):
         lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")

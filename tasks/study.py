@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
 
 import storage
@@ -240,6 +244,8 @@ def plan(spec: StudySpec) -> StudyPlan:
     it belongs to this study (refusing with StoreMismatch otherwise). Raises with a clear
     message on any bad argument, before anything is written."""
     check_options(spec)
+    storage.check_path(spec.store, "study")
+    exists = storage.exists(spec.store)
     model = load_model(spec.model, spec.weights, "cpu")
     pre = model.preprocess
     contrast_class(spec, model)  # validates the contrast
@@ -253,7 +259,6 @@ def plan(spec: StudySpec) -> StudyPlan:
         n_classes = model(torch.zeros(1, len(pre.mean), *pre.size)).shape[1]
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
     classes = classes or [f"class_{i}" for i in range(n_classes)]
-    exists = storage.exists(spec.store)
     stored = storage.Store(spec.store, mode="r").sample_ids() if exists else []
     known = set(stored)
     ids = stored + [i for i in dataset.ids(0, len(dataset)) if i not in known]  # growth appends
@@ -276,11 +281,30 @@ def plan(spec: StudySpec) -> StudyPlan:
             "dataset": spec.dataset, "dataset_fingerprint": dataset.digest(ids),
             "dataset_classes": list(dataset.classes), "image_mean": list(pre.mean), "image_std": list(pre.std),
             "package_version": metadata.version("saliency-atlas"), "contrast": spec.contrast,
+            "failure_codes": json.dumps({str(k): v for k, v in xm.FAILURES.items()}),
         },
     )
     if exists:
-        storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=dataset.digest(stored))
+        storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=stored_digest(spec, dataset, stored))
     return StudyPlan(template, dataset, model, exists)
+
+
+def stored_digest(spec: StudySpec, dataset: zoo.Dataset, stored: list[str]) -> str:
+    """The digest of the store's samples as `dataset` has them now. A run that names another dataset
+    than the one the store was made from, and does not hold the same samples (a copied folder does),
+    is refused as such, not as a corrupt file of the new one."""
+    s = storage.Store(spec.store, mode="r")
+    made_from = s.attrs.get("dataset")
+    same = made_from == spec.dataset or os.path.realpath(str(made_from)) == os.path.realpath(spec.dataset)
+    try:
+        digest = dataset.digest(stored)
+    except ValueError:
+        if same:
+            raise
+        digest = None
+    if not same and digest != s.attrs.get("dataset_fingerprint"):
+        raise storage.StoreMismatch(spec.store, [storage.Difference("dataset_name", made_from, spec.dataset)])
+    return digest
 
 
 def contrast_class(spec: StudySpec, model: torch.nn.Module) -> int | None:
@@ -396,18 +420,39 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
     images = stored_inputs(spec, s, block, model, device)
-    stored = s.read_samples(block, "target", "contrast")
+    stored = s.read_samples(block, "target", "contrast", "logits")
     params = spec.method_params(method)
     layer = params.pop("layer", None)
     kwargs: dict[str, Any] = {"layer": layer} if xm.spec(method).needs_layer else {}
     if xm.spec(method).needs_contrast:
         kwargs["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
+    report: dict[str, Any] = {}
+    if "report" in xm.spec(method).defaults:  # a method that can say it did not succeed
+        kwargs["report"] = report.update
     t0 = time.perf_counter()
-    maps = xm.attribute(method, model, images, target=torch.from_numpy(stored["target"]).to(device),
-                        **kwargs, **params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = xm.attribute(method, model, images, target=torch.from_numpy(stored["target"]).to(device),
+                            **kwargs, **params)
     seconds = time.perf_counter() - t0
-    s.write_attribution(method, block, maps.cpu().numpy())
-    return {"xai_method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
+    codes = xm.failures(maps, logits=torch.from_numpy(stored["logits"]), success=report.get("success"))
+    s.write_attribution(method, block, xm.without_failures(maps, codes).cpu().numpy(), codes.cpu().numpy())
+    failed = {xm.FAILURES[int(c)]: int((codes == c).sum()) for c in codes.unique().tolist() if c}
+    for text in dict.fromkeys(str(w.message) for w in caught):
+        log().warning("%s, block %d: %s", method, block, text)
+    if failed:
+        log().warning("%s, block %d: %d failed map(s) recorded as failures, not as maps: %s", method, block,
+                      sum(failed.values()), failed)
+    return {"xai_method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4),
+            "failed": sum(failed.values())}
+
+
+def log() -> Any:
+    """Prefect's run logger inside a task or flow; this module's logger outside one (a test, a notebook)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module, device: str) -> torch.Tensor:
@@ -438,8 +483,13 @@ def evaluate_block(spec: StudySpec, method: str, metric: str, block: int) -> dic
     t0 = time.perf_counter()
     scores = xmet.measure(metric, model, images, maps, torch.from_numpy(stored["target"]).to(device), mask, **params)
     seconds = time.perf_counter() - t0
+    value, status = scores.value.cpu().numpy(), scores.status.cpu().numpy()
     curve = None if scores.curve is None else scores.curve.cpu().numpy()
-    s.write_scores(method, metric, block, scores.value.cpu().numpy(), scores.status.cpu().numpy(), curve)
+    failed = s.read_failures(method, block) > 0  # excluded from every mean and counted, never scored as zero
+    value[failed], status[failed] = np.nan, xmet.FAILED_MAP
+    if curve is not None:
+        curve[failed] = np.nan
+    s.write_scores(method, metric, block, value, status, curve)
     return {"xai_method": method, "metric": metric, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
 
 

@@ -26,7 +26,9 @@ in-place flags, hooks). New methods register with ``xai_methods._registry.regist
 
 from ._core import contrasts
 from ._registry import MethodSpec, attribute, available, check, spec
+from .failures import FAILURES, failures, without_failures
 from . import baselines, cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
 from . import metrics  # noqa: E402,F401  (the evaluation metrics: xai_methods.metrics)
 
-__all__ = ["MethodSpec", "attribute", "available", "check", "contrasts", "metrics", "spec"]
+__all__ = ["FAILURES", "MethodSpec", "attribute", "available", "check", "contrasts", "failures", "metrics", "spec",
+           "without_failures"]

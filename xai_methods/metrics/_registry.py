@@ -26,7 +26,7 @@ from .._registry import _check_params as check_params
 FAMILIES = ("localisation", "faithfulness", "robustness", "complexity", "audit")
 
 # Why a score is what it is; stored per (method, sample, metric) beside the score.
-OK, EMPTY_MASK, NOT_FINITE_MAP, NO_POSITIVE, CONSTANT_MAP, ZERO_MAP, NOT_FINITE_OUTPUT = range(7)
+OK, EMPTY_MASK, NOT_FINITE_MAP, NO_POSITIVE, CONSTANT_MAP, ZERO_MAP, NOT_FINITE_OUTPUT, FAILED_MAP = range(8)
 NOT_COMPUTED = -1
 STATUS = {
     NOT_COMPUTED: "not computed",
@@ -37,6 +37,7 @@ STATUS = {
     CONSTANT_MAP: "the map is constant (no ranking, no maximum)",
     ZERO_MAP: "the map is zero everywhere: NaN",
     NOT_FINITE_OUTPUT: "the model's output is not finite: NaN",
+    FAILED_MAP: "the method failed on this image (the study's `failure` says why): NaN, not scored",
 }
 
 
