@@ -450,13 +450,24 @@ def test_guided_rule_by_hand() -> None:
     torch.testing.assert_close(xm.attribute("deconvnet", model, x, target=1, reduce=None).flatten(1), deconv)
 
 
-def test_functional_relu_is_not_hooked_and_warns() -> None:
+def test_relu_rules_refuse_a_model_without_relu_modules_and_warn_on_mixed_ones() -> None:
+    """DeconvNet and guided backprop assume nn.ReLU modules: with none (functional ReLUs only) the map would
+    be the plain gradient, an error before any work; other activation modules beside them warn."""
     torch.manual_seed(0)
     model, x = FunctionalReLU().eval(), images(2, 3, 8, 8)
-    for name in ("guided_backprop", "deconvnet"):
-        with pytest.warns(UserWarning, match="no nn.ReLU module ran"):
-            out = xm.attribute(name, model, x, target=1)
-        torch.testing.assert_close(out, xm.attribute("saliency", model, x, target=1))
+    for name in ("guided_backprop", "deconvnet", "guided_gradcam"):
+        with pytest.raises(ValueError, match=f"{name} changes the backward pass of nn.ReLU modules and this model "
+                                             "has none.*plain gradient"):
+            xm.check(name, model, (8, 8))
+    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.GELU(), nn.Flatten(),
+                          nn.Linear(64, 3)).eval()
+    with pytest.warns(UserWarning, match="1 GELU module.*keep their ordinary gradient; only its 1 nn.ReLU"):
+        xm.attribute("guided_backprop", mixed, x, target=1)
+    unused = FunctionalReLU().eval()
+    unused.spare = nn.ReLU()  # a ReLU module that never runs: found by the check, caught when it runs
+    with pytest.warns(UserWarning, match="no nn.ReLU module ran"):
+        out = xm.attribute("deconvnet", unused, x, target=1)
+    torch.testing.assert_close(out, xm.attribute("saliency", unused, x, target=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         xm.attribute("guided_backprop", tiny_cnn(), images(), target=1)  # nn.ReLU modules: no warning

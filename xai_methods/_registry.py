@@ -26,6 +26,9 @@ CATEGORIES = ("gradient", "cam", "perturbation", "contrastive", "baseline")
 
 CostFn = Callable[[Mapping[str, Any], tuple[int, int]], tuple[int, int]]
 MethodFn = Callable[..., Tensor]
+# (model, (H, W), layer or None) -> None: raises ValueError when the method cannot explain this model,
+# warns when its result would silently mean something else.
+ModelCheck = Callable[[nn.Module, tuple[int, int], Any], None]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class MethodSpec:
     cost: CostFn  # (params, (H, W)) -> (forward passes, backward passes) per image
     summary: str  # one line
     checks: Mapping[str, C.Check]  # parameter -> check, beyond SHARED_CHECKS
+    assumes: ModelCheck | None = None  # what the method assumes of the model, checked by `check`
 
     def passes(self, size: tuple[int, int], **params: Any) -> tuple[int, int]:
         """(forward, backward) passes per image of size (H, W) with `params` over the defaults."""
@@ -52,12 +56,16 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, *, category: str, cost: CostFn, checks: Mapping[str, C.Check] | None = None, summary: str | None = None
+    name: str, *, category: str, cost: CostFn, checks: Mapping[str, C.Check] | None = None, summary: str | None = None,
+    assumes: ModelCheck | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator that registers ``fn(model, images, target, *, ...)`` under `name`.
 
     `checks`: how the method's own parameters are validated (see `_checks`), run by `check`
     before any work; parameters of `SHARED_CHECKS` are checked without being listed.
+    `assumes`: a check of what the method assumes of the model (its activations, its head),
+    also run by `check`: an error when the method cannot explain the model, a warning when
+    the map would silently mean something else.
     `summary` defaults to the first line of the function's docstring.
     """
     if category not in CATEGORIES:
@@ -89,6 +97,7 @@ def register(
             cost=cost,
             summary=line,
             checks=MappingProxyType(dict(checks or {})),
+            assumes=assumes,
         )
         return fn
 
@@ -195,6 +204,8 @@ def check(
         raise TypeError(f"{name}() takes no layer (it works on the input); pass layer=None, got layer={layer!r}")
     if layer is not None:
         resolve_layer(model, layer)
+    if s.assumes is not None:
+        s.assumes(model, tuple(size), layer)
     return s.cost({**s.defaults, **params}, tuple(size))
 
 

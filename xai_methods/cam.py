@@ -34,16 +34,19 @@ from ._core import (
     backprop,
     batched,
     class_score,
+    default_layer,
     hooks,
     layer_name,
     layer_output,
     progress_bar,
     reduce_channels,
+    resolve_layer,
     targets,
+    untouched,
     upsample_to,
 )
 from ._registry import MethodFn, register
-from .gradient import one_pass
+from .gradient import one_pass, relu_model
 
 # (activation A, gradient dS/dA) -> weights (B, K) or (B, K, h, w)
 CamWeights = Callable[[Tensor, Tensor], Tensor]
@@ -199,7 +202,24 @@ def gap_linear_head(model: nn.Module, layer: nn.Module, activation: Tensor, logi
     )
 
 
-@register("cam", category="cam", cost=forward_only)
+def gap_head(model: nn.Module, size: tuple[int, int], layer: Any) -> None:
+    """CAM's assumption, checked on a seeded random probe (one forward pass, in eval mode, the global
+    RNG untouched): the logits are Linear(GAP(layer)). A model without a first convolution is left
+    to the same check on the real batch."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return
+    weight = conv.weight
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, conv.in_channels, *size, generator=g).to(weight.device, weight.dtype)
+    with untouched(model):
+        model.eval()
+        module = resolve_layer(model, layer if layer is not None else default_layer(model, probe))
+        logits, _, _, activation = layer_forward(model, probe, None, module)
+        gap_linear_head(model, module, activation, logits)
+
+
+@register("cam", category="cam", cost=forward_only, assumes=gap_head)
 def cam(
     model: nn.Module,
     images: Tensor,
@@ -433,7 +453,7 @@ def eigencam(
 # --------------------------------------------------------------------------- Guided Grad-CAM
 
 
-@register("guided_gradcam", category="cam", cost=two_passes)
+@register("guided_gradcam", category="cam", cost=two_passes, assumes=relu_model("guided_gradcam"))
 def guided_gradcam(
     model: nn.Module,
     images: Tensor,

@@ -83,7 +83,35 @@ def _relu_rule_gradient(model: nn.Module, images: Tensor, target: Any, rule: Rul
     return grad
 
 
-@register("deconvnet", category="gradient", cost=one_pass)
+# Activation modules a ReLU rule does not touch: with them the modified backward pass mixes rules.
+OTHER_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh,
+                     nn.Hardswish, nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid)
+
+
+def relu_model(method: str) -> Callable[[nn.Module, tuple[int, int], Any], None]:
+    """The assumption of DeconvNet and guided backpropagation: the model's nonlinearities are nn.ReLU
+    modules. None at all is an error (the map would be the plain gradient); other activations warn."""
+
+    def assumes(model: nn.Module, size: tuple[int, int], layer: Any) -> None:
+        kinds: dict[str, int] = {}
+        for m in model.modules():
+            if isinstance(m, (nn.ReLU, *OTHER_ACTIVATIONS)):
+                kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+        others = {k: n for k, n in kinds.items() if k != "ReLU"}
+        if "ReLU" not in kinds:
+            found = ", ".join(f"{n} {k}" for k, n in others.items()) or "none as modules"
+            raise ValueError(f"{method} changes the backward pass of nn.ReLU modules and this model has none "
+                             f"(activation modules: {found}), so its map would be the plain gradient; use saliency, "
+                             "integrated_gradients or deeplift")
+        if others:
+            warnings.warn(f"{method}: the model's {', '.join(f'{n} {k}' for k, n in others.items())} module(s) keep "
+                          f"their ordinary gradient; only its {kinds['ReLU']} nn.ReLU module(s) get the {method} "
+                          "rule, so the map mixes two rules", stacklevel=3)
+
+    return assumes
+
+
+@register("deconvnet", category="gradient", cost=one_pass, assumes=relu_model("deconvnet"))
 def deconvnet(model: nn.Module, images: Tensor, target: Any, *, reduce: str | None = "max_abs") -> Tensor:
     """DeconvNet (Zeiler & Fergus 2014): backward pass in which every ReLU passes ReLU(incoming gradient).
 
@@ -99,7 +127,7 @@ def deconvnet(model: nn.Module, images: Tensor, target: Any, *, reduce: str | No
     return reduce_channels(_relu_rule_gradient(model, images, target, deconvnet_rule, "deconvnet"), reduce)
 
 
-@register("guided_backprop", category="gradient", cost=one_pass)
+@register("guided_backprop", category="gradient", cost=one_pass, assumes=relu_model("guided_backprop"))
 def guided_backprop(model: nn.Module, images: Tensor, target: Any, *, reduce: str | None = "max_abs") -> Tensor:
     """Guided Backprop (Springenberg et al. 2015): backward pass in which every ReLU passes grad * (x > 0) * (grad > 0).
 

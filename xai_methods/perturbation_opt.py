@@ -25,6 +25,7 @@ an optional ``report`` callable, called once with a dict of per-image tensors
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -477,7 +478,10 @@ def extremal_perturbation(
     compressed so that after `steps` it reaches TorchRay's value after 800
     (the paper's steps; default 300 here). SGD with momentum 0.9 (`lr` 0.01)
     from an all-ones parameter grid, clamped to [0, 1]; `jitter` flips the
-    image horizontally every other step. Deterministic (no seed).
+    image horizontally every other step, on the images for which the model is
+    mirror-invariant (checked first: the target's probability on the mirrored
+    image within a factor 2; a warning names the others, which go without).
+    Deterministic (no seed).
     Map: the sum over areas of the masks (the multi-area summary of TorchRay's
     benchmark), so pixels kept by small areas score highest; with one area it
     is the mask itself. `report` gets {"loss", "steps", "converged", "area"
@@ -498,7 +502,8 @@ def extremal_perturbation(
     with hooks() as handles:
         if module is not None:
             handles.append(module.register_forward_hook(lambda mod, inputs, out: seen.append(out.detach())))
-        x, t, _ = _prepare(model, images, target, internal_batch)
+        x, t, logits = _prepare(model, images, target, internal_batch)
+    mirrored = mirror_stable(model, x, t, logits, internal_batch) if jitter and module is None else None
     if module is None:
         scale = min(h, w) / 224.0
         step = max(1, round(7 * scale)) if mask_step is None else mask_step
@@ -509,7 +514,7 @@ def extremal_perturbation(
         with torch.inference_mode(False):
             problem = ChannelMasks(x, module, torch.cat(seen).clone(), str(channels))
     masks, info, rewards = _extremal_masks(
-        model, problem, x, t, _areas(area), variant=variant, steps=steps, lr=lr, jitter=jitter, tol=tol,
+        model, problem, x, t, _areas(area), variant=variant, steps=steps, lr=lr, jitter=mirrored, tol=tol,
         patience=patience, internal_batch=internal_batch, progress=progress, want_rewards=report is not None,
     )
     out, extra = problem.result(masks)
@@ -524,13 +529,31 @@ def extremal_perturbation(
     return out
 
 
+def mirror_stable(model: nn.Module, x: Tensor, t: Tensor, logits: Tensor, internal_batch: int) -> Tensor | None:
+    """Jitter's assumption, checked on the images at hand: per image, whether the model is mirror-invariant
+    for it (the target's probability on the mirrored image within a factor 2 of the original's). Jitter
+    stays on for those images only, with a warning naming the others; None when it holds for none."""
+    mirrored = forward_logits(model, x.flip(3), internal_batch)
+    rows = torch.arange(len(t), device=x.device)
+    p, q = logits.softmax(1)[rows, t], mirrored.softmax(1)[rows, t]
+    stable = torch.minimum(p, q) >= 0.5 * torch.maximum(p, q)
+    if not stable.all():
+        worst = int((p - q).abs().argmax())
+        warnings.warn(
+            f"extremal_perturbation: jitter (mirroring the image every other step) assumes a mirror-invariant model, "
+            f"but on {int((~stable).sum())} of {len(t)} images the target's probability changes by more than a factor "
+            f"2 when mirrored (image {worst}: {float(p[worst]):.3f} -> {float(q[worst]):.3f}); jitter is off for those "
+            "images. Pass jitter=False to turn it off for all", stacklevel=4)
+    return stable if stable.any() else None
+
+
 def _extremal_masks(
     model: nn.Module, problem: SpatialMasks | ChannelMasks, x: Tensor, t: Tensor, areas: list[float], *,
-    variant: str, steps: int, lr: float, jitter: bool, tol: float, patience: int, internal_batch: int,
+    variant: str, steps: int, lr: float, jitter: Tensor | None, tol: float, patience: int, internal_batch: int,
     progress: bool, want_rewards: bool,
 ) -> tuple[Tensor, OptimisationReport, Tensor | None]:
     """The optimisation of extremal perturbation: masks (B, areas, *mask shape), the report and,
-    when asked, the final rewards (B * areas,)."""
+    when asked, the final rewards (B * areas,). `jitter`: per image (B,), mirror it every other step."""
     b, n_areas = x.shape[0], len(areas)
     with torch.inference_mode(False):
         # Sorted target of the full mask, `ones` ones per area.
@@ -542,7 +565,9 @@ def _extremal_masks(
     def reward(mask: Tensor, img: Tensor, flip: bool) -> Tensor:
         def logit(kept: Tensor) -> Tensor:
             inputs = problem.inputs(kept, img)
-            return target_score(model(inputs.flip(3) if flip else inputs), t[img], "logit")
+            if flip:
+                inputs = torch.where(jitter[img].view(-1, 1, 1, 1), inputs.flip(3), inputs)
+            return target_score(model(inputs), t[img], "logit")
 
         if variant == "preservation":
             return logit(mask)
@@ -554,7 +579,7 @@ def _extremal_masks(
         img, which = i // n_areas, i % n_areas
         full, mask = problem.masks(params)
         regul = area_loss(full.flatten(1), reference_area[which])
-        return -reward(mask, img, jitter and step_ % 2 == 0) + 300.0 * growth**step_ * regul
+        return -reward(mask, img, jitter is not None and step_ % 2 == 0) + 300.0 * growth**step_ * regul
 
     # Start from the unperturbed image: all kept (preservation, dual, as TorchRay) or nothing deleted
     # (deletion: from TorchRay's all-deleted start, blurred detail has no gradient to come back by).
