@@ -5,10 +5,8 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned here (not in pyproject's ranges) because these exact
 # releases are the ones available offline on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
-# compat mode puts the repository on sys.path through a .pth file. The default
-# (finder) mode loses to a namespace package of the same name: a Dask worker has its
-# own folder on sys.path, with a spill folder called "storage" in it.
-EDITABLE := -e . --config-settings editable_mode=compat
+# The default editable install (tests/test_install.py also checks a non-editable one).
+EDITABLE := -e .
 
 .PHONY: demo test test-fast install install-dev clean
 

@@ -66,10 +66,13 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
 
     if dask_address is not None:
         return DaskTaskRunner(address=dask_address)
-    # One single-threaded process per worker, each with its share of the cores for torch.
+    # One single-threaded process per worker, each with its share of the cores for torch. No spilling:
+    # tasks return small receipts, and a worker's spill folder, "storage" in its own directory (which
+    # Dask puts first on sys.path), would shadow the `storage` package under a default editable install.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "data": dict,  # in memory, never spilled
         "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     })
 

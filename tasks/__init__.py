@@ -1,4 +1,8 @@
 """Prefect tasks: small idempotent units that read and write the study store."""
+from ._unshadow import own_package
+
+own_package("storage")  # first: a Dask worker's spill folder "storage" must not stand in for it
+
 from .figure import render, render_figure
 from .study import (
     OPTIONS,
