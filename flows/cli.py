@@ -218,8 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("metrics", help="list the evaluation metrics, their family and cost")
     add_protocol_parsers(sub)
 
-    st = sub.add_parser("status", help="blocks done per method, and the store's identity")
+    st = sub.add_parser("status", help="blocks done per method, and the store's identity",
+                        description="Blocks done per method, failed maps, scores, and the store's identity. "
+                                    "--verify reads every finished block back and checks it against the "
+                                    "checksum recorded with its flag; a damaged block (a chunk file truncated, "
+                                    "deleted or overwritten) is named and marked not done, so that rerunning the "
+                                    "study recomputes exactly those blocks. Exit status 1 when any was found.")
     st.add_argument("store")
+    st.add_argument("--verify", action="store_true", help="check every finished block against its checksum")
 
     f = sub.add_parser("figure", help="draw inputs and heatmaps of chosen samples")
     f.add_argument("store")
@@ -427,10 +433,30 @@ def cmd_protocol_status(store: str) -> None:
         print(f"  {part.ljust(12)} {done:>5}/{total} units done  [{('#' * round(20 * done / max(total, 1))).ljust(20)}]")
 
 
-def cmd_status(store: str) -> None:
+def cmd_verify(store: str) -> int:
+    import storage
+
+    s = storage.Store(store)
+    damaged = s.verify()
+    blocks = int(s.group["ingested"][:].sum() + s.group["done"][:].sum())
+    for d in damaged:
+        what = "inputs" if d["kind"] == "samples" else f"{d['xai_method']} maps"
+        print(f"damaged  block {d['block']} {what}: {d['why']}")
+    if not damaged:
+        print(f"verified {blocks} finished blocks: every one matches its checksum")
+        return 0
+    s.mark_damaged(damaged)
+    print(f"verify   {len(damaged)} of {blocks} finished blocks damaged and marked not done; rerun the study "
+          "(the same command) to recompute exactly them")
+    return 1
+
+
+def cmd_status(store: str, verify: bool = False) -> int | None:
     import storage
 
     if storage.is_result_store(store):
+        if verify:
+            raise ValueError(f"--verify checks study stores; {store!r} is a protocol store, which records no checksums")
         return cmd_protocol_status(store)
     st = storage.Store(store, mode="r").status()
     print(f"store    {st['path']}")
@@ -452,6 +478,7 @@ def cmd_status(store: str) -> None:
               + "; ".join(f"{n} {codes.get(str(c), f'code {c}')}" for c, n in counts.items()))
     for metric, per_method in st["scored"].items():
         print(f"scored by {metric}: " + ", ".join(f"{m} {n}/{st['blocks']}" for m, n in per_method.items()))
+    return cmd_verify(store) if verify else None
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -520,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "metrics":
             cmd_metrics()
         elif args.command == "status":
-            cmd_status(args.store)
+            return cmd_status(args.store, args.verify) or 0
         elif args.command == "figure":
             from tasks import render
 

@@ -19,9 +19,10 @@ import dataclasses
 import json
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import dask.array as da
 import numpy as np
@@ -79,6 +80,10 @@ SCHEMA: tuple[Variable, ...] = (
              doc="deletion / insertion / ROAD curves (NaN past a metric's own points)"),
     Variable("done", ("xai_method", "block"), "bool", False, None, doc="block b of method m is written"),
     Variable("ingested", ("block",), "bool", False, None, doc="block b's inputs and predictions are written"),
+    Variable("checksum", ("xai_method", "block"), "int64", -1, None,
+             doc="CRC-32 of block b's maps and failure codes as written, set just before `done` (`status --verify`)"),
+    Variable("ingested_checksum", ("block",), "int64", -1, None,
+             doc="CRC-32 of block b's sample variables as written, set just before `ingested`"),
     Variable("scored", ("xai_method", "metric", "block"), "bool", False, None, when="metrics",
              doc="block b of method m is scored by the metric"),
 )
@@ -186,6 +191,14 @@ class Template:
         return {"xai_method": len(self.methods), "sample": n, "block": n_blocks(n, self.block_size),
                 "channel": c, "y": h, "x": w, "class": len(self.classes), "metric": len(self.metrics),
                 "step": self.curve_points}
+
+
+def checksum(*arrays: np.ndarray) -> int:
+    """CRC-32 of the arrays' bytes (a corruption check, not a security one)."""
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+    return crc
 
 
 def n_blocks(n_samples: int, block_size: int) -> int:
@@ -419,7 +432,7 @@ class Store:
             return {"samples": 0, "methods": [], "metrics": []}
         if n_new > n_old and n_old % b:  # the short last block will hold more samples: redo it
             for v in SCHEMA:
-                if v.dims[-1] == "block" and v.name in g:
+                if v.dims[-1] == "block" and v.dtype == "bool" and v.name in g:
                     g[v.name][..., n_old // b] = False
         n = max(n_new, n_old)
         sizes = {"sample": n, "block": n_blocks(n, b), "xai_method": len(old_methods) + len(new_methods),
@@ -515,7 +528,19 @@ class Store:
             if value.shape != expected:
                 raise ValueError(f"{name} for block {block} has shape {value.shape}, expected {expected}")
             self.group[name][s] = value
+        self._record(("ingested_checksum", block), self._sample_checksum(block))
         self.group["ingested"][block] = True
+
+    def _record(self, where: tuple[Any, ...], checksum: int) -> None:
+        name, *index = where
+        if name in self.group:  # a store made before checksums were recorded gains them in `grow`
+            self.group[name][tuple(index)] = checksum
+
+    def _sample_checksum(self, block: int) -> int:
+        """The CRC-32 of a block's sample variables as the store holds them (read back, so it is what a
+        later `verify` reads)."""
+        s = block_slice(block, self.n_samples, self.block_size)
+        return checksum(*(self.group[v][s] for v in SAMPLE_VARIABLES if v in self.group))
 
     def write_attribution(self, method: str, block: int, maps: np.ndarray, failure: np.ndarray | None = None) -> None:
         """Write one whole block of maps for ``method`` and, per sample, its failure code (0: a usable
@@ -532,7 +557,47 @@ class Store:
         arr[m, s] = maps.astype(arr.dtype)
         if "failure" in self.group:  # a store made before failures were recorded gains it in `grow`
             self.group["failure"][m, s] = failure
+        self._record(("checksum", m, block), self._map_checksum(m, block))
         self.group["done"][m, block] = True
+
+    def _map_checksum(self, m: int, block: int) -> int:
+        s = block_slice(block, self.n_samples, self.block_size)
+        return checksum(self.group["attribution"][m, s], *([self.group["failure"][m, s]] if "failure" in self.group else []))
+
+    def verify(self) -> list[dict[str, Any]]:
+        """Every finished block read back and checked against the checksum recorded with its flag: one
+        entry per damaged block (a chunk truncated, deleted or overwritten), naming it and why."""
+        damaged = []
+
+        def check(kind: str, method: str | None, block: int, recorded: int, now: Callable[[], int]) -> None:
+            if recorded < 0:
+                return  # finished before checksums were recorded: nothing to compare with
+            try:
+                found, why = now(), ""
+            except Exception as e:  # a truncated chunk fails to decompress
+                found, why = None, f"unreadable ({type(e).__name__}: {e})"
+            if found != recorded:
+                damaged.append({"kind": kind, "xai_method": method, "block": block,
+                                "why": why or f"checksum {found} differs from the recorded {recorded}"})
+
+        g = self.group
+        if "ingested_checksum" in g:
+            for b in np.flatnonzero(g["ingested"][:]):
+                check("samples", None, int(b), int(g["ingested_checksum"][b]), lambda b=int(b): self._sample_checksum(b))
+        if "checksum" in g:
+            sums, done = g["checksum"][:], g["done"][:]
+            for m, name in enumerate(self.methods()):
+                for b in np.flatnonzero(done[m]):
+                    check("maps", name, int(b), int(sums[m, b]), lambda m=m, b=int(b): self._map_checksum(m, b))
+        return damaged
+
+    def mark_damaged(self, damaged: list[dict[str, Any]]) -> None:
+        """Unset the flags of damaged blocks, so the next run recomputes exactly them (deterministically)."""
+        for d in damaged:
+            if d["kind"] == "samples":
+                self.group["ingested"][d["block"]] = False
+            else:
+                self.group["done"][self._method_index(d["xai_method"]), d["block"]] = False
 
     def write_scores(self, method: str, metric: str, block: int, value: np.ndarray, status: np.ndarray,
                      curve: np.ndarray | None = None) -> None:

@@ -172,3 +172,41 @@ def test_a_study_records_failed_maps_and_every_reader_leaves_them_out(prefect_ap
     assert main(["status", path]) == 0
     assert "saliency: 4 failed map(s), stored as NaN and left out of every score: 2 the map holds NaN" in \
         capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def test_status_verify_finds_damaged_chunks_and_the_next_run_recomputes_exactly_them(prefect_api, tmp_path, capsys):
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from flows.cli import main
+    from flows.study import study
+
+    path = str(tmp_path / "v.zarr")
+    options = dict(samples=12, block_size=4, store=path, methods=["saliency", "gradcam"], device="cpu")
+    study(**options)
+    original = storage.open_dataset(path).load()
+    assert main(["status", path, "--verify"]) == 0
+    assert "verified 9 finished blocks: every one matches its checksum" in capsys.readouterr().out
+    chunk = Path(path, "attribution", "c", "1", "1", "0", "0")  # gradcam, block 1
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])  # truncated
+    image = Path(path, "image", "c", "2", "0", "0", "0")  # block 2's inputs
+    image.write_bytes(os.urandom(image.stat().st_size))  # overwritten by hand
+    Path(path, "attribution", "c", "0", "0", "0", "0").unlink()  # saliency block 0: deleted (reads as NaN)
+    assert main(["status", path, "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "damaged  block 1 gradcam maps: unreadable" in out, out
+    assert "damaged  block 2 inputs: unreadable" in out and "damaged  block 0 saliency maps: checksum" in out
+    assert "3 of 9 finished blocks damaged and marked not done" in out
+    s = storage.Store(path)
+    assert s.pending() == [2] and s.pending("saliency") == [0] and s.pending("gradcam") == [1]
+    summary = study(**options)
+    assert summary["ingested_blocks"] == 1 and summary["computed_blocks"] == {"saliency": 1, "gradcam": 1}
+    repaired = storage.open_dataset(path).load()
+    for name in ("attribution", "image", "failure", "checksum", "ingested_checksum", "logits"):
+        assert hashlib.sha256(repaired[name].values.tobytes()).digest() == \
+            hashlib.sha256(original[name].values.tobytes()).digest(), name
+    assert main(["status", path, "--verify"]) == 0

@@ -107,7 +107,7 @@ def test_done_is_written_after_the_data(store, monkeypatch):
 
     monkeypatch.setattr(zarr.Array, "__setitem__", recording)
     storage.Store(store).write_attribution("saliency", 0, np.zeros((4, 8, 8)))
-    assert order == ["attribution", "failure", "done"]
+    assert order == ["attribution", "failure", "checksum", "done"]
 
 
 def test_a_failed_write_leaves_the_block_not_done(store, monkeypatch):
