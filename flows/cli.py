@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any, Sequence
 
 EXAMPLES = """\
@@ -349,7 +350,10 @@ def cmd_study(args: argparse.Namespace) -> None:
         print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
     computed = sum(summary["computed_blocks"].values())
     total = summary["blocks"] * len(summary["computed_blocks"])
-    print(f"attribution blocks: {computed} computed by this run, {total - computed} of {total} already done before")
+    print(f"attribution blocks: {computed} computed by this run, {total - computed} of {total} already done before"
+          + (f" or by another run meanwhile ({summary['skipped_blocks']} block tasks)" if summary["skipped_blocks"] else ""))
+    if summary["failed_maps"]:
+        print(f"failed maps: {summary['failed_maps']} (NaN in the store, with a code in `failure`; see status)")
 
 
 def cmd_metrics() -> None:
@@ -463,6 +467,9 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
     print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
     print(f"samples  {st['samples']} in {st['blocks']} blocks; inputs ingested: {st['ingested']}/{st['blocks']}")
+    for c in storage.holders(store):
+        print(f"claimed  {c['unit']} by pid {c.get('pid')} on {c.get('host')} for {time.time() - c.get('since', 0):.0f} s "
+              "(a run is computing it; the claim ends with that process)")
     per_map = st["bytes_per_map"]
     print(f"maps     {st['map_dtype']}, {st['compression']}; "
           + (f"{per_map / 1024:.1f} KiB stored per map" if per_map else "no map stored yet"))

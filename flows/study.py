@@ -86,16 +86,25 @@ def compute_blocks(
     receipts: list[dict[str, Any]] = []
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
 
-        def collect(futures: list) -> None:
-            for future in as_completed(futures):
-                receipts.append(future.result())
-                bar.update()
+        def stage(task: Any, units: list[tuple]) -> None:
+            """Every unit, passing over those another run on the store is computing; then those, waiting
+            for each claim (the other run's finished units are skipped, its killed ones are done here)."""
+            for wait in (False, True):
+                futures = {task.submit(spec, *unit, wait=wait): unit for unit in units}
+                units = []
+                for future in as_completed(list(futures)):
+                    receipt = future.result()
+                    if receipt.get("deferred"):
+                        units.append(futures[future])
+                        continue
+                    receipts.append(receipt)
+                    bar.update()
 
         # Inputs and targets first, all of them: attribution reads what ingestion writes.
-        collect([ingest_block.submit(spec, b) for b in todo_ingest])
-        collect([attribute_block.submit(spec, m, b) for m, b in todo])
-        collect([evaluate_block.submit(spec, m, k, b) for m, k, b in todo_scores])  # reads the maps just written
-    return [r for r in receipts if "xai_method" in r]
+        stage(ingest_block, [(b,) for b in todo_ingest])
+        stage(attribute_block, todo)
+        stage(evaluate_block, todo_scores)  # reads the maps just written
+    return receipts
 
 
 @flow(name="study", log_prints=False)
@@ -124,21 +133,29 @@ def study(**options: Any) -> dict[str, Any]:
     runner = task_runner(spec.workers, spec.dask_address, spec.device)
     receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, todo_scores, total,
                                                                total - pending)
+    done = [r for r in receipts if not r.get("skipped")]  # skipped: another run on the store finished it
+    maps = [r for r in done if "xai_method" in r and "metric" not in r]
     summary: dict[str, Any] = {
         "store": spec.store,
         "samples": plan["samples"],
         "blocks": plan["blocks"],
-        "ingested_blocks": len(todo_ingest),
-        "computed_blocks": {m: sum(1 for mm, _ in todo if mm == m) for m in methods},
-        "scored_blocks": {k: sum(1 for _, kk, _ in todo_scores if kk == k) for k in spec.metrics},
-        "attribution_seconds": {m: round(sum(r["seconds"] for r in receipts
-                                             if r["xai_method"] == m and "metric" not in r), 3) for m in methods},
+        "ingested_blocks": sum(1 for r in done if "xai_method" not in r),
+        "computed_blocks": {m: sum(1 for r in maps if r["xai_method"] == m) for m in methods},
+        "scored_blocks": {k: sum(1 for r in done if r.get("metric") == k) for k in spec.metrics},
+        "skipped_blocks": len(receipts) - len(done),
+        "failed_maps": {m: n for m in methods if (n := sum(r["failed"] for r in maps if r["xai_method"] == m))},
+        "attribution_seconds": {m: round(sum(r["seconds"] for r in maps if r["xai_method"] == m), 3) for m in methods},
         "evaluation_seconds": {k: round(sum(r["seconds"] for r in receipts if r.get("metric") == k), 3)
                                for k in spec.metrics},
         "accuracy": accuracy(spec.store),
     }
     if summary["accuracy"] is not None:
         log.info("model accuracy on the study's samples: %.2f%%", 100 * summary["accuracy"])
+    if summary["failed_maps"]:
+        log.warning("failed maps (stored as NaN with their failure code, left out of every score): %s",
+                    summary["failed_maps"])
+    if summary["skipped_blocks"]:
+        log.info("%d block tasks were finished by another run on the same store meanwhile", summary["skipped_blocks"])
     if spec.figure:
         shown = [s for s in spec.figure_samples if s < plan["samples"]]
         summary["figure"] = render_figure(spec.store, spec.figure, shown)

@@ -6,6 +6,7 @@
 >>> store = storage.Store("runs/shapes.zarr")                # the handle tasks write through
 >>> store.pending("gradcam"), store.status()
 """
+from .claims import claim, holders
 from .aggregate import aggregate, default_out, select, summarize
 from .results import Part, ResultStore, is_result_store
 from .scores import compare, comparisons, describe_comparison, interval, means, score_table
@@ -32,5 +33,5 @@ __all__ = [
     "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
     "Template", "Variable", "aggregate", "block_slice", "check_path", "create", "default_out", "exists", "n_blocks",
     "open_dataset", "schema_markdown", "select", "summarize",
-    "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",
+    "claim", "holders", "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",
 ]

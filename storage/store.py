@@ -30,7 +30,6 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-LOCKS = ".claims"  # the folder of block claims inside a local store (see `storage.claims`)
 SCHEMA_VERSION = 3  # 2: the contrast variable; 3: one blur and torch.optim changed some methods' maps
 
 COMPRESSIONS = {
@@ -288,7 +287,7 @@ def check_path(path: str, kind: str) -> None:
     if p.exists() and not p.is_dir():
         raise FileExistsError(f"the store path {path!r} is a file, not a Zarr store; give a new path "
                               "or an existing store")
-    if not p.is_dir() or not any(n for n in os.listdir(p) if n != LOCKS):
+    if not p.is_dir() or not os.listdir(p):
         return
     if not (p / "zarr.json").exists():
         raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -350,9 +350,10 @@ def finished(p: StudyPlan, store: str) -> bool:
 def prepare_store(spec: StudySpec) -> dict[str, Any]:
     """Create the store, or check an existing one and add this run's new samples and methods;
     returns the blocks still to ingest and, per method, to attribute."""
-    p = plan(spec)
-    s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
-    added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
+    with storage.claim(spec.store, "store"):  # one run creates or grows it; another then finds it made
+        p = plan(spec)
+        s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
+        added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
     return {
         "store": spec.store,
@@ -387,12 +388,30 @@ def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.
     return model.preprocess(torch.from_numpy(batch.images).to(device)), batch
 
 
+def claimed(spec: StudySpec, unit: str, pending: Callable[[storage.Store], bool],
+            work: Callable[[storage.Store], dict[str, Any]], receipt: dict[str, Any], wait: bool) -> dict[str, Any]:
+    """Run `work` on the store while holding the claim on `unit`, unless the unit is no longer `pending`
+    once claimed (another run finished it: it is not redone). When another run holds the claim: wait
+    for it, or with `wait` False return a receipt marked "deferred" at once."""
+    with storage.claim(spec.store, unit, wait=wait) as held:
+        if not held:
+            return {**receipt, "deferred": True}
+        s = storage.Store(spec.store)
+        if not pending(s):
+            return {**receipt, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
+        return work(s)
+
+
 @task(cache_policy=NO_CACHE)
-def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
+def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> dict[str, Any]:
     """Load one block of samples, normalise them, predict, and write inputs and predictions."""
+    return claimed(spec, f"ingest-{block}", lambda s: block in s.pending(), lambda s: _ingest(spec, s, block),
+                   {"block": block}, wait)
+
+
+def _ingest(spec: StudySpec, s: storage.Store, block: int) -> dict[str, Any]:
     device = resolve_device(spec.device)
     model = load_model(spec.model, spec.weights, device)
-    s = storage.Store(spec.store)
     images, batch = model_inputs(spec, s, block, model, device)
     with torch.inference_mode():
         logits = model(images).float()
@@ -412,9 +431,13 @@ def ingest_block(spec: StudySpec, block: int) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
+def attribute_block(spec: StudySpec, method: str, block: int, wait: bool = True) -> dict[str, Any]:
     """Compute one method's maps for one block and write them; returns a receipt."""
-    s = storage.Store(spec.store)
+    return claimed(spec, f"maps-{method}-{block}", lambda s: block in s.pending(method),
+                   lambda s: _attribute(spec, s, method, block), {"xai_method": method, "block": block}, wait)
+
+
+def _attribute(spec: StudySpec, s: storage.Store, method: str, block: int) -> dict[str, Any]:
     if block in s.pending():
         raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
     device = resolve_device(spec.device)
@@ -427,8 +450,8 @@ def attribute_block(spec: StudySpec, method: str, block: int) -> dict[str, Any]:
     if xm.spec(method).needs_contrast:
         kwargs["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
     report: dict[str, Any] = {}
-    if "report" in xm.spec(method).defaults:  # a method that can say it did not succeed
-        kwargs["report"] = report.update
+    if "report" in params:  # a method that can say it did not succeed
+        params["report"] = report.update
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -463,9 +486,14 @@ def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_block(spec: StudySpec, method: str, metric: str, block: int) -> dict[str, Any]:
+def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: bool = True) -> dict[str, Any]:
     """Score one method's stored maps of one block with one metric; the model passes are the metric's own."""
-    s = storage.Store(spec.store)
+    return claimed(spec, f"scores-{method}-{metric}-{block}", lambda s: block in s.pending_scores(method, metric),
+                   lambda s: _evaluate(spec, s, method, metric, block),
+                   {"xai_method": method, "metric": metric, "block": block}, wait)
+
+
+def _evaluate(spec: StudySpec, s: storage.Store, method: str, metric: str, block: int) -> dict[str, Any]:
     if block in s.pending(method):
         raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
     device = resolve_device(spec.device)

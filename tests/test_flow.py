@@ -152,7 +152,9 @@ def test_a_block_is_not_attributed_before_it_is_ingested(finished, tmp_path):
     path, _ = finished
     copy = str(tmp_path / "early.zarr")
     shutil.copytree(path, copy)
-    zarr.open_group(copy, mode="r+", use_consolidated=False)["ingested"][1] = False
+    group = zarr.open_group(copy, mode="r+", use_consolidated=False)
+    group["ingested"][1] = False
+    group["done"][0, 1] = False  # saliency's block 1 is to do (a done block is skipped, not recomputed)
     spec = tasks.StudySpec(samples=40, store=copy, block_size=16, methods=tuple(METHODS), device="cpu",
                            params=FAST)
     with pytest.raises(RuntimeError, match="not ingested yet"):

@@ -1,0 +1,175 @@
+"""Faults a nightly audit meets: kills at random moments, two runs on one store, a claim whose owner
+died, a Dask worker killed mid-block. Each ends with a store bit-identical to an uninterrupted run,
+and no finished block computed twice."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import storage
+from flows.study import study
+
+ARGS = dict(samples=32, block_size=8, methods=["saliency", "gradcam"], metrics=["pointing_game", "deletion"],
+            metric_params={"deletion": {"steps": 8}}, device="cpu")
+CLI = ["study", "--samples", "32", "--block-size", "8", "--methods", "saliency,gradcam", "--metrics",
+       "pointing_game,deletion", "--metric-param", "deletion.steps=8", "--device", "cpu", "--figure", "none"]
+VARIABLES = ("attribution", "failure", "checksum", "image", "logits", "prediction", "label", "score", "score_status",
+             "curve", "done", "ingested", "scored")
+
+# The real command line in a child that SIGKILLs itself at the Nth write of ARRAY, whole or half-way
+# through it (the first half of the samples written, then death).
+KILLER = textwrap.dedent("""
+    import os, signal, sys, zarr
+    array, nth, half = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "half"
+    original, seen = zarr.Array.__setitem__, [0]
+    def setitem(self, key, value):
+        if self.path == array:
+            seen[0] += 1
+            if seen[0] == nth:
+                k = key if isinstance(key, tuple) else (key,)
+                axis = next((i for i, s in enumerate(k) if isinstance(s, slice)), None)  # samples: value's axis 0
+                if half and axis is not None:
+                    s = k[axis]
+                    cut = slice(s.start, s.start + (s.stop - s.start) // 2)
+                    original(self, (*k[:axis], cut, *k[axis + 1:]), value[: cut.stop - cut.start])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key, value)
+    zarr.Array.__setitem__ = setitem
+    from flows.cli import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+# (array, writes of it in one uninterrupted run): the moments a kill can land on
+WRITES = {"ingested": 4, "image": 4, "attribution": 20, "failure": 20, "checksum": 20, "done": 20,
+          "score": 40, "curve": 20, "scored": 40}
+
+
+def digests(path: str) -> dict[str, str]:
+    ds = xr.open_zarr(path)
+    return {v: hashlib.sha256(ds[v].values.tobytes()).hexdigest() for v in VARIABLES}
+
+
+def api_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("faults") / "reference.zarr")
+    study(store=path, **ARGS)
+    return path
+
+
+def trials(n: int = 10, seed: int = 13) -> list[tuple[str, int, bool]]:
+    """Seeded random kill moments: an array, which of its writes, whole or half-way (half-way only
+    for the arrays written a block at a time)."""
+    rng = random.Random(seed)
+    out = [("attribution", 7, True), ("score", 13, False), ("curve", 5, True)]  # mid-chunk, mid-evaluation
+    while len(out) < n:
+        array = rng.choice(sorted(WRITES))
+        out.append((array, rng.randint(1, WRITES[array]), array in ("attribution", "image", "score", "curve")
+                    and rng.random() < 0.5))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("array, nth, half", trials())
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(reference, tmp_path, array, nth, half):
+    store = str(tmp_path / "killed.zarr")
+    r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *CLI,
+                        "--store", store], env=api_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    before = xr.open_zarr(store).load() if storage.exists(store) else None
+    summary = study(store=store, **ARGS)
+    if before is not None:  # exactly the blocks not finished at the kill were computed
+        assert summary["ingested_blocks"] == int((~before.ingested.values).sum())
+        for i, m in enumerate(before.xai_method.values):
+            assert summary["computed_blocks"][str(m)] == int((~before.done.values[i]).sum()), m
+        assert sum(summary["scored_blocks"].values()) == int((~before.scored.values).sum())
+    assert digests(store) == digests(reference)
+
+
+# --------------------------------------------------------------------------- two runs at once
+
+
+def test_two_runs_on_one_store_at_once_compute_each_block_once(reference, tmp_path):
+    store = str(tmp_path / "shared.zarr")
+    runs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *CLI, "--store", store], env=api_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], [e[-2000:] for _, e in outs]
+    computed = [int(re.search(r"attribution blocks: (\d+) computed by this run", o).group(1)) for o, _ in outs]
+    assert sum(computed) == 4 * 5, (computed, [o for o, _ in outs])
+    assert digests(store) == digests(reference)
+    assert storage.holders(store) == []
+
+
+CLAIMER = textwrap.dedent("""
+    import sys, time, storage
+    with storage.claim(sys.argv[1], "maps-saliency-0"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_claim_ends_with_its_owner_even_when_killed(tmp_path):
+    store = str(tmp_path / "s.zarr")
+    owner = subprocess.Popen([sys.executable, "-c", CLAIMER, store], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "held"
+    held = storage.holders(store)
+    assert [(c["unit"], c["pid"]) for c in held] == [("maps-saliency-0", owner.pid)]
+    got = threading.Event()
+
+    def take() -> None:
+        with storage.claim(store, "maps-saliency-0"):
+            got.set()
+
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    assert not got.wait(1.0), "a held claim must make another run wait"
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert got.wait(30), "the kernel releases a killed owner's claim"
+    assert storage.holders(store) == []
+
+
+# --------------------------------------------------------------------------- a Dask worker killed
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_block_is_recomputed_elsewhere(reference, tmp_path):
+    store = str(tmp_path / "dask.zarr")
+    killed: list[int] = []
+
+    def killer() -> None:  # the first claim held by another process is a worker mid-block: kill it
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline:
+            for c in storage.holders(store):
+                if c["unit"].startswith("maps-") and c.get("pid") not in (None, os.getpid()):
+                    os.kill(c["pid"], signal.SIGKILL)
+                    killed.append(c["pid"])
+                    break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = study(store=store, workers=2, **ARGS)
+    thread.join(5)
+    assert killed, "no worker was caught mid-block"
+    assert sum(summary["computed_blocks"].values()) == 4 * 5
+    assert digests(store) == digests(reference)
+    assert np.asarray(xr.open_zarr(store).done.values).all()
