@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -348,6 +349,8 @@ def cmd_study(args: argparse.Namespace) -> None:
             print(f"figure:  {path}")
     if summary["accuracy"] is not None:
         print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
+    if summary["skipped_files"]:
+        print(f"skipped {len(summary['skipped_files'])} unreadable file(s): " + "; ".join(summary["skipped_files"]))
     computed = sum(summary["computed_blocks"].values())
     total = summary["blocks"] * len(summary["computed_blocks"])
     print(f"attribution blocks: {computed} computed by this run, {total - computed} of {total} already done before"
@@ -515,6 +518,12 @@ MISMATCH_ADVICE = {
 }
 
 
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+DISK_ADVICE = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+               errno.EROFS: "choose a writable --store", errno.EACCES: "choose a --store you can write to"}
+
+
 def error_line(e: Exception, args: argparse.Namespace) -> str:
     """One line for the user: the problem, and what would be valid or what to do."""
     import storage
@@ -526,6 +535,11 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
     if isinstance(e, FileNotFoundError) and "no study store" in str(e) and \
             getattr(args, "command", "") in ("evaluate", "status", "figure", "aggregate"):
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
+    if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+        store = getattr(args, "store", None)
+        return (f"{DISK_ERRORS[e.errno]} while writing {e.filename or store!r}; every block finished before "
+                f"is kept (a block's flag is set only after its data): {DISK_ADVICE[e.errno]}, then rerun the same "
+                "command to resume")
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
     from tasks import OPTIONS
 
@@ -564,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_aggregate(args)
         elif args.command in PROTOCOLS:
             cmd_protocol(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, KeyError, OSError) as e:
         if os.environ.get("SALIENCY_ATLAS_DEBUG"):
             raise  # the full traceback, for bug reports
         print(f"saliency-atlas: error: {error_line(e, args)}", file=sys.stderr)

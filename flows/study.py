@@ -148,6 +148,7 @@ def study(**options: Any) -> dict[str, Any]:
         "evaluation_seconds": {k: round(sum(r["seconds"] for r in receipts if r.get("metric") == k), 3)
                                for k in spec.metrics},
         "accuracy": accuracy(spec.store),
+        "skipped_files": plan["skipped_files"],
     }
     if summary["accuracy"] is not None:
         log.info("model accuracy on the study's samples: %.2f%%", 100 * summary["accuracy"])

@@ -245,6 +245,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     message on any bad argument, before anything is written."""
     check_options(spec)
     storage.check_path(spec.store, "study")
+    check_writable(spec.store)
     exists = storage.exists(spec.store)
     model = load_model(spec.model, spec.weights, "cpu")
     pre = model.preprocess
@@ -255,12 +256,15 @@ def plan(spec: StudySpec) -> StudyPlan:
     if len(dataset) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     check_metrics(spec, model, pre.size, dataset.has_masks)
-    with torch.no_grad():
-        n_classes = model(torch.zeros(1, len(pre.mean), *pre.size)).shape[1]
+    n_classes = output_classes(spec, model)
+    fixed = contrast_class(spec, model)
+    if fixed is not None and not 0 <= fixed < n_classes:
+        raise ValueError(f"contrast {spec.contrast!r} is outside the model's classes 0..{n_classes - 1}")
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
     classes = classes or [f"class_{i}" for i in range(n_classes)]
     stored = storage.Store(spec.store, mode="r").sample_ids() if exists else []
     known = set(stored)
+    digest = stored_digest(spec, dataset, stored) if exists else None  # refuses another dataset first
     ids = stored + [i for i in dataset.ids(0, len(dataset)) if i not in known]  # growth appends
     template = storage.Template(
         sample_ids=ids, classes=list(classes), methods=spec.studied, image_shape=(len(pre.mean), *pre.size),
@@ -285,8 +289,32 @@ def plan(spec: StudySpec) -> StudyPlan:
         },
     )
     if exists:
-        storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=stored_digest(spec, dataset, stored))
+        storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=digest)
     return StudyPlan(template, dataset, model, exists)
+
+
+def output_classes(spec: StudySpec, model: torch.nn.Module) -> int:
+    """The model's number of classes, from one probe; refused unless it returns (batch, classes) logits."""
+    pre = model.preprocess
+    with torch.no_grad():
+        out = model(torch.zeros(2, len(pre.mean), *pre.size))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or not out.is_floating_point():
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ValueError(f"model {spec.model!r} returns {got} for a batch of 2; a classifier must return a (batch, "
+                         "classes) float tensor of logits (wrap a model that returns a dict or a map to do so)")
+    return int(out.shape[1])
+
+
+def check_writable(store: str) -> None:
+    """Refuse a local store location this user cannot write, before any work."""
+    if "://" in store:
+        return
+    here = Path(store).absolute()
+    while not here.exists():
+        here = here.parent
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ValueError(f"store {store!r}: {str(here)!r} is not writable by this user (uid {os.getuid()}); choose a "
+                         "store path you can write to")
 
 
 def stored_digest(spec: StudySpec, dataset: zoo.Dataset, stored: list[str]) -> str:

@@ -36,8 +36,9 @@ class FolderDataset:
     """Images in class sub-folders; implements the zoo ``Dataset`` protocol.
 
     Classes are the sorted sub-folder names, files are sorted within each class (one
-    level deep, hidden entries ignored).  Files PIL cannot decode are skipped and listed
-    in ``skipped`` as (relative path, reason).  With ``limit``, only the first ``limit``
+    level deep, hidden entries ignored).  Files PIL cannot decode (empty, not an image, over
+    PIL's decompression-bomb limit) are skipped and listed in ``skipped`` as (relative path,
+    reason); a symbolic link that leads outside the folder is refused.  With ``limit``, only the first ``limit``
     readable files in that order are used.  Images become RGB, resized bilinearly to
     ``size`` (H, W).  No masks.
     """
@@ -54,13 +55,15 @@ class FolderDataset:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for c in self.classes:
+            self._inside(self.root / c)
         if not self.classes:
             raise ValueError(f"dataset folder {self.name!r} has no class sub-folders; put the images "
                              "of each class in their own sub-folder: DIR/<class>/<image>")
         # every candidate file, in order: class by class, files sorted within a class
         self._candidates = [(f"{c}/{f.name}", k) for k, c in enumerate(self.classes)
                             for f in sorted((self.root / c).iterdir(), key=lambda p: p.name)
-                            if f.is_file() and not f.name.startswith(".")]
+                            if self._inside(f).is_file() and not f.name.startswith(".")]
         self._reasons: dict[str, str | None] = {}  # relative path -> None (readable) or reason
         self._files: list[tuple[str, int]] = []
         for rel, k in self._candidates:
@@ -75,6 +78,14 @@ class FolderDataset:
                              f"{len(self.skipped)} unreadable); add image files PIL can open "
                              "(PNG, JPEG, ...) under DIR/<class>/")
         self._fingerprint: str | None = None
+
+    def _inside(self, path: Path) -> Path:
+        """`path`, refused when it is a symbolic link that leads outside the dataset folder."""
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"dataset folder {self.name!r}: {path.relative_to(self.root).as_posix()!r} is a symbolic "
+                             f"link to {str(path.resolve())!r}, outside the folder; a dataset may not reach outside "
+                             "its folder: copy the file in, or remove the link")
+        return path
 
     def _reason(self, rel: str) -> str | None:
         if rel not in self._reasons:
