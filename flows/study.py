@@ -72,6 +72,7 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
         "data": dict,  # in memory, never spilled
         "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     })

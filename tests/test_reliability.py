@@ -210,3 +210,55 @@ def test_status_verify_finds_damaged_chunks_and_the_next_run_recomputes_exactly_
         assert hashlib.sha256(repaired[name].values.tobytes()).digest() == \
             hashlib.sha256(original[name].values.tobytes()).digest(), name
     assert main(["status", path, "--verify"]) == 0
+
+
+# --------------------------------------------------------------------------- security
+
+
+PACKAGES = ("xai_methods", "storage", "tasks", "flows", "zoo")
+
+
+def project_calls():
+    """Every call in the installed packages' source, as (file, line, dotted callee, the call node)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call):
+                    yield path.relative_to(root), node.lineno, ast.unparse(node.func), node
+
+
+def test_nothing_handed_over_is_run():
+    """No eval/exec of strings, no pickle, torch.load only with weights_only=True, YAML only with a safe
+    loader, no shell: a checkpoint, a config or a form value is data, never code."""
+    problems, seen = [], set()
+    for path, line, name, node in project_calls():
+        seen.add(name)
+        keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+        bad = (name in ("eval", "exec", "compile", "pickle.load", "pickle.loads", "marshal.loads", "os.system")
+               or (name == "torch.load" and keywords.get("weights_only") is not True)
+               or (name == "yaml.load" and "Loader" not in ast_loader_names(node))
+               or (name.startswith("subprocess.") and keywords.get("shell") is True))
+        if bad:
+            problems.append(f"{path}:{line} {name}")
+    assert not problems, problems
+    assert "torch.load" in seen  # the scan sees the checkpoint loader it checks
+
+
+def ast_loader_names(node) -> str:
+    import ast
+
+    return " ".join(ast.unparse(k.value) for k in node.keywords if k.arg == "Loader" and "Safe" in ast.unparse(k.value))
+
+
+def test_servers_listen_on_this_machine_only():
+    from prefect.settings import PREFECT_SERVER_API_HOST
+
+    from flows.study import task_runner
+
+    assert PREFECT_SERVER_API_HOST.value() == "127.0.0.1"  # the temporary server and `prefect server start`
+    runner = task_runner(2, None, "cpu")
+    assert runner.cluster_kwargs["host"] == "127.0.0.1" and runner.cluster_kwargs["dashboard_address"] is None
