@@ -8,6 +8,7 @@ asserts: the checks here carry their own messages.
 from __future__ import annotations
 
 import contextlib
+import textwrap
 from collections.abc import Iterator
 
 import numpy as np
@@ -158,3 +159,44 @@ def mix_state(model: nn.Module, mode: str, *, flip: nn.Module, freeze: nn.Parame
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     """Pearson correlation of two tensors' values (in float64)."""
     return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+# --------------------------------------------------------------------------- fault injection
+
+# The real command line (argv after the first three) in a child that SIGKILLs itself at the Nth
+# write of ARRAY, whole or half-way through it (the first half of the samples written, then death).
+KILLER = textwrap.dedent("""
+    import os, signal, sys, zarr
+    array, nth, half = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "half"
+    original, seen = zarr.Array.__setitem__, [0]
+    def setitem(self, key, value):
+        if self.path == array:
+            seen[0] += 1
+            if seen[0] == nth:
+                k = key if isinstance(key, tuple) else (key,)
+                axis = next((i for i, s in enumerate(k) if isinstance(s, slice)), None)  # samples: value's axis 0
+                if half and axis is not None:
+                    s = k[axis]
+                    cut = slice(s.start, s.start + (s.stop - s.start) // 2)
+                    original(self, (*k[:axis], cut, *k[axis + 1:]), value[: cut.stop - cut.start])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key, value)
+    zarr.Array.__setitem__ = setitem
+    from flows.cli import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+def killed_run(cli: list[str], store: str, array: str, nth: int, half: bool) -> None:
+    """Run the command line `cli` on `store` in a child killed at that write; it must have died of SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *cli,
+                        "--store", store], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]

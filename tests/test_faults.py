@@ -20,6 +20,7 @@ import xarray as xr
 
 import storage
 from flows.study import study
+from helpers import killed_run
 
 ARGS = dict(samples=32, block_size=8, methods=["saliency", "gradcam"], metrics=["pointing_game", "deletion"],
             metric_params={"deletion": {"steps": 8}}, device="cpu")
@@ -27,29 +28,6 @@ CLI = ["study", "--samples", "32", "--block-size", "8", "--methods", "saliency,g
        "pointing_game,deletion", "--metric-param", "deletion.steps=8", "--device", "cpu", "--figure", "none"]
 VARIABLES = ("attribution", "failure", "checksum", "image", "logits", "prediction", "label", "score", "score_status",
              "curve", "done", "ingested", "scored")
-
-# The real command line in a child that SIGKILLs itself at the Nth write of ARRAY, whole or half-way
-# through it (the first half of the samples written, then death).
-KILLER = textwrap.dedent("""
-    import os, signal, sys, zarr
-    array, nth, half = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "half"
-    original, seen = zarr.Array.__setitem__, [0]
-    def setitem(self, key, value):
-        if self.path == array:
-            seen[0] += 1
-            if seen[0] == nth:
-                k = key if isinstance(key, tuple) else (key,)
-                axis = next((i for i, s in enumerate(k) if isinstance(s, slice)), None)  # samples: value's axis 0
-                if half and axis is not None:
-                    s = k[axis]
-                    cut = slice(s.start, s.start + (s.stop - s.start) // 2)
-                    original(self, (*k[:axis], cut, *k[axis + 1:]), value[: cut.stop - cut.start])
-                os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, key, value)
-    zarr.Array.__setitem__ = setitem
-    from flows.cli import main
-    sys.exit(main(sys.argv[4:]))
-""")
 
 # (array, writes of it in one uninterrupted run): the moments a kill can land on
 WRITES = {"ingested": 4, "image": 4, "attribution": 20, "failure": 20, "checksum": 20, "done": 20,
@@ -90,9 +68,7 @@ def trials(n: int = 10, seed: int = 13) -> list[tuple[str, int, bool]]:
 @pytest.mark.parametrize("array, nth, half", trials())
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(reference, tmp_path, array, nth, half):
     store = str(tmp_path / "killed.zarr")
-    r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *CLI,
-                        "--store", store], env=api_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    killed_run(CLI, store, array, nth, half)
     before = xr.open_zarr(store).load() if storage.exists(store) else None
     summary = study(store=store, **ARGS)
     if before is not None:  # exactly the blocks not finished at the kill were computed

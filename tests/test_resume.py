@@ -1,11 +1,6 @@
 """Kill a study with SIGKILL at chosen moments, resume it, and compare bit for bit with an
 uninterrupted run; grow a study with new samples and methods."""
 import hashlib
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,34 +8,12 @@ import xarray as xr
 
 import storage
 from flows.study import study
+from helpers import killed_run
 
 ARGS = dict(samples=48, block_size=16, methods=["saliency", "gradcam", "occlusion"],
             params={"occlusion": {"window": 16, "stride": 16}}, device="cpu")
 CLI = ["study", "--samples", "48", "--block-size", "16", "--methods", "saliency,gradcam,occlusion",
        "--param", "occlusion.window=16", "--param", "occlusion.stride=16", "--device", "cpu", "--figure", "none"]
-
-# Runs the real command line in a child process that SIGKILLs itself at the Nth write
-# of a zarr array (counting only writes to ARRAY), optionally half-way through that write.
-KILLER = textwrap.dedent("""
-    import os, signal, sys, zarr
-    array, nth, half = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "half"
-    original, seen = zarr.Array.__setitem__, [0]
-    def setitem(self, key, value):
-        if self.path == array:
-            seen[0] += 1
-            if seen[0] == nth:
-                if half:  # write the first half of the block's samples, then die
-                    k = key if isinstance(key, tuple) else (key,)
-                    s = k[-1]
-                    cut = slice(s.start, s.start + (s.stop - s.start) // 2)
-                    original(self, (*k[:-1], cut), value[..., : cut.stop - cut.start, :, :] if array == "attribution" else value)
-                os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, key, value)
-    zarr.Array.__setitem__ = setitem
-    from flows.cli import main
-    sys.exit(main(sys.argv[4:]))
-""")
-
 
 def digest(path, var="attribution"):
     return hashlib.sha256(xr.open_zarr(path)[var].values.tobytes()).hexdigest()
@@ -51,15 +24,6 @@ def reference(prefect_api, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ref") / "ref.zarr")
     study(store=path, **ARGS)
     return path
-
-
-def killed_run(store, array, nth, half):
-    from prefect.settings import PREFECT_API_URL
-
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *CLI,
-                        "--store", store], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -73,7 +37,7 @@ def killed_run(store, array, nth, half):
 )
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, array, nth, half):
     store = str(tmp_path / "killed.zarr")
-    killed_run(store, array, nth, half)
+    killed_run(CLI, store, array, nth, half)
     done_before = storage.open_dataset(store).done.values.copy() if storage.exists(store) else None
     summary = study(store=store, **ARGS)
     if done_before is not None:
