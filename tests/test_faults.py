@@ -56,7 +56,8 @@ def trials(n: int = 10, seed: int = 13) -> list[tuple[str, int, bool]]:
     """Seeded random kill moments: an array, which of its writes, whole or half-way (half-way only
     for the arrays written a block at a time)."""
     rng = random.Random(seed)
-    out = [("attribution", 7, True), ("score", 13, False), ("curve", 5, True)]  # mid-chunk, mid-evaluation
+    out = [("ingested", 2, False), ("attribution", 7, True), ("score", 13, False),  # between blocks, mid-chunk,
+           ("curve", 5, True)]  # mid-evaluation
     while len(out) < n:
         array = rng.choice(sorted(WRITES))
         out.append((array, rng.randint(1, WRITES[array]), array in ("attribution", "image", "score", "curve")
