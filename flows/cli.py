@@ -98,7 +98,20 @@ def _param(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
+def _kv(text: str) -> tuple[str, Any]:
+    """NAME=VALUE, the value read as JSON when it parses."""
+    key, sep, raw = text.partition("=")
+    if not (sep and key):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE like num_classes=10, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 STUDY_GROUPS = {
+    "model": "your model: its factory's arguments, preprocessing and classes (default: the architecture's, "
+             "or a model card beside the weights)",
     "layout": "layout of a new store (an existing store keeps its own)",
     "where": "where block tasks run (default: one at a time in this process)",
 }
@@ -142,6 +155,9 @@ def add_study_options(parser: argparse.ArgumentParser, options: dict[str, datacl
         if isinstance(default, bool):  # a switch that turns the default around
             action = "store_true" if cli.pop("switch_on", False) else "store_false"
             target.add_argument(flag, dest=name, action=action, help=cli.pop("switch", f.metadata["help"]))
+        elif kind == "kv":
+            target.add_argument(flag, dest=name, type=_kv, action="append", default=[], metavar="NAME=VALUE",
+                                help=f"{f.metadata['help']} (repeatable)".replace("%", "%%"))
         elif kind == "param":
             owner = "METRIC" if name.startswith("metric") else "METHOD"
             example = "deletion.steps=16" if owner == "METRIC" else "occlusion.window=8"
@@ -165,6 +181,8 @@ def spec_from_args(cls: type, options: dict[str, dataclasses.Field], args: argpa
             for owner, key, value in values[name]:
                 folded.setdefault(owner, {})[key] = value
             values[name] = folded
+        elif f.metadata["cli"].get("type") == "kv":
+            values[name] = dict(values[name])
     figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
     return cls(**{**values, "figure": None if figure.lower() == "none" else figure})
 
@@ -349,6 +367,8 @@ def cmd_study(args: argparse.Namespace) -> None:
             print(f"figure:  {path}")
     if summary["accuracy"] is not None:
         print(f"model accuracy on these samples: {100 * summary['accuracy']:.2f}%")
+    if summary["accuracy_warning"]:
+        print(f"warning: {summary['accuracy_warning']}")
     if summary["skipped_files"]:
         print(f"skipped {len(summary['skipped_files'])} unreadable file(s): " + "; ".join(summary["skipped_files"]))
     computed = sum(summary["computed_blocks"].values())
@@ -470,6 +490,13 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
     print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
     print(f"samples  {st['samples']} in {st['blocks']} blocks; inputs ingested: {st['ingested']}/{st['blocks']}")
+    a = storage.Store(store, mode="r").attrs
+    print(f"input    {'x'.join(map(str, a['image_shape'][1:]))}, mean {a.get('image_mean')}, std {a.get('image_std')}"
+          + (f" (model card {a['model_card']})" if a.get("model_card") else ""))
+    from tasks.study import accuracy_warning
+
+    if (warning := accuracy_warning(store)) is not None:
+        print(f"warning  {warning}")
     for c in storage.holders(store):
         print(f"claimed  {c['unit']} by pid {c.get('pid')} on {c.get('host')} for {time.time() - c.get('since', 0):.0f} s "
               "(a run is computing it; the claim ends with that process)")
@@ -511,6 +538,8 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 MISMATCH_ADVICE = {
     "contrast": "use --contrast {stored}",
     "dataset_name": "use --dataset {stored}",
+    "preprocessing": "give the store's preprocessing (`saliency-atlas status STORE` shows it)",
+    "image_shape": "give the store's --input-size",
     "samples": "use --samples {stored} or more (a run may add samples after the stored ones, not drop them)",
     "block_size": "use --block-size {stored}",
     "schema_version": "an older store is read by xarray but not extended; start a new --store",

@@ -17,7 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from tasks.evaluation_plot import render_evaluation
-from tasks.study import options_of
+from tasks.study import accuracy_warning, options_of
 
 from tasks import (
     StudySpec,
@@ -153,6 +153,9 @@ def study(**options: Any) -> dict[str, Any]:
     }
     if summary["accuracy"] is not None:
         log.info("model accuracy on the study's samples: %.2f%%", 100 * summary["accuracy"])
+    summary["accuracy_warning"] = accuracy_warning(spec.store)
+    if summary["accuracy_warning"]:
+        log.warning("%s", summary["accuracy_warning"])
     if summary["failed_maps"]:
         log.warning("failed maps (stored as NaN with their failure code, left out of every score): %s",
                     summary["failed_maps"])

@@ -104,7 +104,8 @@ def schema_markdown() -> str:
 class Difference:
     """One way a run differs from the store it names."""
 
-    what: str  # "schema_version", "model", "dataset", "contrast", "samples", "block_size", "image_shape", "params"
+    what: str  # "schema_version", "model", "dataset", "contrast", "samples", "block_size", "image_shape",
+    #            "preprocessing", "classes", "params"
     stored: Any
     requested: Any
     detail: str = ""  # e.g. the method whose parameters differ
@@ -115,6 +116,9 @@ class Difference:
                     "add samples after the stored ones but not drop or reorder them")
         if self.what == "dataset_name":
             return f"the store was made from dataset {self.stored!r} and this run names dataset {self.requested!r}"
+        if self.what == "preprocessing":
+            return (f"the model's input {self.detail} differs: the store was made with {self.stored} and this run "
+                    f"uses {self.requested}")
         if self.what in ("params", "metric_params"):
             return f"parameters of {self.detail} differ: the store has {self.stored}, this run {self.requested}"
         tail = " — the stored samples changed" if self.what == "dataset" else ""
@@ -385,6 +389,12 @@ class Store:
             out.append(Difference("block_size", a.get("block_size"), t.block_size))
         if list(a.get("image_shape", [])) != list(t.image_shape):
             out.append(Difference("image_shape", a.get("image_shape"), list(t.image_shape)))
+        for key in ("image_mean", "image_std"):
+            if key in a and key in t.attrs and _normal(a[key]) != _normal(t.attrs[key]):
+                out.append(Difference("preprocessing", a[key], t.attrs[key], detail=key.removeprefix("image_")))
+        stored_classes = _committed(self.group["class"][:])
+        if stored_classes and stored_classes != list(t.classes):
+            out.append(Difference("classes", stored_classes, list(t.classes)))
         stored_metric_params = json.loads(a.get("metric_params", "{}"))
         for kind, names, stored_all, asked_all, defaults in (
             ("params", t.methods, a["params"], t.params, t.defaults),

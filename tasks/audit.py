@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 import storage  # noqa: E402
 
 from .figure import render, save  # noqa: E402
+from .study import accuracy_warning  # noqa: E402
 
 #: the audit's own measures -> (the flow parameter that limits them, what they measure, in words)
 MEASURES: dict[str, tuple[str, str]] = {
@@ -175,6 +176,7 @@ def measure(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any
         "figure_why": why,
         "samples": int(ds.sizes["sample"]),
         "accuracy": _mean(correct),
+        "accuracy_warning": accuracy_warning(store),
         "figure_samples": figure_samples,
         "figure_sample_ids": [str(ds.sample_id.values[i]) for i in figure_samples],
     }
@@ -246,7 +248,8 @@ def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str
         f"- store: `{os.path.abspath(store)}`",
         f"- samples: {measured['samples']} ({new_samples} new in this run; attribution blocks computed: "
         + ", ".join(f"{m} {n}" for m, n in computed.items()) + ")",
-        f"- model accuracy: {_fmt(measured['accuracy'])}",
+        f"- model accuracy: {_fmt(measured['accuracy'])}"
+        + (f" — **warning:** {measured['accuracy_warning']}" if measured.get("accuracy_warning") else ""),
         f"- region: {list(region) if region else 'none'} (y0, x0, y1, x1 in model-input pixels)",
         "- limits: " + (", ".join(f"{m} {kind} {v}" for m, b in limits.items() for kind, v in b.items()) or "none")
         + (" (each holds for every class and for all classes)" if per_class and limits else ""),

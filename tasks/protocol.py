@@ -17,7 +17,7 @@ import storage
 import xai_methods as xm
 import zoo
 
-from .study import load_dataset, load_model, option, resolve_device
+from .study import load_dataset, model_of, option, resolve_device
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def load_inputs(spec: ProtocolSpec) -> Inputs:
     if spec.samples < 1:
         raise ValueError(f"samples must be >= 1, got {spec.samples}")
     device = resolve_device(spec.device)
-    model = load_model(spec.model, spec.weights, device)
+    model = model_of(spec, device)
     data = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
     if len(data) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")

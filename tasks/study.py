@@ -46,7 +46,8 @@ class StudySpec:
     """What a user asks of a study: the parameters of the ``study`` flow and of `saliency-atlas study`."""
 
     dataset: str = option("shapes", "built-in name (shapes) or a local folder of class sub-folders of images")
-    model: str = option("shapes-cnn", "built-in name (shapes-cnn) or a torchvision architecture name with weights")
+    model: str = option("shapes-cnn", "built-in name (shapes-cnn), a torchvision architecture (resnet18), timm:NAME "
+                                      "or your factory package.module:function, the last three with --weights")
     methods: list[str] = option(["saliency", "gradcam", "occlusion"],
                                 "attribution methods (see `saliency-atlas methods`)", type="names")
     samples: int | None = option(256, "how many samples of the dataset (None / 'all': every sample)",
@@ -54,7 +55,20 @@ class StudySpec:
     store: str = option("runs/shapes.zarr", "Zarr store path or fsspec URL; an existing store of the same "
                                             "study is resumed, and grows by new samples or methods")
     weights: str | None = option(None, "local state-dict file of the model (loaded with weights_only=True; "
-                                       "nothing is downloaded)")
+                                       "nothing is downloaded); a model card W.json / W.yaml beside W.pt may give "
+                                       "input_size, mean, std, classes and accuracy")
+    model_args: dict[str, Any] = option({}, "arguments of a factory model (package.module:function) or of a "
+                                            "timm:NAME architecture; on the command line NAME=VALUE, e.g. "
+                                            "num_classes=10",
+                                        flag="--model-arg", type="kv", group="model")
+    input_size: list[int] | None = option(None, "the model's input size H,W (or one side); None: the "
+                                                "architecture's or the model card's", type="ints", group="model")
+    mean: list[float] | None = option(None, "per-channel mean the model was trained with, e.g. 0.5,0.5,0.5; "
+                                            "None: the architecture's or the model card's", type="floats", group="model")
+    std: list[float] | None = option(None, "per-channel std the model was trained with; None: the "
+                                           "architecture's or the model card's", type="floats", group="model")
+    classes: str | None = option(None, "text file of the model's class names, one a line, in output order "
+                                       "(folder classes are matched to them by name)", group="model")
     layer: str | None = option(None, "layer of layer methods (dotted module name); None: the last spatial layer")
     block_size: int = option(64, "samples per block: the unit of work, of resumption and of Zarr chunks")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one)")
@@ -144,9 +158,21 @@ def resolve_device(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_model(name: str, weights: str | None, device: str) -> torch.nn.Module:
-    """The model, loaded once per process (tasks of one worker share it)."""
-    return zoo.load_model(name, weights=weights).to(device)
+def load_model(name: str, weights: str | None, device: str, options: str = "{}") -> torch.nn.Module:
+    """The model, loaded once per process (tasks of one worker share it); `options`: the JSON of
+    `model_options`."""
+    return zoo.load_model(name, weights=weights, **json.loads(options)).to(device)
+
+
+def model_options(spec: Any) -> str:
+    """A spec's model arguments, preprocessing and class names, as the JSON key `load_model` caches by."""
+    keys = ("model_args", "input_size", "mean", "std", "classes")
+    return json.dumps({k: getattr(spec, k) for k in keys if getattr(spec, k, None) not in (None, {})}, sort_keys=True)
+
+
+def model_of(spec: Any, device: str) -> torch.nn.Module:
+    """The model a spec names, with its preprocessing and classes, on `device`."""
+    return load_model(spec.model, spec.weights, device, model_options(spec))
 
 
 def _listing(name: str) -> tuple | None:
@@ -247,7 +273,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     storage.check_path(spec.store, "study")
     check_writable(spec.store)
     exists = storage.exists(spec.store)
-    model = load_model(spec.model, spec.weights, "cpu")
+    model = model_of(spec, "cpu")
     pre = model.preprocess
     contrast_class(spec, model)  # validates the contrast
     for m in spec.studied:
@@ -284,6 +310,7 @@ def plan(spec: StudySpec) -> StudyPlan:
             "model_fingerprint": zoo.model_fingerprint(model),
             "dataset": spec.dataset, "dataset_fingerprint": dataset.digest(ids),
             "dataset_classes": list(dataset.classes), "image_mean": list(pre.mean), "image_std": list(pre.std),
+            "model_card": model.card.get("path"), "model_card_accuracy": model.card.get("accuracy"),
             "package_version": metadata.version("saliency-atlas"), "contrast": spec.contrast,
             "failure_codes": json.dumps({str(k): v for k, v in xm.FAILURES.items()}),
         },
@@ -383,6 +410,9 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
         added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
+    log().info("dataset classes -> model classes (%s): %s", "by name" if p.model.classes else "in sorted order",
+               ", ".join(f"{c} -> {p.template.classes[k] if k >= 0 else '(unknown to the model)'}"
+                         for c, k in zip(p.dataset.classes, label_map(spec, p.model))))
     return {
         "store": spec.store,
         "created": not p.exists,
@@ -439,7 +469,7 @@ def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> dict[str, An
 
 def _ingest(spec: StudySpec, s: storage.Store, block: int) -> dict[str, Any]:
     device = resolve_device(spec.device)
-    model = load_model(spec.model, spec.weights, device)
+    model = model_of(spec, device)
     images, batch = model_inputs(spec, s, block, model, device)
     with torch.inference_mode():
         logits = model(images).float()
@@ -469,7 +499,7 @@ def _attribute(spec: StudySpec, s: storage.Store, method: str, block: int) -> di
     if block in s.pending():
         raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
     device = resolve_device(spec.device)
-    model = load_model(spec.model, spec.weights, device)
+    model = model_of(spec, device)
     images = stored_inputs(spec, s, block, model, device)
     stored = s.read_samples(block, "target", "contrast", "logits")
     params = spec.method_params(method)
@@ -525,7 +555,7 @@ def _evaluate(spec: StudySpec, s: storage.Store, method: str, metric: str, block
     if block in s.pending(method):
         raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
     device = resolve_device(spec.device)
-    model = load_model(spec.model, spec.weights, device)
+    model = model_of(spec, device)
     images = stored_inputs(spec, s, block, model, device)
     stored = s.read_samples(block, "target", "contrast", *(["mask"] if s.has("mask") else []))
     params = spec.metric_arguments(metric)
@@ -547,6 +577,29 @@ def _evaluate(spec: StudySpec, s: storage.Store, method: str, metric: str, block
         curve[failed] = np.nan
     s.write_scores(method, metric, block, value, status, curve)
     return {"xai_method": method, "metric": metric, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
+
+
+def accuracy_warning(store: str) -> str | None:
+    """One line when the model's accuracy on the labelled samples is near chance, or far below what its
+    model card records: the usual cause is preprocessing other than the model was trained with."""
+    s = storage.Store(store, mode="r")
+    label, prediction = s.group["label"][:], s.group["prediction"][:]
+    known = (label >= 0) & (prediction >= 0)
+    if known.sum() < 10:
+        return None
+    a, n = s.attrs, s.group["class"].shape[0]
+    acc, chance, recorded = float((label[known] == prediction[known]).mean()), 1 / n, a.get("model_card_accuracy")
+    if recorded is not None and acc < recorded - 0.2:
+        why = f"far below the {recorded:.1%} its model card records"
+    elif acc <= max(1.5 * chance, chance + 0.1):
+        why = f"near chance ({chance:.1%} for {n} classes)"
+    else:
+        return None
+    h, w = a["image_shape"][1:]
+    return (f"model accuracy on the {int(known.sum())} labelled samples is {acc:.1%}, {why}: the images were given "
+            f"to the model at {h}x{w} with mean {a.get('image_mean')} and std {a.get('image_std')}; if it was trained "
+            "otherwise, pass --input-size, --mean and --std (or put a model card beside the weights), and --classes "
+            "if its classes are not the folder's in sorted order")
 
 
 @task(cache_policy=NO_CACHE)

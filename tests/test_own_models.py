@@ -1,0 +1,134 @@
+"""Users' own models: a factory, a timm architecture, a model card, their preprocessing and class
+names; a resume with other preprocessing refused; the near-chance warning."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import storage
+import zoo
+from flows.cli import main
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build(width=8, classes=4):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, classes))
+'''
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    """A user's module `my_models` with a factory `build`, and weights for build(width=6)."""
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_models", None)
+    import my_models
+
+    torch.manual_seed(0)
+    weights = tmp_path / "net.pt"
+    torch.save(my_models.build(width=6).state_dict(), weights)
+    return weights
+
+
+def test_a_factory_model_with_arguments_and_its_model_card(factory):
+    with pytest.raises(ValueError, match="does not fit architecture 'my_models:build'.*shape mismatch"):
+        zoo.load_model("my_models:build", factory)  # width 8 by default: the weights are width 6
+    model = zoo.load_model("my_models:build", factory, model_args={"width": 6})
+    assert model.preprocess.size == (224, 224) and model.classes is None  # the defaults without a card
+    factory.with_suffix(".json").write_text(json.dumps(
+        {"input_size": [40, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b", "c", "d"],
+         "accuracy": 0.9}))
+    model = zoo.load_model("my_models:build", factory, model_args={"width": 6})
+    assert model.preprocess.size == (40, 48) and model.preprocess.mean == (0.5,) * 3
+    assert model.classes == ["a", "b", "c", "d"] and model.card["accuracy"] == 0.9
+    flags = zoo.load_model("my_models:build", factory, model_args={"width": 6}, input_size=[32], std=[0.5] * 3)
+    assert flags.preprocess.size == (32, 32) and flags.preprocess.std == (0.5,) * 3  # flags win over the card
+    with pytest.raises(ValueError, match="3 class names for a model with 4 outputs"):
+        zoo.load_model("my_models:build", factory, model_args={"width": 6}, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="cannot import 'nope' from 'my_models'"):
+        zoo.load_model("my_models:nope", factory)
+    with pytest.raises(ValueError, match="does not take the model arguments"):
+        zoo.load_model("my_models:build", factory, model_args={"depth": 3})
+
+
+def test_a_yaml_model_card_is_read_safely(factory):
+    factory.with_suffix(".yaml").write_text("input_size: 32\nmean: [0.1, 0.2, 0.3]\nstd: [1, 1, 1]\n")
+    assert zoo.load_model("my_models:build", factory, model_args={"width": 6}).preprocess.mean == (0.1, 0.2, 0.3)
+    factory.with_suffix(".yaml").write_text("!!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ValueError, match="could not be read"):
+        zoo.load_model("my_models:build", factory, model_args={"width": 6})
+
+
+def test_a_timm_architecture(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (installed with the test extras)")
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=4).state_dict(), weights)
+    model = zoo.load_model("timm:resnet10t", weights)
+    cfg = model.pretrained_cfg  # timm's own input size and statistics for the architecture
+    assert model.preprocess.size == tuple(cfg["input_size"][1:]) and model.preprocess.mean == tuple(cfg["mean"])
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+    with pytest.raises(ValueError, match="timm has no architecture 'resnet_nope'"):
+        zoo.load_model("timm:resnet_nope", weights)
+
+
+def export(root, n):
+    batch = zoo.load_dataset("shapes", limit=n).load(0, n)
+    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
+        folder = root / zoo.shapes.CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_preprocessing_is_part_of_the_store_and_near_chance_is_said(prefect_api, tmp_path, capsys):
+    """shapes-cnn given ImageNet's statistics at 24x24 by mistake (as a user's digits model was given
+    ImageNet's 224x224) is near chance, and the study says which preprocessing it used; with the right one it is not, and
+    a resume with other preprocessing is refused."""
+    data = export(tmp_path / "data", 40)
+    common = ["study", "--dataset", str(data), "--samples", "all", "--block-size", "8", "--methods", "saliency",
+              "--figure", "none"]
+    wrong = str(tmp_path / "wrong.zarr")
+    assert main(common + ["--store", wrong, "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
+                          "--input-size", "24"]) == 0
+    out = capsys.readouterr().out
+    warning = next((line for line in out.splitlines() if line.startswith("warning: model accuracy")), None)
+    assert warning and "near chance (25.0% for 4 classes)" in warning and "at 24x24 with mean [0.485" in warning, out
+    assert main(["status", wrong]) == 0 and "warning  model accuracy" in capsys.readouterr().out
+    right = str(tmp_path / "right.zarr")
+    assert main(common + ["--store", right]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(common + ["--store", right, "--mean", "0.4,0.4,0.4"]) == 2
+    err = capsys.readouterr().err
+    assert "the model's input mean differs: the store was made with [0.5, 0.5, 0.5] and this run uses [0.4" in err
+    ds = storage.open_dataset(right)
+    assert ds.attrs["image_mean"] == [0.5, 0.5, 0.5] and ds.attribution.shape[-2:] == (64, 64)
+    assert main(common + ["--store", str(tmp_path / "bad.zarr"), "--std", "0,1,1"]) == 2
+    assert "std > 0" in capsys.readouterr().err
+
+
+def test_a_study_of_a_factory_model_from_the_command_line(prefect_api, factory, tmp_path, capsys):
+    data = export(tmp_path / "data", 8)
+    (tmp_path / "names.txt").write_text("circle\nsquare\ntriangle\ncross\n")
+    store = str(tmp_path / "own.zarr")
+    argv = ["study", "--dataset", str(data), "--model", "my_models:build", "--model-arg", "width=6", "--weights",
+            str(factory), "--input-size", "32", "--classes", str(tmp_path / "names.txt"), "--samples", "all",
+            "--block-size", "4", "--methods", "saliency,gradcam", "--store", store, "--figure", "none"]
+    assert main(argv) == 0, capsys.readouterr().err
+    ds = storage.open_dataset(store)
+    assert list(ds["class"].values) == ["circle", "square", "triangle", "cross"]
+    assert ds.attribution.shape == (2, 8, 32, 32) and bool(ds.done.all())
+    by_name = {"circle": 0, "square": 1, "triangle": 2, "cross": 3}  # folder classes matched by name
+    assert [by_name[str(i).split("/")[0]] for i in ds.sample_id.values] == list(ds.label.values)
+    assert main(argv[:-4] + ["--model-arg", "width=8", "--store", str(tmp_path / "w8.zarr")]) == 2
+    assert "does not fit architecture 'my_models:build'" in capsys.readouterr().err
