@@ -87,7 +87,7 @@ def load_inputs(spec: ProtocolSpec) -> Inputs:
         raise ValueError(f"samples must be >= 1, got {spec.samples}")
     device = resolve_device(spec.device)
     model = model_of(spec, device)
-    data = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    data = load_dataset(spec.dataset, spec.samples, model.preprocess.size, getattr(spec, "masks", None))
     if len(data) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     batch = data.load(0, len(data))

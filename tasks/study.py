@@ -50,6 +50,9 @@ class StudySpec:
                                       "or your factory package.module:function, the last three with --weights")
     methods: list[str] = option(["saliency", "gradcam", "occlusion"],
                                 "attribution methods (see `saliency-atlas methods`)", type="names")
+    masks: str | None = option(None, "ground-truth masks of a folder dataset: a folder MASKS/<class>/<image "
+                                     "stem>.png (non-zero = object) or a CSV of boxes file,y0,x0,y1,x1 in the "
+                                     "image's pixels; default: IMAGE.mask.png beside an image, when present")
     samples: int | None = option(256, "how many samples of the dataset (None / 'all': every sample)",
                                  type="samples")
     store: str = option("runs/shapes.zarr", "Zarr store path or fsspec URL; an existing store of the same "
@@ -185,14 +188,17 @@ def _listing(name: str) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset(name: str, samples: int | None, size: tuple[int, int], listing: tuple | None) -> zoo.Dataset:
-    return zoo.load_dataset(name, split="test", size=size, limit=samples)
+def _load_dataset(name: str, samples: int | None, size: tuple[int, int], masks: str | None,
+                  listing: tuple | None) -> zoo.Dataset:
+    return zoo.load_dataset(name, split="test", size=size, limit=samples, masks=masks)
 
 
-def load_dataset(name: str, samples: int | None, size: tuple[int, int]) -> zoo.Dataset:
-    """The dataset, loaded once per process while a folder's files stay the same (a folder
-    dataset decodes every file when it is made)."""
-    return _load_dataset(name, samples, tuple(size), _listing(name))
+def load_dataset(name: str, samples: int | None, size: tuple[int, int], masks: str | None = None) -> zoo.Dataset:
+    """The dataset, loaded once per process while a folder's files (and its masks) stay the same (a
+    folder dataset decodes every file when it is made)."""
+    listing = (_listing(name), _listing(masks) if masks and Path(masks).is_dir() else
+               (masks, Path(masks).stat().st_mtime_ns if masks and Path(masks).is_file() else None))
+    return _load_dataset(name, samples, tuple(size), masks, listing)
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,7 @@ def spec_of_store(store: str, **changes: Any) -> StudySpec:
         methods=s.methods(), samples=s.n_samples, store=store, block_size=s.block_size, params=params,
         layer=next(iter(layers - {None}), None), contrast=a.get("contrast", "runner-up"), metrics=s.metrics(),
         metric_params=stored_metrics, baselines=False, keep_images=bool(a.get("images_stored", True)),
-        compression=a.get("compression", "zstd"),
+        compression=a.get("compression", "zstd"), masks=a.get("masks"), **json.loads(a.get("model_options", "{}")),
     )
     merged = {**options, **changes}
     merged["metrics"] = list(dict.fromkeys([*options["metrics"], *changes.get("metrics", [])]))
@@ -278,7 +284,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     contrast_class(spec, model)  # validates the contrast
     for m in spec.studied:
         xm.check(m, model, pre.size, spec.layer if xm.spec(m).needs_layer else None, **spec.params.get(m, {}))
-    dataset = load_dataset(spec.dataset, spec.samples, pre.size)
+    dataset = load_dataset(spec.dataset, spec.samples, pre.size, spec.masks)
     if len(dataset) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     check_metrics(spec, model, pre.size, dataset.has_masks)
@@ -311,6 +317,7 @@ def plan(spec: StudySpec) -> StudyPlan:
             "dataset": spec.dataset, "dataset_fingerprint": dataset.digest(ids),
             "dataset_classes": list(dataset.classes), "image_mean": list(pre.mean), "image_std": list(pre.std),
             "model_card": model.card.get("path"), "model_card_accuracy": model.card.get("accuracy"),
+            "model_options": model_options(spec), "masks": spec.masks,
             "package_version": metadata.version("saliency-atlas"), "contrast": spec.contrast,
             "failure_codes": json.dumps({str(k): v for k, v in xm.FAILURES.items()}),
         },
@@ -430,7 +437,7 @@ def label_map(spec: StudySpec, model: torch.nn.Module) -> np.ndarray:
     """Dataset class index -> the model's class index, matched by name (-1: a class the
     model does not know). A folder's classes are its sorted sub-folder names, which need
     not be in the model's order."""
-    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size, spec.masks)
     classes = model.classes
     if classes is None:  # an unnamed head: the folder's own classes, when the counts agree
         return np.arange(len(dataset.classes), dtype=np.int64)
@@ -440,7 +447,7 @@ def label_map(spec: StudySpec, model: torch.nn.Module) -> np.ndarray:
 def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module,
                  device: str) -> tuple[torch.Tensor, zoo.Batch]:
     """The normalised model inputs of one block, made from the dataset by sample id."""
-    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size)
+    dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size, spec.masks)
     ids = s.read_samples(block, "sample_id")["sample_id"]
     batch = dataset.load_ids([str(i) for i in ids])
     return model.preprocess(torch.from_numpy(batch.images).to(device)), batch

@@ -132,3 +132,48 @@ def test_a_study_of_a_factory_model_from_the_command_line(prefect_api, factory, 
     assert [by_name[str(i).split("/")[0]] for i in ds.sample_id.values] == list(ds.label.values)
     assert main(argv[:-4] + ["--model-arg", "width=8", "--store", str(tmp_path / "w8.zarr")]) == 2
     assert "does not fit architecture 'my_models:build'" in capsys.readouterr().err
+
+
+def test_masks_from_files_and_from_boxes_reach_the_store_and_the_evaluation(prefect_api, tmp_path, capsys):
+    """A folder's masks as IMAGE.mask.png beside each image, as a parallel folder, or as VOC-style boxes
+    in a CSV (in the image's own pixels, several per image): resized with the image into `mask`, and
+    the pointing game runs on them."""
+    data = export(tmp_path / "data", 6)
+    images = sorted(data.rglob("*.png"))
+    tree = tmp_path / "masks"
+    rows = ["file,y0,x0,y1,x1"]
+    for k, path in enumerate(images):
+        rel = path.relative_to(data)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8 * k: 8 * k + 16, 4:20] = 255
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(tree / rel)
+        rows.append(f"{rel.as_posix()},{8 * k},4,{8 * k + 16},20")
+    rows.append(f"{images[0].relative_to(data).as_posix()},40,40,48,60")  # a second box of the first image
+    (tmp_path / "boxes.csv").write_text("\n".join(rows) + "\n")
+    expected = np.zeros((len(images), 32, 32), bool)
+    for k in range(len(images)):
+        expected[k, 4 * k: 4 * k + 8, 2:10] = True
+    common = ["study", "--dataset", str(data), "--samples", "all", "--block-size", "3", "--methods", "gradcam",
+              "--input-size", "32", "--metrics", "pointing_game", "--figure", "none"]
+    for name, extra in [("tree", ["--masks", str(tree)]), ("boxes", ["--masks", str(tmp_path / "boxes.csv")])]:
+        store = str(tmp_path / f"{name}.zarr")
+        assert main(common + extra + ["--store", store]) == 0, capsys.readouterr().err
+        ds = storage.open_dataset(store)
+        order = [images.index(data / str(i)) for i in ds.sample_id.values]
+        want = expected[order].copy()
+        if name == "boxes":
+            want[order.index(0), 20:24, 20:30] = True
+        np.testing.assert_array_equal(ds["mask"].values, want)
+        assert np.isfinite(ds.score.sel(metric="pointing_game", xai_method="gradcam").values).all()
+        capsys.readouterr()
+        assert main(["evaluate", store, "--metrics", "pointing_game", "--json", "--plot", "none"]) == 0
+    for path in images:  # the default: IMAGE.mask.png beside each image (not itself a sample)
+        (path.with_name(path.stem + ".mask.png")).write_bytes((tree / path.relative_to(data)).read_bytes())
+    store = str(tmp_path / "beside.zarr")
+    assert main(common + ["--store", store]) == 0
+    ds = storage.open_dataset(store)
+    assert ds.sizes["sample"] == len(images) and ds["mask"].values.any(axis=(1, 2)).all()
+    with pytest.raises(ValueError, match="line 1: expected file,y0,x0,y1,x1 with numbers"):
+        (tmp_path / "bad.csv").write_text("a.png,1,2\n")
+        zoo.load_dataset(str(data), masks=str(tmp_path / "bad.csv"))

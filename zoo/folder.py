@@ -22,6 +22,77 @@ def _read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255
 
 
+def _is_mask(path: Path) -> bool:
+    return ".mask." in path.name
+
+
+class _Masks:
+    """Where a folder dataset's ground-truth masks come from: ``IMAGE.mask.png`` beside each image
+    (default), a parallel folder ``MASKS/<class>/<image stem>.png``, or a CSV of boxes ``file, y0, x0,
+    y1, x1`` in the image's own pixels (VOC-style, several rows per image). Non-zero mask pixels are the
+    object; masks are resized to the model input with nearest neighbours, boxes scaled. An image
+    without one gets an empty mask, which the localisation metrics leave out and count."""
+
+    def __init__(self, root: Path, given: str | os.PathLike | None) -> None:
+        self.root, self.given = root, given is not None
+        self.folder = Path(given) if given is not None and Path(given).is_dir() else None
+        self.boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+        if given is not None and self.folder is None:
+            self.boxes = _read_boxes(Path(given))
+
+    def sibling(self, image: Path) -> Path | None:
+        candidate = image.with_name(image.stem + ".mask.png")
+        return candidate if candidate.is_file() else None
+
+    def _file(self, rel: str) -> Path | None:
+        if self.folder is not None:
+            path = (self.folder / rel).with_suffix(".png")
+            return path if path.is_file() else None
+        return None if self.boxes else self.sibling(self.root / rel)
+
+    def of(self, rel: str, size: tuple[int, int]) -> np.ndarray:
+        """The (H, W) bool mask of image `rel` at `size`."""
+        path = self._file(rel)
+        if path is not None:
+            with Image.open(path) as m:
+                return np.asarray(m.convert("L").resize((size[1], size[0]), Image.NEAREST)) > 0
+        out = np.zeros(size, bool)
+        if rel in self.boxes:
+            with Image.open(self.root / rel) as img:
+                w, h = img.size
+            for y0, x0, y1, x1 in self.boxes[rel]:
+                out[int(y0 * size[0] / h): int(np.ceil(y1 * size[0] / h)),
+                    int(x0 * size[1] / w): int(np.ceil(x1 * size[1] / w))] = True
+        return out
+
+    def source(self, rel: str) -> bytes:
+        """What the mask of `rel` is made from, for the dataset's digest."""
+        path = self._file(rel)
+        return path.read_bytes() if path is not None else repr(self.boxes.get(rel, [])).encode()
+
+
+def _read_boxes(path: Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    import csv
+
+    if not path.is_file():
+        raise ValueError(f"masks {str(path)!r} is neither a folder of masks nor a CSV file of boxes")
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].strip().lower() in ("file", "#"):
+                continue
+            try:
+                y0, x0, y1, x1 = (float(v) for v in row[1:5])
+            except ValueError:
+                raise ValueError(f"boxes file {str(path)!r}, line {n}: expected file,y0,x0,y1,x1 with numbers, "
+                                 f"got {row}") from None
+            if len(row) != 5 or not (y1 > y0 >= 0 and x1 > x0 >= 0):
+                raise ValueError(f"boxes file {str(path)!r}, line {n}: expected file,y0,x0,y1,x1 with y0 < y1 and "
+                                 f"x0 < x1, got {row}")
+            boxes.setdefault(row[0].strip(), []).append((y0, x0, y1, x1))
+    return boxes
+
+
 def _check(path: Path) -> str | None:
     """None if PIL fully decodes ``path``, else the reason it cannot."""
     try:
@@ -40,13 +111,14 @@ class FolderDataset:
     PIL's decompression-bomb limit) are skipped and listed in ``skipped`` as (relative path,
     reason); a symbolic link that leads outside the folder is refused.  With ``limit``, only the first ``limit``
     readable files in that order are used.  Images become RGB, resized bilinearly to
-    ``size`` (H, W).  No masks.
+    ``size`` (H, W).  Masks: see `_Masks` (``masks``: a folder or a CSV of boxes; by default
+    ``IMAGE.mask.png`` beside an image, which is not itself a sample).
     """
 
-    has_masks = False
-
-    def __init__(self, root: str | os.PathLike, size: tuple[int, int] = (64, 64), limit: int | None = None):
+    def __init__(self, root: str | os.PathLike, size: tuple[int, int] = (64, 64), limit: int | None = None,
+                 masks: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.masks = _Masks(self.root, masks)
         self.name = str(root)
         self.size = size
         if not self.root.is_dir():
@@ -63,7 +135,7 @@ class FolderDataset:
         # every candidate file, in order: class by class, files sorted within a class
         self._candidates = [(f"{c}/{f.name}", k) for k, c in enumerate(self.classes)
                             for f in sorted((self.root / c).iterdir(), key=lambda p: p.name)
-                            if self._inside(f).is_file() and not f.name.startswith(".")]
+                            if self._inside(f).is_file() and not f.name.startswith(".") and not _is_mask(f)]
         self._reasons: dict[str, str | None] = {}  # relative path -> None (readable) or reason
         self._files: list[tuple[str, int]] = []
         for rel, k in self._candidates:
@@ -78,6 +150,7 @@ class FolderDataset:
                              f"{len(self.skipped)} unreadable); add image files PIL can open "
                              "(PNG, JPEG, ...) under DIR/<class>/")
         self._fingerprint: str | None = None
+        self.has_masks = self.masks.given or any(self.masks.sibling(self.root / rel) for rel, _ in self._files)
 
     def _inside(self, path: Path) -> Path:
         """`path`, refused when it is a symbolic link that leads outside the dataset folder."""
@@ -118,12 +191,15 @@ class FolderDataset:
         """The samples with these relative paths, in this order."""
         labels = np.array([self._label(rel) for rel in ids], dtype=np.int64)
         images = np.empty((len(ids), 3, *self.size), np.float32)
+        masks = np.zeros((len(ids), *self.size), bool) if self.has_masks else None
         for i, rel in enumerate(ids):
             try:
                 images[i] = _read_rgb(self.root / rel, self.size)
             except Exception as e:  # noqa: BLE001 - changed on disk since it was checked
                 raise ValueError(f"image {rel!r} in {self.name!r} can no longer be read: {e}") from None
-        return Batch(images, labels, None, list(ids))
+            if masks is not None:
+                masks[i] = self.masks.of(rel, self.size)
+        return Batch(images, labels, masks, list(ids))
 
     def digest(self, ids: list[str]) -> str:
         """sha256 of the image size and the relative paths and bytes of exactly these samples."""
@@ -132,6 +208,7 @@ class FolderDataset:
             self._label(rel)
             h.update(f"\0{rel}\0".encode())
             h.update((self.root / rel).read_bytes())
+            h.update(self.masks.source(rel))
         return h.hexdigest()
 
     def fingerprint(self) -> str:
