@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -80,11 +80,24 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{ds.attrs.get('model')} on {ds.attrs.get('dataset')}: explained class = prediction"
-                 + ("; contrastive maps: why target, not contrast" if contrastive else "")
-                 + "; white outline = ground-truth object", fontsize=8)
-    fig.tight_layout()
+    title, footer = captions(ds, bool(contrastive))
+    fig.suptitle(title, fontsize=8)
+    fig.text(0.5, 0.003, footer, ha="center", va="bottom", fontsize=6)
+    fig.tight_layout(rect=(0, 0.025, 1, 1))
     return save(fig, out)
+
+
+def captions(ds: Any, contrastive: bool) -> tuple[str, str]:
+    """What the figure says it shows: the title (the mask legend only when the study has masks) and the
+    footer (the model's input: size and normalisation)."""
+    has_masks = "mask" in ds and bool(ds["mask"].any())
+    title = (f"{ds.attrs.get('model')} on {ds.attrs.get('dataset')}: explained class = prediction"
+             + ("; contrastive maps: why target, not contrast" if contrastive else "")
+             + ("; white outline = ground-truth object" if has_masks else ""))
+    h, w = ds.attrs["image_shape"][1:]
+    footer = (f"model input {h}x{w}, normalised with mean {ds.attrs.get('image_mean')} and std "
+              f"{ds.attrs.get('image_std')}; each map coloured on its own scale")
+    return title, footer
 
 
 def save(fig: plt.Figure, out: str, dpi: int = 130) -> str:

@@ -187,7 +187,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def killed_run(cli: list[str], store: str, array: str, nth: int, half: bool) -> None:
+def killed_run(cli: list[str], store: str, array: str, nth: int, half: bool = False) -> None:
     """Run the command line `cli` on `store` in a child killed at that write; it must have died of SIGKILL."""
     import os
     import signal

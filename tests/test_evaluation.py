@@ -2,10 +2,6 @@
 bit-identically without rescoring a scored block, run the same on Dask, add only what is new, refuse
 other metric parameters; the command line's table, JSON and comparisons."""
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +12,7 @@ import storage
 import zoo
 from flows.cli import main
 from flows.study import study
-from test_resume import KILLER
+from helpers import killed_run
 from xai_methods import metrics as xmet
 
 METRICS = ["pointing_game", "relevance_rank", "deletion", "max_sensitivity"]
@@ -77,21 +73,12 @@ def test_stored_scores_are_the_metric_on_the_stored_maps(evaluated):
     np.testing.assert_array_equal(ds.score.sel(xai_method="gradcam", metric="max_sensitivity").values[:8], s.value.numpy())
 
 
-def killed_run(store, array, nth, half=False):
-    from prefect.settings import PREFECT_API_URL
-
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *CLI,
-                        "--store", store], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("array, nth", [("score", 7), ("scored", 20)])
 def test_sigkill_during_evaluation_resumes_bit_identically(evaluated, tmp_path, array, nth):
     reference, _ = evaluated
     store = str(tmp_path / "killed.zarr")
-    killed_run(store, array, nth)
+    killed_run(CLI, store, array, nth)
     scored_before = xr.open_zarr(store).scored.values.copy()
     assert not scored_before.all()
     summary = study(store=store, **ARGS)

@@ -177,3 +177,19 @@ def test_masks_from_files_and_from_boxes_reach_the_store_and_the_evaluation(pref
     with pytest.raises(ValueError, match="line 1: expected file,y0,x0,y1,x1 with numbers"):
         (tmp_path / "bad.csv").write_text("a.png,1,2\n")
         zoo.load_dataset(str(data), masks=str(tmp_path / "bad.csv"))
+
+
+def test_figures_say_what_they_show():
+    import xarray as xr
+
+    from tasks.figure import captions
+
+    attrs = {"model": "resnet18", "dataset": "digits", "image_shape": [3, 112, 112], "image_mean": [0.5] * 3,
+             "image_std": [0.25] * 3}
+    without = xr.Dataset(attrs=attrs)
+    title, footer = captions(without, contrastive=False)
+    assert "outline" not in title and "model input 112x112, normalised with mean [0.5, 0.5, 0.5]" in footer
+    empty = xr.Dataset({"mask": (("sample", "y", "x"), np.zeros((1, 4, 4), bool))}, attrs=attrs)
+    assert "outline" not in captions(empty, contrastive=False)[0]  # a mask variable with no object in it
+    masked = xr.Dataset({"mask": (("sample", "y", "x"), np.ones((1, 4, 4), bool))}, attrs=attrs)
+    assert "white outline = ground-truth object" in captions(masked, contrastive=True)[0]

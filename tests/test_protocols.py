@@ -27,7 +27,7 @@ from xai_methods import manipulation as M
 from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities, similarity
 
-from test_resume import KILLER
+from helpers import KILLER
 
 
 @pytest.fixture(scope="module")
