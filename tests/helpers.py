@@ -200,3 +200,17 @@ def killed_run(cli: list[str], store: str, array: str, nth: int, half: bool = Fa
     r = subprocess.run([sys.executable, "-c", KILLER, array, str(nth), "half" if half else "whole", *cli,
                         "--store", store], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def export_shapes(root, n: int):
+    """The first `n` built-in shapes test images as PNG files `root/<class>/<i>.png`; returns `root`."""
+    from PIL import Image
+
+    import zoo
+
+    batch = zoo.load_dataset("shapes", limit=n).load(0, n)
+    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
+        folder = root / zoo.shapes.CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import storage
 import zoo
 from flows.cli import main
+from helpers import export_shapes
 
 FACTORY = '''
 import torch
@@ -82,20 +82,11 @@ def test_a_timm_architecture(tmp_path):
         zoo.load_model("timm:resnet_nope", weights)
 
 
-def export(root, n):
-    batch = zoo.load_dataset("shapes", limit=n).load(0, n)
-    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
-        folder = root / zoo.shapes.CLASSES[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
 def test_preprocessing_is_part_of_the_store_and_near_chance_is_said(prefect_api, tmp_path, capsys):
     """shapes-cnn given ImageNet's statistics at 24x24 by mistake (as a user's digits model was given
     ImageNet's 224x224) is near chance, and the study says which preprocessing it used; with the right one it is not, and
     a resume with other preprocessing is refused."""
-    data = export(tmp_path / "data", 40)
+    data = export_shapes(tmp_path / "data", 40)
     common = ["study", "--dataset", str(data), "--samples", "all", "--block-size", "8", "--methods", "saliency",
               "--figure", "none"]
     wrong = str(tmp_path / "wrong.zarr")
@@ -118,7 +109,7 @@ def test_preprocessing_is_part_of_the_store_and_near_chance_is_said(prefect_api,
 
 
 def test_a_study_of_a_factory_model_from_the_command_line(prefect_api, factory, tmp_path, capsys):
-    data = export(tmp_path / "data", 8)
+    data = export_shapes(tmp_path / "data", 8)
     (tmp_path / "names.txt").write_text("circle\nsquare\ntriangle\ncross\n")
     store = str(tmp_path / "own.zarr")
     argv = ["study", "--dataset", str(data), "--model", "my_models:build", "--model-arg", "width=6", "--weights",
@@ -138,7 +129,7 @@ def test_masks_from_files_and_from_boxes_reach_the_store_and_the_evaluation(pref
     """A folder's masks as IMAGE.mask.png beside each image, as a parallel folder, or as VOC-style boxes
     in a CSV (in the image's own pixels, several per image): resized with the image into `mask`, and
     the pointing game runs on them."""
-    data = export(tmp_path / "data", 6)
+    data = export_shapes(tmp_path / "data", 6)
     images = sorted(data.rglob("*.png"))
     tree = tmp_path / "masks"
     rows = ["file,y0,x0,y1,x1"]
