@@ -281,17 +281,16 @@ def plan(spec: StudySpec) -> StudyPlan:
     exists = storage.exists(spec.store)
     model = model_of(spec, "cpu")
     pre = model.preprocess
-    contrast_class(spec, model)  # validates the contrast
+    n_classes = output_classes(spec, model)
+    fixed = contrast_class(spec, model)
+    if fixed is not None and not 0 <= fixed < n_classes:
+        raise ValueError(f"contrast {spec.contrast!r} is outside the model's classes 0..{n_classes - 1}")
     for m in spec.studied:
         xm.check(m, model, pre.size, spec.layer if xm.spec(m).needs_layer else None, **spec.params.get(m, {}))
     dataset = load_dataset(spec.dataset, spec.samples, pre.size, spec.masks)
     if len(dataset) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     check_metrics(spec, model, pre.size, dataset.has_masks)
-    n_classes = output_classes(spec, model)
-    fixed = contrast_class(spec, model)
-    if fixed is not None and not 0 <= fixed < n_classes:
-        raise ValueError(f"contrast {spec.contrast!r} is outside the model's classes 0..{n_classes - 1}")
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
     classes = classes or [f"class_{i}" for i in range(n_classes)]
     stored = storage.Store(spec.store, mode="r").sample_ids() if exists else []
