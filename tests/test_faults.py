@@ -124,6 +124,7 @@ def test_a_claim_ends_with_its_owner_even_when_killed(tmp_path):
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     assert got.wait(30), "the kernel releases a killed owner's claim"
+    waiter.join(30)  # the waiter releases it in turn
     assert storage.holders(store) == []
 
 
