@@ -9,8 +9,9 @@ method, which share of the map's *positive* attribution mass falls
 - inside a box ``region`` given by the user (``region_share``), e.g. a corner where a
   watermark or a scanner's label would sit,
 
-aggregates them per method and per true class, renders a report folder, publishes
-Prefect artifacts (a markdown summary, a table, links to the figures) and finally
+aggregates them per method and per true class, clusters each method's maps per class (SpRAy:
+the strategies the model uses), renders a report folder with the browsable atlas, publishes
+Prefect artifacts (a markdown summary, a table, the figures inline, the atlas's link) and finally
 fails, naming the threshold, the method, the measured value and the limit, when a
 limit the user set is crossed. The work is in ``tasks/audit.py``; this flow composes it.
 """
@@ -25,6 +26,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 import tasks
 from flows.study import study
+from tasks.artifacts import publish_figure
+from tasks.clusters import cluster_task, render_clusters, strategy_rows, summarize
+from tasks.report import report_task
 from tasks.audit import (
     ARTIFACT_KEYS,
     BASELINES,
@@ -107,9 +111,17 @@ def dataset_audit(
     violations = threshold_violations(measured["rows"], bounds, box, per_class)
     files = render_report(store, list(methods), measured, bounds, report_dir,
                           f"{model} on {dataset}: {measured['samples']} samples")
+    strategies = []
+    for method in methods:  # the strategies of each audited method: SpRAy clusters per class
+        cluster_task(store, method)
+        files[f"clusters_{method}"] = render_clusters(store, method, os.path.join(report_dir, f"clusters.{method}.png"))
+        shown_measure = next((k for k in ("region_share", "outside_mask_share") if k in measured_metrics), None)
+        if shown_measure:
+            strategies += strategy_rows(summarize(store, method), method, shown_measure)
+    files["report"] = report_task(store, report_dir)
     markdown = summary_markdown(dataset=dataset, model=model, store=store, measured=measured,
                                 new_samples=new_samples, computed=computed, region=box, limits=bounds,
-                                violations=violations, files=files, per_class=per_class)
+                                violations=violations, files=files, per_class=per_class, strategies=strategies)
     files["summary"] = write_summary(markdown, report_dir)
 
     artifacts = {
@@ -117,13 +129,16 @@ def dataset_audit(
                                             description=f"dataset audit of {dataset} with {model}"),
         "table": create_table_artifact(table=measured["rows"], key=ARTIFACT_KEYS["table"],
                                        description="per method and class: samples, accuracy, metric means"),
+        "report": create_link_artifact(link=Path(files["report"]).resolve().as_uri(), key=ARTIFACT_KEYS["report"],
+                                       link_text=os.path.abspath(files["report"]),
+                                       description="the browsable atlas of the audit: open this file in a browser"),
     }
-    for name in ("shares_chart", "samples_figure"):
+    titles = {"shares_chart": "attribution shares per method and class", "samples_figure": "samples and their maps",
+              **{f"clusters_{m}": f"SpRAy clusters of {m} per class" for m in methods}}
+    for name, title in titles.items():
         if name in files:
-            artifacts[name] = create_link_artifact(
-                link=Path(files[name]).resolve().as_uri(), link_text=os.path.abspath(files[name]),
-                key=ARTIFACT_KEYS[name], description=f"{name.replace('_', ' ')} of the dataset audit (a local file)")
-    log.info("audit report in %s", report_dir)
+            artifacts[name] = publish_figure(files[name], ARTIFACT_KEYS.get(name, f"dataset-audit-{name}"), title)
+    log.info("audit report in %s; the atlas: %s", report_dir, files["report"])
 
     result = {
         "store": store, "report_dir": report_dir, "samples": measured["samples"], "new_samples": new_samples,

@@ -20,7 +20,9 @@ examples:
   saliency-atlas study --methods contrastive_gradcam,cem_pn,cdeepex --contrast square \
       --samples 64 --store runs/why-not-square.zarr
   saliency-atlas status runs/shapes.zarr
-  saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png
+  saliency-atlas figure runs/shapes.zarr --samples 0,1,2 --out figure.png --shared-scale
+  saliency-atlas clusters runs/shapes.zarr --method gradcam --class square
+  saliency-atlas report runs/shapes.zarr --out runs/shapes.report
   saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
   saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,deletion,insertion
   saliency-atlas metrics
@@ -43,6 +45,16 @@ examples:
 
 Metrics that need ground truth (pointing_game, relevance_mass, relevance_rank, outside_mask_share)
 use the store's `mask`; region_share needs --metric-param region_share.region=[y0,x0,y1,x1].
+"""
+
+CLUSTER_EXAMPLES = """\
+examples:
+  saliency-atlas clusters runs/shapes.zarr --method gradcam
+  saliency-atlas clusters runs/shapes.zarr --method gradcam --class square --json
+  saliency-atlas clusters runs/audit.zarr --method gradcam --clusters 2 --recompute
+
+Each cluster is listed with its size, the model's accuracy on it and the mean of every stored
+metric over its maps; the figure shows its mean map and its most typical samples.
 """
 
 STUDY_EXAMPLES = """\
@@ -252,6 +264,45 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")
     f.add_argument("--methods", default=None, help="comma-separated subset of the store's methods (default: all)")
     f.add_argument("--out", default="figure.png", help="output file (.png, .pdf, .svg)")
+    f.add_argument("--shared-scale", action="store_true",
+                   help="one colour scale per method's column (compare magnitudes down it); default: each map its own")
+
+    c = sub.add_parser("clusters", help="the strategies of a model: SpRAy clusters of one method's maps per class",
+                       description="Spectral relevance analysis (Lapuschkin et al. 2019): per true class, the "
+                       "method's maps are downsampled, compared by shape in a k-nearest-neighbour graph and "
+                       "clustered in its spectral embedding; the eigengap says how many groups the class "
+                       "splits into. A cluster apart from the rest is a strategy only some images get (a "
+                       "watermark, a background). The clusters are stored in the study (`cluster`, "
+                       "`eigengap`) and reused while the store and the parameters stay the same.",
+                       epilog=CLUSTER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("store")
+    c.add_argument("--method", required=True, help="one of the store's methods")
+    c.add_argument("--class", dest="classes", default=None, help="comma-separated true classes to show (default: all)")
+    c.add_argument("--clusters", type=int, default=None, help="a fixed number of clusters (default: the eigengap's choice)")
+    c.add_argument("--max-clusters", type=int, default=8, help="the most clusters the eigengap may choose")
+    c.add_argument("--neighbours", type=int, default=10, help="k of the k-nearest-neighbour affinity graph")
+    c.add_argument("--size", type=int, default=16, help="maps are downsampled to SIZE x SIZE before comparing")
+    c.add_argument("--seed", type=int, default=0, help="seed of k-means in the embedding")
+    c.add_argument("--recompute", action="store_true", help="recompute even when matching clusters are stored")
+    c.add_argument("--figure", default=None, help="each cluster's mean map and typical samples (default: "
+                   "STORE.clusters.METHOD.png; 'none': no figure)")
+    c.add_argument("--json", action="store_true",
+                   help='print {class: [{"cluster", "size", "sample_ids", "accuracy", "scores", "eigengap"}...]} only')
+
+    r = sub.add_parser("report", help="one self-contained HTML page to browse a study (no server, no network)",
+                       description="Writes DIR/index.html with everything inline: per method a grid of samples "
+                       "with their maps, filtered by class, correct or incorrect prediction and a metric's range; "
+                       "the metrics table with bootstrap intervals, the baseline maps beside the methods; the "
+                       "deletion/insertion curves; the clusters stored by `clusters`; the figures of protocol "
+                       "stores given with --protocol. Open it in any browser.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("store")
+    r.add_argument("--out", default=None, help="output folder (default: the store path with .report)")
+    r.add_argument("--max-samples", type=int, default=200,
+                   help="samples shown in the grid (spread evenly over the study; the tables use all)")
+    r.add_argument("--shared-scale", action="store_true", help="one colour scale per method over the grid")
+    r.add_argument("--protocol", action="append", default=[], metavar="STORE",
+                   help="a sanity / invariance / manipulate / roar store whose figure the report includes (repeatable)")
 
     ag = sub.add_parser("aggregate", help="mean/std maps per class and per correct/incorrect prediction (Dask, out of core)")
     ag.add_argument("store")
@@ -448,6 +499,37 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"figure:  {path}")
 
 
+def cmd_clusters(args: argparse.Namespace) -> None:
+    from tasks import clusters
+
+    only = args.classes.split(",") if args.classes else None
+    record = clusters.ensure(args.store, args.method, args.recompute, size=args.size, neighbours=args.neighbours,
+                             max_clusters=args.max_clusters, clusters=args.clusters, seed=args.seed)
+    found = clusters.summarize(args.store, args.method, only)
+    if args.json:
+        print(json.dumps(found))
+        return
+    print(f"{args.method}: {record['maps']} maps clustered per true class ({record['size']}x{record['size']} "
+          f"downsampled, {record['neighbours']}-nearest-neighbour graph)")
+    for name, rows in found.items():
+        gap = rows[0]["eigengap"] if rows else None
+        print(f"\n{name}: {len(rows)} cluster(s), eigengap {gap}")
+        for c in rows:
+            scores = "  ".join(f"{k} {v:.3f}" for k, v in c["scores"].items() if v is not None)
+            print(f"  cluster {c['cluster']}: {c['size']:>5} maps  accuracy {c['accuracy']}  {scores}")
+            print(f"    e.g. {', '.join(c['sample_ids'][:4])}")
+    figure = args.figure or f"{os.path.splitext(args.store.rstrip('/'))[0]}.clusters.{args.method}.png"
+    if figure.lower() != "none":
+        print(f"\nfigure:  {clusters.render_clusters(args.store, args.method, figure, only)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from tasks import report
+
+    out = args.out or report.default_dir(args.store)
+    print(f"report:  {report.write(args.store, out, max_samples=args.max_samples, shared_scale=args.shared_scale, protocols=args.protocol)}")
+
+
 def cmd_protocol_status(store: str) -> None:
     import storage
 
@@ -562,7 +644,7 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
         text = "; ".join([*advice, "or use a new --store path"])
         return f"{e} {text[0].upper()}{text[1:]}."
     if isinstance(e, FileNotFoundError) and "no study store" in str(e) and \
-            getattr(args, "command", "") in ("evaluate", "status", "figure", "aggregate"):
+            getattr(args, "command", "") in ("evaluate", "status", "figure", "aggregate", "clusters", "report"):
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
     if isinstance(e, OSError) and e.errno in DISK_ERRORS:
         store = getattr(args, "store", None)
@@ -602,7 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tasks import render
 
             methods = args.methods.split(",") if args.methods else None
-            print(render(args.store, args.out, args.samples, methods))
+            print(render(args.store, args.out, args.samples, methods, shared_scale=args.shared_scale))
+        elif args.command == "clusters":
+            cmd_clusters(args)
+        elif args.command == "report":
+            cmd_report(args)
         elif args.command == "aggregate":
             cmd_aggregate(args)
         elif args.command in PROTOCOLS:

@@ -18,6 +18,7 @@ from tasks import invariance as inv
 from tasks import manipulation as man
 from tasks import roar as ro
 from tasks import sanity as san
+from tasks.artifacts import publish_figure
 from tasks.protocol_plot import PLOTS
 
 from .study import spec_signature, task_runner
@@ -31,7 +32,8 @@ def _figure(protocol: str, spec: Any) -> str | None:
     if not spec.figure:
         return None
     path = PLOTS[protocol](spec.store, spec.figure)
-    get_run_logger().info("figure written to %s", path)
+    publish_figure(path, f"{protocol}-figure", f"{protocol}: {spec.store}")
+    get_run_logger().info("figure written to %s (and shown in the run's artifacts)", path)
     return path
 
 

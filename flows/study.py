@@ -16,6 +16,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
+from tasks.artifacts import publish_figure
 from tasks.evaluation_plot import render_evaluation
 from tasks.study import accuracy_warning, options_of
 
@@ -164,8 +165,11 @@ def study(**options: Any) -> dict[str, Any]:
     if spec.figure:
         shown = [s for s in spec.figure_samples if s < plan["samples"]]
         summary["figure"] = render_figure(spec.store, spec.figure, shown)
+        publish_figure(summary["figure"], "study-figure", f"maps of {', '.join(methods)}: {spec.store}")
         log.info("figure written to %s", summary["figure"])
         if spec.metrics:
             summary["evaluation_figures"] = render_evaluation(spec.store, os.path.splitext(spec.figure)[0])
+            for path in summary["evaluation_figures"]:  # PREFIX.curves.png, PREFIX.scores.png
+                publish_figure(path, "study-" + path.rsplit(".", 2)[-2], f"evaluation: {os.path.basename(path)}")
             log.info("evaluation figures: %s", ", ".join(summary["evaluation_figures"]))
     return summary

@@ -77,6 +77,10 @@ SCHEMA: tuple[Variable, ...] = (
              doc="why a score is what it is (codes in the attribute `score_status_codes`; -1: not computed)"),
     Variable("curve", ("xai_method", "metric", "sample", "step"), "float32", np.nan, "scored", when="curve_points",
              doc="deletion / insertion / ROAD curves (NaN past a metric's own points)"),
+    Variable("cluster", ("xai_method", "sample"), "int16", -1, None, when="clustered",
+             doc="the sample's SpRAy cluster within its true class (`clusters`; -1: not clustered, or a failed map)"),
+    Variable("eigengap", ("xai_method", "class"), "float32", np.nan, None, when="clustered",
+             doc="per class, the gap after the chosen number of clusters in the affinity graph's spectrum"),
     Variable("done", ("xai_method", "block"), "bool", False, None, doc="block b of method m is written"),
     Variable("ingested", ("block",), "bool", False, None, doc="block b's inputs and predictions are written"),
     Variable("checksum", ("xai_method", "block"), "int64", -1, None,
@@ -170,6 +174,7 @@ class Template:
     metric_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a missing stored key means
     curve_points: int = 0  # the `step` length: the most points of a curve metric (0: no curve metric)
     status_codes: dict[int, str] = field(default_factory=dict)  # score_status code -> meaning
+    clustered: bool = False  # a new store has no clusters; `Store.write_clusters` adds them
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -623,6 +628,40 @@ class Store:
         if curve is not None:
             self.group["curve"][m, k, s, : curve.shape[1]] = curve.astype(np.float32)
         self.group["scored"][m, k, block] = True
+
+    # ------------------------------------------------------------------ clusters (whole rows)
+
+    def write_clusters(self, method: str, labels: np.ndarray, eigengap: np.ndarray, params: dict[str, Any]) -> None:
+        """Store `method`'s clusters (one per sample, -1 where not clustered) and per-class eigengaps,
+        then record `params` (how they were found, with the number of samples): the record comes last,
+        so a store whose record matches holds the clusters it describes."""
+        m, g = self._method_index(method), self.group
+        n, classes = self.n_samples, int(g["class"].shape[0])
+        if labels.shape != (n,) or eigengap.shape != (classes,):
+            raise ValueError(f"clusters of {method} have shapes {labels.shape} and {eigengap.shape}; "
+                             f"expected ({n},) and ({classes},)")
+        record = json.loads(g.attrs.get("cluster_params", "{}"))
+        record.pop(method, None)
+        g.attrs["cluster_params"] = json.dumps(record, sort_keys=True)  # unrecorded while being rewritten
+        self._add_rows(["cluster", "eigengap"])
+        g["cluster"][m, :] = labels.astype(np.int16)  # a whole row: every chunk of it, no neighbour shared
+        g["eigengap"][m, :] = eigengap.astype(np.float32)
+        record[method] = _normal(params)
+        g.attrs["cluster_params"] = json.dumps(record, sort_keys=True)
+        with _quiet():
+            zarr.consolidate_metadata(self.path, zarr_format=3)
+
+    def cluster_params(self) -> dict[str, Any]:
+        """Per method, how its stored clusters were found (methods never clustered are absent)."""
+        return json.loads(self.group.attrs.get("cluster_params", "{}"))
+
+    def _add_rows(self, names: list[str]) -> None:
+        """Create the variables `names` (rows per method, one chunk per method) when the store lacks them."""
+        g = self.group
+        for v in (VARIABLES[name] for name in names if name not in g):
+            shape = tuple(int(g[d].shape[0]) for d in v.dims)
+            g.create_array(v.name, shape=shape, chunks=(1, *shape[1:]), dtype=v.dtype, fill_value=v.fill,
+                           dimension_names=v.dims)
 
     def read_maps(self, method: str, block: int) -> np.ndarray:
         s = block_slice(block, self.n_samples, self.block_size)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import storage  # noqa: E402
 
-from .figure import _heatmap_limits, save  # noqa: E402
+from .figure import heatmap_style, save  # noqa: E402
 
 
 def correct_path(out_png: str) -> str:
@@ -32,11 +32,11 @@ def _grid(rows: list[tuple[str, xr.DataArray, xr.DataArray]], methods: list[str]
                              squeeze=False, layout="constrained")
     for c, method in enumerate(methods):
         column = np.stack([maps.sel(xai_method=method).values for _, maps, _ in rows]).astype(np.float32)
-        cmap, lo, hi = _heatmap_limits(column)  # one colour scale per method, shared down the column
-        cm = plt.get_cmap(cmap).with_extremes(bad="0.85")  # no data: light grey
+        style = heatmap_style(method, column)  # one colour scale per method, shared down the column
+        cm = plt.get_cmap(style.cmap).with_extremes(bad="0.85")  # no data: light grey
         for r, (label, _, counts) in enumerate(rows):
             ax = axes[r, c]
-            im = ax.imshow(column[r], cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+            im = ax.imshow(column[r], cmap=cm, vmin=style.low, vmax=style.high, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.text(0.02, 0.02, f"n={int(counts.sel(xai_method=method))}", transform=ax.transAxes,

@@ -38,6 +38,7 @@ ARTIFACT_KEYS = {
     "table": "dataset-audit-table",
     "shares_chart": "dataset-audit-shares-chart",
     "samples_figure": "dataset-audit-samples-figure",
+    "report": "dataset-audit-atlas",
 }
 ALL = "all"  # the class column of the rows that aggregate every class
 BASELINES = ("random_map", "centre_map", "edge_map")  # shown beside the methods; no limit applies to them
@@ -241,7 +242,7 @@ def _fmt(value: Any) -> str:
 def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str, Any],
                      new_samples: int, computed: dict[str, int], region: Sequence[int] | None,
                      limits: dict[str, dict[str, float]], violations: list[str], files: dict[str, str],
-                     per_class: bool = True) -> str:
+                     per_class: bool = True, strategies: Sequence[dict[str, Any]] = ()) -> str:
     lines = [
         f"# Dataset audit: `{dataset}` with `{model}`",
         "",
@@ -268,6 +269,17 @@ def summary_markdown(*, dataset: str, model: str, store: str, measured: dict[str
         lines += ["## Thresholds crossed", ""] + [f"- {v}" for v in violations] + [""]
     elif limits:
         lines += ["All thresholds respected.", ""]
+    if strategies:
+        measure = next(k for k in MEASURES if k in strategies[0])
+        lines += ["## Strategies: per class, the SpRAy cluster with the most attribution "
+                  f"{MEASURES[measure][1]}", "",
+                  f"| xai_method | class | clusters | cluster | maps | {measure} in it | class mean | eigengap | e.g. |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['xai_method']} | {r['class']} | {r['clusters']} | {r['cluster']} | {r['size']} of {r['of']} | "
+                  f"{_fmt(r[measure])} | {_fmt(r['class_mean'])} | {_fmt(r['eigengap'])} | "
+                  + ", ".join(f"`{i}`" for i in r["sample_ids"][:3]) + " |" for r in strategies]
+        lines += ["", "A cluster far above its class's mean is a strategy only some of the class's images get (a "
+                  "watermark, a background): its mean map and typical samples are in `clusters.<method>.png`.", ""]
     lines += [f"`samples.png` shows {measured['figure_why']}: "
               + ", ".join(f"`{i}`" for i in measured["figure_sample_ids"]) + ".", ""]
     lines += ["## Files", ""] + [f"- [{name}]({Path(p).resolve().as_uri()}) `{os.path.abspath(p)}`"

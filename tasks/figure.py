@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import matplotlib
@@ -25,20 +26,56 @@ def _display_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def _heatmap_limits(m: np.ndarray) -> tuple[str, float, float]:
-    """Colour map and limits: signed maps diverge around 0, non-negative ones start at 0.
-    Limits come from the 99.5th percentile of |map| so one hot pixel does not wash out the rest."""
-    finite = m[np.isfinite(m)]
+#: methods whose maps carry a sign by definition (evidence for and against the class): always shown on a
+#: diverging colour map centred on 0, even when a map happens to be positive. Contrastive methods also are.
+SIGNED = frozenset({"integrated_gradients", "deeplift", "deeplift_revealcancel", "input_x_gradient", "occlusion",
+                    "lime", "prediction_difference"})
+
+
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How a map is coloured: a diverging map in [-top, top] for signed maps, else a sequential one in [0, top]."""
+
+    cmap: str
+    low: float
+    high: float
+
+    @property
+    def signed(self) -> bool:
+        return self.low < 0
+
+
+def signed_method(name: str) -> bool:
+    """Whether `name`'s maps are signed by definition (see `SIGNED`) or it is contrastive."""
+    return name in SIGNED or (name in xm.available() and xm.spec(name).category == "contrastive")
+
+
+def heatmap_style(name: str, maps: np.ndarray) -> HeatmapStyle:
+    """The colours of one map, or of several sharing a scale: diverging (``RdBu_r``, 0 white) for a signed
+    method or any negative value, else ``inferno`` from 0. The limit is the 99.5th percentile of |map|, so
+    one hot pixel does not wash out the rest; raw values, never min-max scaled."""
+    finite = maps[np.isfinite(maps)]
     if finite.size == 0:
-        return "jet", 0.0, 1.0
+        return HeatmapStyle("inferno", 0.0, 1.0)
     top = float(np.percentile(np.abs(finite), 99.5)) or float(np.abs(finite).max()) or 1.0
-    if finite.min() < -1e-3 * top:
-        return "bwr", -top, top
-    return "jet", 0.0, top
+    if signed_method(name) or finite.min() < -1e-3 * top:
+        return HeatmapStyle("RdBu_r", -top, top)
+    return HeatmapStyle("inferno", 0.0, top)
 
 
-def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods: Sequence[str] | None = None) -> str:
-    """Draw the figure for ``samples`` of the study at ``store`` into ``out`` (PNG/PDF/SVG)."""
+def colour_bar(fig: plt.Figure, image: Any, ax: Any, style: HeatmapStyle) -> None:
+    """A thin colour bar beside `ax` with the value range (and 0 for a signed map)."""
+    ticks = [style.low, 0.0, style.high] if style.signed else [style.low, style.high]
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, ticks=ticks)
+    bar.ax.tick_params(labelsize=5, length=1.5, pad=1)
+    bar.ax.set_yticklabels([f"{t:.2g}" for t in ticks])
+
+
+def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods: Sequence[str] | None = None,
+           shared_scale: bool = False) -> str:
+    """Draw the figure for ``samples`` of the study at ``store`` into ``out`` (PNG/PDF/SVG): the input, then
+    each method's map over it with a colour bar of its raw values; `shared_scale`: one scale per method's
+    column (maps then compare in magnitude down the column), else each map on its own."""
     ds = storage.open_dataset(store)
     n = ds.sizes["sample"]
     bad = [s for s in samples if not 0 <= s < n]
@@ -52,9 +89,10 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
     contrastive = {m for m in names if m in xm.available() and xm.spec(m).needs_contrast}
     mean, std = ds.attrs["image_mean"], ds.attrs["image_std"]
     sel = ds.isel(sample=list(samples)).sel(xai_method=names).compute()
+    columns = {name: sel.attribution.sel(xai_method=name).values.astype(np.float32) for name in names}
 
     rows, cols = len(samples), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.0 * rows), squeeze=False)
     for r in range(rows):
         s = sel.isel(sample=r)
         # Stores of references only have no inputs to show: heatmaps then stand alone.
@@ -65,11 +103,12 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(f"{s.sample_id.item()}\ntrue {truth}, pred {classes[pred]}", fontsize=7)
         for c, name in enumerate(names, start=1):
-            m = s.attribution.sel(xai_method=name).values.astype(np.float32)
-            cmap, lo, hi = _heatmap_limits(m)
+            m = columns[name][r]
+            style = heatmap_style(name, columns[name] if shared_scale else m)
             ax = axes[r, c]
             ax.imshow(img)
-            ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi, alpha=0.55)
+            shown = ax.imshow(m, cmap=style.cmap, vmin=style.low, vmax=style.high, alpha=0.6)
+            colour_bar(fig, shown, ax, style)
             if "mask" in s:
                 ax.contour(s.mask.values.astype(float), levels=[0.5], colors="white", linewidths=0.6)
             if name in contrastive and 0 <= contrast < len(classes):
@@ -80,14 +119,14 @@ def render(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), methods:
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    title, footer = captions(ds, bool(contrastive))
+    title, footer = captions(ds, bool(contrastive), shared_scale)
     fig.suptitle(title, fontsize=8)
     fig.text(0.5, 0.003, footer, ha="center", va="bottom", fontsize=6)
     fig.tight_layout(rect=(0, 0.025, 1, 1))
     return save(fig, out)
 
 
-def captions(ds: Any, contrastive: bool) -> tuple[str, str]:
+def captions(ds: Any, contrastive: bool, shared_scale: bool = False) -> tuple[str, str]:
     """What the figure says it shows: the title (the mask legend only when the study has masks) and the
     footer (the model's input: size and normalisation)."""
     has_masks = "mask" in ds and bool(ds["mask"].any())
@@ -96,7 +135,8 @@ def captions(ds: Any, contrastive: bool) -> tuple[str, str]:
              + ("; white outline = ground-truth object" if has_masks else ""))
     h, w = ds.attrs["image_shape"][1:]
     footer = (f"model input {h}x{w}, normalised with mean {ds.attrs.get('image_mean')} and std "
-              f"{ds.attrs.get('image_std')}; each map coloured on its own scale")
+              f"{ds.attrs.get('image_std')}; colour bars give raw attribution values (red +, blue - on signed maps), "
+              + ("one scale per method's column" if shared_scale else "each map on its own scale"))
     return title, footer
 
 
@@ -109,6 +149,6 @@ def save(fig: plt.Figure, out: str, dpi: int = 130) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def render_figure(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3)) -> str:
+def render_figure(store: str, out: str, samples: Sequence[int] = (0, 1, 2, 3), shared_scale: bool = False) -> str:
     """Prefect task around :func:`render`; returns the figure's path."""
-    return render(store, out, samples)
+    return render(store, out, samples, shared_scale=shared_scale)

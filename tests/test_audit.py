@@ -92,12 +92,15 @@ def test_audit_runs_and_reports(audited):
     assert result["study"]["computed_blocks"] == {m: 3 for m in [*METHODS, "random_map", "centre_map", "edge_map"]}
     assert result["report_dir"] == store[: -len(".zarr")] + ".report"
     files = result["files"]
-    assert set(files) == {"table", "shares_chart", "samples_figure", "summary"}
-    for name in ("shares_chart", "samples_figure"):
+    assert set(files) == {"table", "shares_chart", "samples_figure", "summary", "report",
+                          *(f"clusters_{m}" for m in METHODS)}
+    for name in ("shares_chart", "samples_figure", "clusters_gradcam"):
         with open(files[name], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     summary = open(files["summary"]).read()
     assert "All thresholds respected" in summary and "region_share" in summary
+    assert "## Strategies" in summary and "| gradcam | square |" in summary
+    assert files["report"] == result["report_dir"] + "/index.html"
     assert "| outside_mask_share" not in summary, "a folder has no masks: nothing to measure outside them"
 
 
@@ -136,7 +139,10 @@ def test_audit_publishes_artifacts(audited):
     assert {(r["xai_method"], r["class"]) for r in rows} >= {(m, "all") for m in METHODS}
     result = state.result()
     for key, name in (("dataset-audit-shares-chart", "shares_chart"), ("dataset-audit-samples-figure", "samples_figure")):
-        assert Path(result["files"][name]).resolve().as_uri() in found[key].data
+        assert found[key].type == "markdown"
+        assert Path(result["files"][name]).resolve().as_uri() in found[key].data, "the file is named beside the picture"
+        assert "](data:image/png;base64," in found[key].data, "the picture is inline: the UI's browser can show it"
+    assert Path(result["files"]["report"]).resolve().as_uri() in found["dataset-audit-atlas"].data
 
 
 def test_another_region_on_the_same_store_is_refused(audited, folder):
