@@ -50,7 +50,7 @@ def features(maps: np.ndarray, size: int = 16) -> np.ndarray:
     if not np.isfinite(maps).all():
         raise ValueError("maps contain NaN or infinity: leave failed maps out before the analysis")
     fy, fx = h // size, w // size
-    small = maps[:, : fy * size, : fx * size].reshape(n, size, fy, size, fx).mean(axis=(2, 4)).reshape(n, -1)
+    small = maps[:, : fy * size, : fx * size].reshape(n, size, fy, size, fx).mean(axis=(2, 4)).reshape(n, size * size)
     norm = np.linalg.norm(small, axis=1, keepdims=True)
     return np.divide(small, norm, out=np.zeros_like(small), where=norm > 0)
 
