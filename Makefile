@@ -28,13 +28,17 @@ install-dev: $(VENV)/.installed-dev
 
 # Study the built-in dataset with the built-in model and four methods (one contrastive:
 # why the prediction, not the runner-up?), score the maps with four metrics (the baseline
-# maps beside them); leaves runs/shapes.zarr, runs/shapes.png, the curves and the score table.
+# maps beside them), find the strategies of Grad-CAM per class (SpRAy clusters), and write the
+# atlas: leaves runs/shapes.zarr, runs/shapes.png, the curves, the score table and the HTML report
+# runs/shapes.report/index.html (open it in a browser).
 demo: install
 	$(BIN)/saliency-atlas study --dataset shapes --model shapes-cnn \
 		--methods saliency,gradcam,occlusion,contrastive_gradcam --samples 256 --store runs/shapes.zarr \
 		--metrics pointing_game,relevance_mass,deletion,insertion --figure runs/shapes.png
 	$(BIN)/saliency-atlas status runs/shapes.zarr
 	$(BIN)/saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,relevance_mass,deletion,insertion
+	$(BIN)/saliency-atlas clusters runs/shapes.zarr --method gradcam
+	$(BIN)/saliency-atlas report runs/shapes.zarr --out runs/shapes.report
 
 # The whole test suite (what CI runs). pytest's exit code is kept: 5 (no test ran) fails.
 test: install-dev

@@ -214,3 +214,38 @@ def export_shapes(root, n: int):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def read_artifacts(keys, flow_run_id=None):
+    """Artifacts by key, read back from the API (of one flow run when given; else the latest of each key)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(sort=ArtifactSort.CREATED_DESC, artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=list(keys)),
+                flow_run_id=None if flow_run_id is None else ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            ))
+        latest = {}
+        for a in found:
+            latest.setdefault(a.key, a)
+        return latest
+
+    return asyncio.run(read())
+
+
+def assert_inline_figure(artifact, path) -> None:
+    """A markdown artifact that carries the PNG at `path` inline and names the file."""
+    import base64
+    import os
+    import re
+
+    assert artifact.type == "markdown"
+    found = re.search(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
+    assert found, artifact.data[:200]
+    assert base64.b64decode(found.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.path.abspath(path) in artifact.data

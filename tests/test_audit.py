@@ -1,5 +1,4 @@
 """The dataset-audit flow: share measures, then end to end on a tiny folder under a temporary Prefect API."""
-import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 import xarray as xr
 from PIL import Image
 
+import helpers
 import storage
 import zoo
 from flows.audit import dataset_audit
@@ -29,19 +29,7 @@ def export_shapes(root, start, stop):
 
 
 def read_artifacts(flow_run_id):
-    """Artifacts of one flow run, by key, read back from the API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=list(ARTIFACT_KEYS.values())),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            ))
-        return {a.key: a for a in found}
-
-    return asyncio.run(read())
+    return helpers.read_artifacts(ARTIFACT_KEYS.values(), flow_run_id)
 
 
 # ---------------------------------------------------------------- the measures (the metrics are tested in test_metrics)
@@ -139,9 +127,8 @@ def test_audit_publishes_artifacts(audited):
     assert {(r["xai_method"], r["class"]) for r in rows} >= {(m, "all") for m in METHODS}
     result = state.result()
     for key, name in (("dataset-audit-shares-chart", "shares_chart"), ("dataset-audit-samples-figure", "samples_figure")):
-        assert found[key].type == "markdown"
-        assert Path(result["files"][name]).resolve().as_uri() in found[key].data, "the file is named beside the picture"
-        assert "](data:image/png;base64," in found[key].data, "the picture is inline: the UI's browser can show it"
+        helpers.assert_inline_figure(found[key], result["files"][name])  # the UI's browser can show it
+        assert Path(result["files"][name]).resolve().as_uri() in found[key].data
     assert Path(result["files"]["report"]).resolve().as_uri() in found["dataset-audit-atlas"].data
 
 

@@ -12,7 +12,7 @@ import storage
 import zoo
 from flows.cli import main
 from flows.study import study
-from helpers import killed_run
+from helpers import assert_inline_figure, killed_run, read_artifacts
 from xai_methods import metrics as xmet
 
 METRICS = ["pointing_game", "relevance_rank", "deletion", "max_sensitivity"]
@@ -42,6 +42,9 @@ def test_a_study_with_metrics_draws_the_evaluation_figures(prefect_api, tmp_path
     for path in summary["evaluation_figures"]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    shown = read_artifacts(["study-figure", "study-curves", "study-scores"])  # in the Prefect UI, inline
+    for key, path in zip(("study-figure", "study-curves", "study-scores"), [summary["figure"], *summary["evaluation_figures"]]):
+        assert_inline_figure(shown[key], path)
 
 
 def test_the_study_scores_every_method_including_the_baselines(evaluated):

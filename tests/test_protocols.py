@@ -27,7 +27,7 @@ from xai_methods import manipulation as M
 from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities, similarity
 
-from helpers import KILLER
+from helpers import KILLER, assert_inline_figure, read_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +304,7 @@ def test_invariance_reproduces_kindermans(prefect_api, tmp_path, capsys):
         assert not zeros[m]["invariant"] and zeros[m]["change"] > 0.5, zeros
         assert shifted[m]["invariant"] and shifted[m]["change"] < 1e-3, shifted  # float rounding only
     assert (tmp_path / "z.png").stat().st_size > 0
+    assert_inline_figure(read_artifacts(["invariance-figure"])["invariance-figure"], tmp_path / "s.png")  # the UI shows it
 
 
 def test_manipulation_moves_the_map_keeps_the_output_and_the_defence_reduces_it(prefect_api, tmp_path, capsys):
