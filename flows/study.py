@@ -81,7 +81,7 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
 
 @flow(name="study-blocks")
 def compute_blocks(
-    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[str, int]], todo_scores: list[tuple[str, str, int]],
+    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[list[str], int]], todo_scores: list[tuple[str, str, int]],
     total: int, already: int,
 ) -> list[dict[str, Any]]:
     """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts."""
@@ -95,12 +95,13 @@ def compute_blocks(
                 futures = {task.submit(spec, *unit, wait=wait): unit for unit in units}
                 units = []
                 for future in as_completed(list(futures)):
-                    receipt = future.result()
-                    if receipt.get("deferred"):
+                    got = future.result()  # a receipt, or a list of them (a unit of several methods)
+                    got = got if isinstance(got, list) else [got]
+                    if any(r.get("deferred") for r in got):
                         units.append(futures[future])
                         continue
-                    receipts.append(receipt)
-                    bar.update()
+                    receipts.extend(got)
+                    bar.update(len(got))
 
         # Inputs and targets first, all of them: attribution reads what ingestion writes.
         stage(ingest_block, [(b,) for b in todo_ingest])

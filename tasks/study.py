@@ -9,6 +9,7 @@ is finished.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,6 +32,7 @@ import storage
 import xai_methods as xm
 import zoo
 from xai_methods import metrics as xmet
+from xai_methods.shared import shares_pass
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -427,9 +429,21 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         "blocks": storage.n_blocks(n, spec.block_size),
         "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
         "todo_ingest": s.pending(),
-        "todo": [(m, b) for m in spec.studied for b in s.pending(m)],
+        "todo": attribution_units(spec, {m: s.pending(m) for m in spec.studied}),
         "todo_scores": [(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],
     }
+
+
+def attribution_units(spec: StudySpec, pending: dict[str, list[int]]) -> list[tuple[list[str], int]]:
+    """The attribution tasks: per block, the pending methods that share one forward and backward pass
+    (`xai_methods.shared`) as one unit, and each other method alone; blocks in order."""
+    units = []
+    for block in sorted({b for blocks in pending.values() for b in blocks}):
+        methods = [m for m in spec.studied if block in pending.get(m, [])]
+        shared = [m for m in methods if shares_pass(m, spec.method_params(m))]
+        units += [(shared, block)] if len(shared) > 1 else []
+        units += [([m], block) for m in methods if len(shared) < 2 or m not in shared]
+    return units
 
 
 def label_map(spec: StudySpec, model: torch.nn.Module) -> np.ndarray:
@@ -495,42 +509,57 @@ def _ingest(spec: StudySpec, s: storage.Store, block: int) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def attribute_block(spec: StudySpec, method: str, block: int, wait: bool = True) -> dict[str, Any]:
-    """Compute one method's maps for one block and write them; returns a receipt."""
-    return claimed(spec, f"maps-{method}-{block}", lambda s: block in s.pending(method),
-                   lambda s: _attribute(spec, s, method, block), {"xai_method": method, "block": block}, wait)
+def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait: bool = True) -> list[dict[str, Any]]:
+    """Compute the maps of one block for `methods` (those of one unit share their passes) and write
+    them; returns a receipt per method. Each method's block is claimed on its own, so runs that group
+    the methods differently still never compute a block twice at once."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    with contextlib.ExitStack() as stack:
+        for m in sorted(methods):  # one order for every run: no two runs wait on each other
+            if not stack.enter_context(storage.claim(spec.store, f"maps-{m}-{block}", wait=wait)):
+                return [{"xai_method": m, "block": block, "deferred": True} for m in methods]
+        s = storage.Store(spec.store)
+        todo = [m for m in methods if block in s.pending(m)]
+        done = [{"xai_method": m, "block": block, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
+                for m in methods if m not in todo]
+        return done + (_attribute(spec, s, todo, block) if todo else [])
 
 
-def _attribute(spec: StudySpec, s: storage.Store, method: str, block: int) -> dict[str, Any]:
+def _attribute(spec: StudySpec, s: storage.Store, methods: list[str], block: int) -> list[dict[str, Any]]:
     if block in s.pending():
         raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
     device = resolve_device(spec.device)
     model = model_of(spec, device)
     images = stored_inputs(spec, s, block, model, device)
     stored = s.read_samples(block, "target", "contrast", "logits")
-    params = spec.method_params(method)
-    layer = params.pop("layer", None)
-    kwargs: dict[str, Any] = {"layer": layer} if xm.spec(method).needs_layer else {}
-    if xm.spec(method).needs_contrast:
-        kwargs["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
-    report: dict[str, Any] = {}
-    if "report" in params:  # a method that can say it did not succeed
-        params["report"] = report.update
+    params = {m: spec.method_params(m) for m in methods}
+    reports: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for m in methods:
+        if not xm.spec(m).needs_layer:
+            params[m].pop("layer", None)
+        if "report" in params[m]:  # a method that can say it did not succeed
+            params[m]["report"] = reports[m].update
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        maps = xm.attribute(method, model, images, target=torch.from_numpy(stored["target"]).to(device),
-                            **kwargs, **params)
-    seconds = time.perf_counter() - t0
-    codes = xm.failures(maps, logits=torch.from_numpy(stored["logits"]), success=report.get("success"))
+        maps = xm.attribute_many(methods, model, images, target=torch.from_numpy(stored["target"]).to(device),
+                                 params=params, contrast=torch.from_numpy(stored["contrast"]).to(device))
+    seconds = (time.perf_counter() - t0) / len(methods)  # a shared pass's time, split evenly
+    for text in dict.fromkeys(str(w.message) for w in caught):
+        log().warning("%s, block %d: %s", "+".join(methods), block, text)
+    return [_write_maps(s, m, block, maps[m], stored["logits"], reports[m].get("success"), seconds) for m in methods]
+
+
+def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, logits: np.ndarray,
+                success: Any, seconds: float) -> dict[str, Any]:
+    """Record the block's failures, write its maps, and say what was done."""
+    codes = xm.failures(maps, logits=torch.from_numpy(logits), success=success)
     s.write_attribution(method, block, xm.without_failures(maps, codes).cpu().numpy(), codes.cpu().numpy())
     failed = {xm.FAILURES[int(c)]: int((codes == c).sum()) for c in codes.unique().tolist() if c}
-    for text in dict.fromkeys(str(w.message) for w in caught):
-        log().warning("%s, block %d: %s", method, block, text)
     if failed:
         log().warning("%s, block %d: %d failed map(s) recorded as failures, not as maps: %s", method, block,
                       sum(failed.values()), failed)
-    return {"xai_method": method, "block": block, "samples": len(images), "seconds": round(seconds, 4),
+    return {"xai_method": method, "block": block, "samples": len(maps), "seconds": round(seconds, 4),
             "failed": sum(failed.values())}
 
 

@@ -14,6 +14,7 @@ Usage::
     maps = xm.attribute("occlusion", model, images, window=16, stride=8)  # target=None: top-1 class
     grads = xm.attribute("saliency", model, images, reduce=None)        # (4, 3, 96, 96)
     why = xm.attribute("contrastive_gradcam", model, images, contrast=5)  # why top-1, not class 5?
+    many = xm.attribute_many(["saliency", "gradcam", "gradcam_pp"], model, images)  # one pass for all three
 
     from xai_methods import metrics as xmet
     xmet.evaluate("deletion", model, images, maps, target=3)          # (4,) one score per image
@@ -29,6 +30,7 @@ from ._registry import MethodSpec, attribute, available, check, spec
 from .failures import FAILURES, failures, without_failures
 from . import baselines, cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
 from . import metrics  # noqa: E402,F401  (the evaluation metrics: xai_methods.metrics)
+from .shared import attribute_many  # noqa: E402
 
-__all__ = ["FAILURES", "MethodSpec", "attribute", "available", "check", "contrasts", "failures", "metrics", "spec",
+__all__ = ["FAILURES", "MethodSpec", "attribute", "attribute_many", "available", "check", "contrasts", "failures", "metrics", "spec",
            "without_failures"]

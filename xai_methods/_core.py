@@ -278,6 +278,7 @@ class Backprop(NamedTuple):
     inputs: Tensor  # (B, C, H, W) the input that was fed
     grad: Tensor  # d score / d input, or d score / d activation when a layer was given
     activation: Tensor | None  # the layer output, when a layer was given
+    input_grad: Tensor | None = None  # d score / d input as well, when asked for with a layer (`both`)
 
 
 def _fresh_input(images: Tensor) -> Tensor:
@@ -292,6 +293,7 @@ def backprop(
     target: Any,
     layer: nn.Module | None = None,
     score: Callable[[Tensor, Tensor], Tensor] = class_score,
+    both: bool = False,
 ) -> Backprop:
     """One forward and one backward pass of the target logit (or of ``score(logits, target)``, (B,)).
 
@@ -299,21 +301,24 @@ def backprop(
     that module's output (captured by a forward hook; if the module runs more
     than once in a forward pass, its last call is used). Every image's score
     depends only on that image (in eval mode), so summing the scores gives
-    per-image gradients in one backward pass. Call inside `untouched(model)`.
+    per-image gradients in one backward pass. `both` (with `layer`): the same backward pass also
+    yields the gradient w.r.t. the input (`input_grad`), for methods that share the pass.
+    Call inside `untouched(model)`.
     """
     with torch.inference_mode(False), torch.enable_grad(), layer_output(layer) as captured:
         x = _fresh_input(images)
         logits = model(x)
         t = targets(logits, target, images.shape[0], images.device)
         total = score(logits, t).sum()
-        wrt = captured.output if layer is not None else x
-        (grad,) = torch.autograd.grad(total, wrt)
+        wrt = [captured.output, x] if layer is not None and both else [captured.output if layer is not None else x]
+        grads = torch.autograd.grad(total, wrt)
     return Backprop(
         logits=logits.detach(),
         target=t,
         inputs=x.detach(),
-        grad=grad.detach(),
+        grad=grads[0].detach(),
         activation=captured.output.detach() if layer is not None else None,
+        input_grad=grads[1].detach() if len(grads) == 2 else None,
     )
 
 

@@ -238,12 +238,21 @@ def cam(
     CAM = h*w * Grad-CAM.
     """
     logits, t, _, activation = layer_forward(model, images, target, layer, reshape)
+    return cam_map(model, layer, activation, logits, t, images.shape[2:], relu=relu, upsample=upsample)
+
+
+def cam_map(model: nn.Module, layer: nn.Module, activation: Tensor, logits: Tensor, t: Tensor, size: tuple[int, int],
+            *, relu: bool, upsample: bool) -> Tensor:
+    """CAM from a forward pass's layer activation and logits (shared with `attribute_many`)."""
     fc = gap_linear_head(model, layer, activation, logits)
     weights = fc.weight.detach()[t].to(activation.dtype)
-    return finish(combine(activation, weights), images.shape[2:], relu=relu, upsample=upsample)
+    return finish(combine(activation, weights), size, relu=relu, upsample=upsample)
 
 
 # --------------------------------------------------------------------------- gradient-weighted variants
+
+
+CAM_WEIGHTS: dict[str, CamWeights] = {}  # each gradient-weighted variant's weights, by name (`attribute_many`)
 
 
 def gradient_variant(name: str, weights: CamWeights, doc: str) -> MethodFn:
@@ -264,6 +273,7 @@ def gradient_variant(name: str, weights: CamWeights, doc: str) -> MethodFn:
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
+    CAM_WEIGHTS[name] = weights
     return register(name, category="cam", cost=one_pass)(method)
 
 
@@ -439,6 +449,11 @@ def eigencam(
     the SVD returns). One forward pass, no backward.
     """
     _, _, _, activation = layer_forward(model, images, target, layer, reshape)
+    return eigencam_map(activation, images.shape[2:], relu=relu, upsample=upsample)
+
+
+def eigencam_map(activation: Tensor, size: tuple[int, int], *, relu: bool, upsample: bool) -> Tensor:
+    """Eigen-CAM from a layer activation (shared with `attribute_many`)."""
     b, _, h, w = activation.shape
     samples = activation.flatten(2).transpose(1, 2)  # (B, hw, K)
     samples = samples - samples.mean(dim=1, keepdim=True)
@@ -447,7 +462,7 @@ def eigencam(
     mean = activation.mean(dim=1).flatten(1)
     agreement = (projection * (mean - mean.mean(dim=1, keepdim=True))).sum(dim=1, keepdim=True)
     projection = torch.where(agreement < 0, -projection, projection)
-    return finish(projection.view(b, h, w), images.shape[2:], relu=relu, upsample=upsample)
+    return finish(projection.view(b, h, w), size, relu=relu, upsample=upsample)
 
 
 # --------------------------------------------------------------------------- Guided Grad-CAM
