@@ -35,7 +35,7 @@ def deconvnet_rule(x: Tensor, y: Tensor, grad: Tensor) -> Tensor:
 
 def guided_rule(x: Tensor, y: Tensor, grad: Tensor) -> Tensor:
     """Guided backprop ReLU (Springenberg et al. 2015): grad * (x > 0) * (grad > 0)."""
-    return grad.clamp_min(0) * (x > 0).to(grad.dtype)
+    return grad.clamp_min(0).masked_fill_(~(x > 0), 0)  # one new tensor; the mask is the forward ReLU's
 
 
 class _RuleFunction(torch.autograd.Function):
@@ -45,7 +45,7 @@ class _RuleFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, y: Tensor, rule: Rule) -> Tensor:  # type: ignore[override]
         ctx.rule = rule
         ctx.save_for_backward(x, y)
-        return y.clone()
+        return y.view_as(y)  # no copy: a view that autograd gives this function as its grad_fn
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
