@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -18,14 +19,12 @@ from tqdm.auto import tqdm
 
 from tasks.artifacts import publish_figure
 from tasks.evaluation_plot import render_evaluation
-from tasks.study import accuracy_warning, options_of
+from tasks.study import accuracy_warning, options_of, units_per_task
 
 from tasks import (
     StudySpec,
     accuracy,
-    attribute_block,
-    evaluate_block,
-    ingest_block,
+    block_units,
     prepare_store,
     render_figure,
     resolve_device,
@@ -86,27 +85,53 @@ def compute_blocks(
 ) -> list[dict[str, Any]]:
     """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts."""
     receipts: list[dict[str, Any]] = []
+    per_task: dict[str, int] = {}  # units per task, per stage, once measured
+    workers = spec.workers or (4 if spec.dask_address else 1)  # an existing cluster: assume a few workers
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
 
-        def stage(task: Any, units: list[tuple]) -> None:
+        def collect(group: list[tuple], got: dict[str, Any], retry: list[tuple]) -> bool:
+            """File a task's receipts (a unit of several methods has several); units another run holds go
+            to `retry`. True when the task computed something (a measure of the work per unit)."""
+            computed = False
+            for unit, result in zip(group, got["results"]):
+                result = result if isinstance(result, list) else [result]
+                if any(r.get("deferred") for r in result):
+                    retry.append(unit)
+                    continue
+                receipts.extend(result)
+                bar.update(len(result))
+                computed = computed or not any(r.get("skipped") for r in result)
+            return computed
+
+        def stage(kind: str, units: list[tuple]) -> None:
             """Every unit, passing over those another run on the store is computing; then those, waiting
-            for each claim (the other run's finished units are skipped, its killed ones are done here)."""
+            for each claim (the other run's finished units are skipped, its killed ones are done here).
+            Until one unit has been computed, tasks hold one unit each and the first computed one
+            measures Prefect's cost per task against the work; then tasks hold as many units as keep
+            that cost under 5% (`units_per_task`)."""
             for wait in (False, True):
-                futures = {task.submit(spec, *unit, wait=wait): unit for unit in units}
-                units = []
+                todo, retry = list(units), []
+                while todo and kind not in per_task:
+                    started = time.perf_counter()
+                    got = block_units.submit(spec, kind, todo[:1], wait=wait).result()
+                    if collect(todo[:1], got, retry):
+                        overhead = time.perf_counter() - started - got["seconds"]
+                        per_task[kind] = units_per_task(overhead, got["seconds"], len(todo) - 1, workers)
+                        get_run_logger().info("%s: Prefect's cost per task %.0f ms against %.0f ms of work per "
+                                              "unit: %d unit(s) per task", kind, 1000 * overhead,
+                                              1000 * got["seconds"], per_task[kind])
+                    todo = todo[1:]
+                k = per_task.get(kind, 1)
+                groups = [todo[i:i + k] for i in range(0, len(todo), k)]
+                futures = {block_units.submit(spec, kind, g, wait=wait): g for g in groups}
                 for future in as_completed(list(futures)):
-                    got = future.result()  # a receipt, or a list of them (a unit of several methods)
-                    got = got if isinstance(got, list) else [got]
-                    if any(r.get("deferred") for r in got):
-                        units.append(futures[future])
-                        continue
-                    receipts.extend(got)
-                    bar.update(len(got))
+                    collect(futures[future], future.result(), retry)
+                units = retry
 
         # Inputs and targets first, all of them: attribution reads what ingestion writes.
-        stage(ingest_block, [(b,) for b in todo_ingest])
-        stage(attribute_block, todo)
-        stage(evaluate_block, todo_scores)  # reads the maps just written
+        stage("ingest", [(b,) for b in todo_ingest])
+        stage("attribute", todo)
+        stage("evaluate", todo_scores)  # reads the maps just written
     return receipts
 
 

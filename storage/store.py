@@ -331,6 +331,31 @@ def open_group(path: str, mode: str, what: str) -> zarr.Group:
             raise FileNotFoundError(f"no {what} at {path!r}") from e
 
 
+class _Arrays:
+    """A Zarr group whose arrays are opened once: each ``group[name]`` of a zarr v3 group reads and
+    parses the array's metadata from the store, several times per block otherwise. A Store lives for
+    one unit of work; its layout changes only through `Store.grow` and `_add_*`, which reopen it.
+    Membership (`in`) is remembered too."""
+
+    def __init__(self, group: zarr.Group, path: str) -> None:
+        self._group, self._arrays, self._known, self._path = group, {}, {}, path
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        if name not in self._known:  # a local store: one stat, not a metadata read through zarr
+            local = "://" not in self._path
+            self._known[name] = (os.path.isfile(os.path.join(self._path, name, "zarr.json")) if local
+                                 else name in self._group)
+        return self._known[name]
+
+    def __getattr__(self, name: str) -> Any:  # attrs, create_array, ...: the group's own
+        return getattr(self._group, name)
+
+
 class Store:
     """A study store opened once: identity, flags, block reads and writes, growth."""
 
@@ -338,7 +363,7 @@ class Store:
         self.path = path
         # Not the consolidated metadata: it is refreshed only after a change of layout
         # (see grow), and block work must always see the arrays as they are.
-        self.group = open_group(path, mode, "study store")
+        self.group = _Arrays(open_group(path, mode, "study store"), path)
 
     # ------------------------------------------------------------------ identity
 
@@ -493,7 +518,7 @@ class Store:
                 ds[v.name] = (v.dims, da.full(shape, v.fill, dtype=ds[v.name].dtype, chunks=ds[v.name].data.chunksize))
         with _quiet():
             ds.to_zarr(self.path, mode="a", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
-        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
+        self.group = _Arrays(zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False), self.path)
 
     @staticmethod
     def _resize(arr: zarr.Array, shape: tuple[int, ...]) -> None:
@@ -662,6 +687,7 @@ class Store:
             shape = tuple(int(g[d].shape[0]) for d in v.dims)
             g.create_array(v.name, shape=shape, chunks=(1, *shape[1:]), dtype=v.dtype, fill_value=v.fill,
                            dimension_names=v.dims)
+        self.group = _Arrays(g._group, self.path)  # what exists has changed
 
     def read_maps(self, method: str, block: int) -> np.ndarray:
         s = block_slice(block, self.n_samples, self.block_size)

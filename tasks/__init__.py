@@ -10,6 +10,7 @@ from .study import (
     StudySpec,
     accuracy,
     attribute_block,
+    block_units,
     check_options,
     evaluate_block,
     finished,
@@ -22,7 +23,7 @@ from .study import (
 )
 
 __all__ = [
-    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "check_options", "evaluate_block", "finished",
+    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "evaluate_block", "finished",
     "ingest_block",
     "load_model", "plan", "prepare_store", "render", "render_figure", "resolve_device", "spec_of_store",
 ]

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -561,6 +562,33 @@ def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, l
                       sum(failed.values()), failed)
     return {"xai_method": method, "block": block, "samples": len(maps), "seconds": round(seconds, 4),
             "failed": sum(failed.values())}
+
+
+ORCHESTRATION_SHARE = 0.05  # batching keeps Prefect's cost per task below this share of the work
+MAX_TASK_SECONDS = 30.0  # ... but a task holds at most this much work, so that progress shows
+
+
+@task(cache_policy=NO_CACHE)
+def block_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool = True) -> dict[str, Any]:
+    """Several units of one stage ("ingest", "attribute", "evaluate") in one task, so that Prefect's
+    cost per task is paid once for all of them; each unit is claimed, computed and flagged as alone."""
+    fn = {"ingest": ingest_block, "attribute": attribute_block, "evaluate": evaluate_block}[kind].fn
+    t0 = time.perf_counter()
+    results = [fn(spec, *unit, wait=wait) for unit in units]
+    return {"results": results, "seconds": time.perf_counter() - t0}
+
+
+def units_per_task(overhead: float, per_unit: float, remaining: int, workers: int) -> int:
+    """How many units one task should hold: enough that `overhead` (Prefect's seconds per task) stays under
+    `ORCHESTRATION_SHARE` of the work, at most `MAX_TASK_SECONDS` of work, and (with several workers)
+    at most a share that leaves each worker two tasks."""
+    if remaining < 1:
+        return 1
+    wanted = math.ceil(max(overhead, 0.0) / (ORCHESTRATION_SHARE * max(per_unit, 1e-6)))
+    cap = max(1, int(MAX_TASK_SECONDS / max(per_unit, 1e-6)))
+    if workers > 1:
+        cap = min(cap, max(1, math.ceil(remaining / (2 * workers))))
+    return max(1, min(wanted, cap, remaining))
 
 
 def log() -> Any:
