@@ -21,26 +21,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 
 import flows.study  # noqa: E402
-import xai_methods as xm  # noqa: E402
-import zoo  # noqa: E402
-
-
-def bare(samples: int, block: int) -> float:
-    model = zoo.load_model("shapes-cnn")
-    dataset = zoo.load_dataset("shapes", limit=samples)
-    t0 = time.perf_counter()
-    for start in range(0, samples, block):
-        batch = dataset.load(start, min(start + block, samples))
-        images = model.preprocess(torch.from_numpy(batch.images))
-        with torch.inference_mode():
-            target = model(images).argmax(1)
-        xm.attribute("saliency", model, images, target=target)
-    return time.perf_counter() - t0
+from bench_pipeline import bare  # noqa: E402  (the same bare compute: data, prediction, maps)
 
 
 def flow_seconds(samples: int, block: int, batched: bool, tmp: str) -> float:
@@ -73,7 +59,7 @@ def main() -> None:
         flow_seconds(64, 64, True, tmp)  # warm-up: imports, the model, the dataset cache
         for block in (int(b) for b in args.blocks.split(",")):
             tasks = 2 * -(-args.samples // block)  # ingest + saliency per block
-            b = bare(args.samples, block)
+            b = bare(args.samples, block, ["saliency"])
             one, batched = flow_seconds(args.samples, block, False, tmp), flow_seconds(args.samples, block, True, tmp)
             saved = max(tasks - 2 * 2, 1)  # batched: about one measuring task per stage plus a few groups
             rows.append(f"| {block} | {tasks} | {b:.1f} | {one:.1f} | {batched:.1f} | {100 * (one / b - 1):+.0f}% "

@@ -31,7 +31,8 @@ PARAMS = {"occlusion": {"window": 16, "stride": 8}}
 
 
 def bare(samples: int, block: int, methods: list[str]) -> float:
-    """Data generation, normalisation, prediction and every method on every block, in memory."""
+    """Data generation, normalisation, prediction and every method on every block, in memory; the methods
+    that share a pass share it here too (`attribute_many`), as in a study."""
     model = zoo.load_model("shapes-cnn")
     dataset = zoo.load_dataset("shapes", limit=samples)
     t0 = time.perf_counter()
@@ -40,8 +41,7 @@ def bare(samples: int, block: int, methods: list[str]) -> float:
         images = model.preprocess(torch.from_numpy(batch.images))
         with torch.inference_mode():
             target = model(images).argmax(1)
-        for m in methods:
-            xm.attribute(m, model, images, target=target, **PARAMS.get(m, {}))
+        xm.attribute_many(methods, model, images, target=target, params=PARAMS)
     return time.perf_counter() - t0
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     t_resume_cli = time.perf_counter() - t0
     per_map = {"float32": storage.Store(store).status()["bytes_per_map"]}
     half = os.path.join(work, "half.zarr")
-    study(store=half, **dict(kw, samples=args.block_size * 2, methods=methods[:3], params=None), dtype="float16")
+    study(store=half, **dict(kw, samples=args.block_size * 2, methods=methods[:3], params={}), dtype="float16")
     per_map["float16"] = storage.Store(half).status()["bytes_per_map"]
     n_tasks = summary["blocks"] * (1 + len(methods))
     lines = [

@@ -137,3 +137,19 @@ def test_protocol_benchmark_sets_ours_and_quantus_beside_the_floor(capsys):
     names = [r[1].strip() for r in rows[1:]]
     assert names == ["floor (maps only)", "ours, 4 measures", "ours, spearman only", "Quantus MPRT (spearman)"]
     assert float(rows[1][3]) == 1.0 and all(float(r[2]) > 0 for r in rows[1:])
+
+
+def test_the_shared_pass_benchmark_runs_every_contestant():
+    """bench_shared.py's four contestants run on a tiny model (structure only, no timing)."""
+    spec = importlib.util.spec_from_file_location("bench_shared", SCRIPT.parent / "bench_shared.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, images = tiny_model(), torch.randn(2, 3, 16, 16)
+    calls = module.contestants(model, images, torch.tensor([1, 3]), "3")  # the ReLU before the pooling
+    assert set(calls) == {"shared", "singles", "peers", "floor"}
+    for call in calls.values():
+        call()
+    assert module.EIGHT == ["saliency", "input_x_gradient", "cam", "gradcam", "gradcam_pp", "hirescam", "layercam",
+                            "xgradcam"]
+    row = module.table({"w": {"shared": 1.2, "singles": 4.0, "peers": 8.0, "floor": 1.0}}, {"w": "W"})[-1]
+    assert row == "| W | 1.2 | 4.0 | 8.0 | 1.0 | 1.20x | 3.33x | 6.67x | met |"
