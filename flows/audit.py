@@ -118,7 +118,7 @@ def dataset_audit(
         shown_measure = next((k for k in ("region_share", "outside_mask_share") if k in measured_metrics), None)
         if shown_measure:
             strategies += strategy_rows(summarize(store, method), method, shown_measure)
-    files["report"] = report_task(store, report_dir)
+    files["report"] = report_task(store, report_dir, {m: files[f"clusters_{m}"] for m in methods})
     markdown = summary_markdown(dataset=dataset, model=model, store=store, measured=measured,
                                 new_samples=new_samples, computed=computed, region=box, limits=bounds,
                                 violations=violations, files=files, per_class=per_class, strategies=strategies)

@@ -16,7 +16,11 @@ MAX_BYTES = 1_500_000  # of the PNG before base64: the UI stays quick, the API's
 
 
 def png_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
-    """The figure at `path` as PNG bytes, halved in size until at most `max_bytes`."""
+    """The figure at `path` as PNG bytes, halved in size until at most `max_bytes` (the file as it is
+    when it fits already)."""
+    if os.path.getsize(path) <= max_bytes:
+        with open(path, "rb") as f:
+            return f.read()
     picture = Image.open(path)
     picture.load()
     while True:

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -143,15 +143,18 @@ def _img(uri: str, alt: str) -> str:
     return f"<img src='{uri}' alt='{html.escape(alt)}'>"
 
 
-def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str) -> list[tuple[str, str]]:
-    """(heading, data URI) of the evaluation, cluster and protocol figures there are."""
+def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str,
+             clusters_drawn: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(heading, data URI) of the evaluation, cluster and protocol figures there are (a method's cluster
+    figure from `clusters_drawn` when it is drawn already)."""
     from .clusters import render_clusters
     from .evaluation_plot import plot_evaluation
     from .protocol_plot import PLOTS
 
     out = [(os.path.basename(p), file_uri(p)) for p in plot_evaluation(ds, os.path.join(tmp, "evaluation"))]
     for method in storage.Store(store, mode="r").cluster_params():
-        out.append((f"SpRAy clusters of {method}", file_uri(render_clusters(store, method, os.path.join(tmp, f"{method}.png")))))
+        drawn = clusters_drawn.get(method) or render_clusters(store, method, os.path.join(tmp, f"{method}.png"))
+        out.append((f"SpRAy clusters of {method}", file_uri(drawn)))
     for path in protocols:
         if not storage.is_result_store(path):
             raise ValueError(f"--protocol {path!r} is not a protocol store (sanity, invariance, manipulate, roar)")
@@ -234,8 +237,9 @@ apply();
 
 
 def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = False,
-          protocols: Sequence[str] = ()) -> str:
-    """Write ``out/index.html`` for the study at `store`; returns its path."""
+          protocols: Sequence[str] = (), clusters_drawn: Mapping[str, str] | None = None) -> str:
+    """Write ``out/index.html`` for the study at `store`; returns its path. `clusters_drawn`: per method,
+    its cluster figure when the caller has drawn it already (the audit)."""
     if max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {max_samples}")
     ds = storage.open_dataset(store)
@@ -243,7 +247,7 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
     grid, offer = sample_grid(ds, samples, shared_scale)
     with tempfile.TemporaryDirectory() as tmp:
         figures = "".join(f"<div class='figure'><h3>{html.escape(h)}</h3><img src='{u}' alt='{html.escape(h)}'></div>"
-                          for h, u in _figures(ds, store, protocols, tmp))
+                          for h, u in _figures(ds, store, protocols, tmp, clusters_drawn or {}))
     title, footer = captions(ds, False, shared_scale)
     warning = accuracy_warning(store)
     _, correct, _ = true_classes(ds)
@@ -267,6 +271,6 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
 
 
 @task(cache_policy=NO_CACHE)
-def report_task(store: str, out: str, protocols: Sequence[str] = ()) -> str:
+def report_task(store: str, out: str, clusters_drawn: Mapping[str, str] | None = None) -> str:
     """Prefect task around `write` (the audit's)."""
-    return write(store, out, protocols=protocols)
+    return write(store, out, clusters_drawn=clusters_drawn)
