@@ -8,7 +8,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 # The default editable install (tests/test_install.py also checks a non-editable one).
 EDITABLE := -e .
 
-.PHONY: demo test test-fast install install-dev clean
+.PHONY: demo test test-fast install install-dev browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,12 +40,18 @@ demo: install
 	$(BIN)/saliency-atlas clusters runs/shapes.zarr --method gradcam
 	$(BIN)/saliency-atlas report runs/shapes.zarr --out runs/shapes.report
 
+# Debian's chromium and chromium-driver for the browser tests (apt-get, as root, when missing);
+# without them those tests fail, saying how to install them.
+browser: install-dev
+	@$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); import browser; browser.ensure_chromium()" \
+		|| echo "warning: chromium and chromium-driver are missing; the browser tests will fail"
+
 # The whole test suite (what CI runs). pytest's exit code is kept: 5 (no test ran) fails.
-test: install-dev
+test: install-dev browser
 	$(BIN)/python -m pytest
 
 # Everything but the tests marked slow.
-test-fast: install-dev
+test-fast: install-dev browser
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
