@@ -525,8 +525,9 @@ def cmd_clusters(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from tasks import report
+    from tasks.audit import default_report_dir
 
-    out = args.out or report.default_dir(args.store)
+    out = args.out or default_report_dir(args.store)
     print(f"report:  {report.write(args.store, out, max_samples=args.max_samples, shared_scale=args.shared_scale, protocols=args.protocol)}")
 
 

@@ -29,16 +29,11 @@ from prefect.cache_policies import NO_CACHE
 
 import storage
 
-from .audit import BASELINES, default_report_dir, true_classes
+from .audit import BASELINES, true_classes
 from .figure import _display_image, captions, heatmap_style
 from .study import accuracy_warning
 
 TILE = 112  # pixels of a tile's longer side in the grid
-
-
-def default_dir(store: str) -> str:
-    """``runs/shapes.zarr`` -> ``runs/shapes.report``."""
-    return default_report_dir(store)
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -202,7 +197,7 @@ table.grid img {{ width: {tile}px; image-rendering: pixelated; }}
  prediction <select id="correct"><option value="">all</option><option>correct</option><option>incorrect</option>
  <option>unknown</option></select>
  metric <select id="metric"><option value="">(none)</option>{metric_options}</select>
- of <select id="method">{method_options}</select>
+ of <select id="xai_method">{method_options}</select>
  from <input id="low" type="number" step="any" size="6"> to <input id="high" type="number" step="any" size="6">
  <span id="count"></span>
 </div>
@@ -212,7 +207,7 @@ table.grid img {{ width: {tile}px; image-rendering: pixelated; }}
 const rows = Array.from(document.querySelectorAll("tr.sample"));
 const value = id => document.getElementById(id).value;
 function apply() {{
-  const cls = value("class"), correct = value("correct"), metric = value("metric"), method = value("method");
+  const cls = value("class"), correct = value("correct"), metric = value("metric"), method = value("xai_method");
   const low = value("low") === "" ? -Infinity : parseFloat(value("low"));
   const high = value("high") === "" ? Infinity : parseFloat(value("high"));
   let shown = 0;
@@ -227,7 +222,7 @@ function apply() {{
   }}
   document.getElementById("count").textContent = shown + " of " + rows.length + " samples shown";
 }}
-for (const id of ["class", "correct", "metric", "method", "low", "high"]) {{
+for (const id of ["class", "correct", "metric", "xai_method", "low", "high"]) {{
   for (const event of ["input", "change"]) document.getElementById(id).addEventListener(event, apply);
 }}
 apply();

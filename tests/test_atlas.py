@@ -230,7 +230,7 @@ def test_the_report_shows_every_image_and_its_filters_work(watermarked, tmp_path
         Select(driver.find_element("id", "class")).select_by_visible_text("square")
         assert shown() == classes.count("square")
         Select(driver.find_element("id", "metric")).select_by_visible_text("region_share")
-        Select(driver.find_element("id", "method")).select_by_visible_text("gradcam")
+        Select(driver.find_element("id", "xai_method")).select_by_visible_text("gradcam")
         driver.find_element("id", "low").send_keys("0.2")
         expected = sum(1 for c, v in zip(classes, share) if c == "square" and np.isfinite(v) and round(v, 4) >= 0.2)
         assert 0 < shown() == expected < classes.count("square"), "the watermarked squares only"
