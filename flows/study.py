@@ -70,12 +70,26 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
     # tasks return small receipts, and a worker's spill folder, "storage" in its own directory (which
     # Dask puts first on sys.path), would shadow the `storage` package under a default editable install.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if api_url():  # the workers report their task runs to this run's API, not each to a temporary server of its own
+        env["PREFECT_API_URL"] = api_url()
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
         "data": dict,  # in memory, never spilled
-        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        "env": env,
+        "preload": ["tasks"],  # each worker imports torch and the tasks while it starts, all workers at once
     })
+
+
+def api_url() -> str | None:
+    """The Prefect API this process reports to: PREFECT_API_URL, or the temporary server it started (None before
+    one has started)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    server = SubprocessASGIServer()
+    return PREFECT_API_URL.value() or (server.api_url if server.running else None)
 
 
 @flow(name="study-blocks")
@@ -106,21 +120,24 @@ def compute_blocks(
         def stage(kind: str, units: list[tuple]) -> None:
             """Every unit, passing over those another run on the store is computing; then those, waiting
             for each claim (the other run's finished units are skipped, its killed ones are done here).
-            Until one unit has been computed, tasks hold one unit each and the first computed one
-            measures Prefect's cost per task against the work; then tasks hold as many units as keep
-            that cost under 5% (`units_per_task`)."""
+            Until two units have been computed, tasks hold one unit each, and those two measure Prefect's
+            cost per task against the work (the lower cost of the two: the first also pays for a worker's
+            start); then tasks hold as many units as keep that cost under 5% (`units_per_task`)."""
+            measured: list[tuple[float, float]] = []  # (Prefect's seconds, work seconds) per computed unit
             for wait in (False, True):
                 todo, retry = list(units), []
                 while todo and kind not in per_task:
                     started = time.perf_counter()
-                    got = block_units.submit(spec, kind, todo[:1], wait=wait).result()
-                    if collect(todo[:1], got, retry):
-                        overhead = time.perf_counter() - started - got["seconds"]
-                        per_task[kind] = units_per_task(overhead, got["seconds"], len(todo) - 1, workers)
+                    unit, todo = todo[:1], todo[1:]
+                    got = block_units.submit(spec, kind, unit, wait=wait).result()
+                    if collect(unit, got, retry):
+                        measured.append((time.perf_counter() - started - got["seconds"], got["seconds"]))
+                    if len(measured) == 2 or (measured and not todo):
+                        overhead, work = min(m[0] for m in measured), measured[-1][1]
+                        per_task[kind] = units_per_task(overhead, work, len(todo), workers)
                         get_run_logger().info("%s: Prefect's cost per task %.0f ms against %.0f ms of work per "
-                                              "unit: %d unit(s) per task", kind, 1000 * overhead,
-                                              1000 * got["seconds"], per_task[kind])
-                    todo = todo[1:]
+                                              "unit: %d unit(s) per task", kind, 1000 * overhead, 1000 * work,
+                                              per_task[kind])
                 k = per_task.get(kind, 1)
                 groups = [todo[i:i + k] for i in range(0, len(todo), k)]
                 futures = {block_units.submit(spec, kind, g, wait=wait): g for g in groups}
