@@ -1,6 +1,6 @@
 """The published findings the evaluation issue names, reproduced on the built-in data (docs/findings.md
 has the full run: command, seeds, intervals). Test images of `shapes` and the shipped shapes-cnn: 96
-for RISE (1000 masks each), 512 for the random map's chance level (free), 256 for deletion/insertion."""
+for RISE (1000 masks each), 512 for the random map's chance level (free), 128 for deletion/insertion."""
 import functools
 
 import numpy as np
@@ -71,10 +71,10 @@ def test_gradcam_is_more_faithful_than_a_random_map():
     With the paper's constant deletion substrate (grey here) the difference has the published sign but is
     small: scattered grey pixels are off the data, so a random deletion collapses the output nearly as fast
     (the reason for ROAD). With the blur substrate the gap is large; docs/findings.md has both."""
-    grey = paired(scores(256, "deletion", "gradcam"), scores(256, "deletion", "random_map"))
-    blur = paired(scores(256, "deletion", "gradcam", substrate="blur"),
-                  scores(256, "deletion", "random_map", substrate="blur"))
-    insertion = paired(scores(256, "insertion", "gradcam"), scores(256, "insertion", "random_map"))
+    grey = paired(scores(128, "deletion", "gradcam"), scores(128, "deletion", "random_map"))
+    blur = paired(scores(128, "deletion", "gradcam", substrate="blur"),
+                  scores(128, "deletion", "random_map", substrate="blur"))
+    insertion = paired(scores(128, "insertion", "gradcam"), scores(128, "insertion", "random_map"))
     assert grey[0] < 0
     assert blur[0] < 0 and blur[1][1] < 0
     assert insertion[0] > 0 and insertion[1][0] > 0

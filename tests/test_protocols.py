@@ -395,6 +395,7 @@ def test_protocols_run_on_a_users_torchvision_model_and_folder(prefect_api, tmp_
     torch.manual_seed(0)
     weights = tmp_path / "r18.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), weights)
+    (tmp_path / "r18.json").write_text('{"input_size": [64, 64]}')  # the model card: trained at 64x64
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):
         (tmp_path / "data" / cls).mkdir(parents=True)
