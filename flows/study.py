@@ -6,10 +6,11 @@ the options are defined once for the flow, the form and the command line.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from prefect import flow, get_run_logger
@@ -71,8 +72,6 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
     # Dask puts first on sys.path), would shadow the `storage` package under a default editable install.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    if api_url():  # the workers report their task runs to this run's API, not each to a temporary server of its own
-        env["PREFECT_API_URL"] = api_url()
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
@@ -82,23 +81,32 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
     })
 
 
-def api_url() -> str | None:
-    """The Prefect API this process reports to: PREFECT_API_URL, or the temporary server it started (None before
-    one has started)."""
+@contextlib.contextmanager
+def reported_here() -> Iterator[None]:
+    """Task runs in other processes (Dask workers, local or not) report to this run's Prefect API. Prefect hands
+    its settings to the tasks it submits there, but a run on the temporary server it started has no address in
+    them, and each worker process then started a temporary server of its own (15 s each), where its task runs
+    went, never reaching the UI of the flow run."""
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
-    return PREFECT_API_URL.value() or (server.api_url if server.running else None)
+    if PREFECT_API_URL.value() or not server.running:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 @flow(name="study-blocks")
 def compute_blocks(
     spec: StudySpec, todo_ingest: list[int], todo: list[tuple[list[str], int]], todo_scores: list[tuple[str, str, int]],
     total: int, already: int,
-) -> list[dict[str, Any]]:
-    """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts."""
+) -> dict[str, Any]:
+    """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts, the
+    seconds spent inside the tasks and the seconds of the whole."""
     receipts: list[dict[str, Any]] = []
+    in_tasks, started_all = [0.0], time.perf_counter()
     per_task: dict[str, int] = {}  # units per task, per stage, once measured
     workers = spec.workers or (4 if spec.dask_address else 1)  # an existing cluster: assume a few workers
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
@@ -106,7 +114,7 @@ def compute_blocks(
         def collect(group: list[tuple], got: dict[str, Any], retry: list[tuple]) -> bool:
             """File a task's receipts (a unit of several methods has several); units another run holds go
             to `retry`. True when the task computed something (a measure of the work per unit)."""
-            computed = False
+            computed, in_tasks[0] = False, in_tasks[0] + got["seconds"]
             for unit, result in zip(group, got["results"]):
                 result = result if isinstance(result, list) else [result]
                 if any(r.get("deferred") for r in result):
@@ -149,7 +157,20 @@ def compute_blocks(
         stage("ingest", [(b,) for b in todo_ingest])
         stage("attribute", todo)
         stage("evaluate", todo_scores)  # reads the maps just written
-    return receipts
+    return {"receipts": receipts, "in_tasks": in_tasks[0], "seconds": time.perf_counter() - started_all}
+
+
+STAGES: dict[str, Callable[[dict[str, Any]], bool]] = {  # which receipts are whose
+    "ingest": lambda r: "xai_method" not in r,
+    "attribute": lambda r: "xai_method" in r and "metric" not in r,
+    "evaluate": lambda r: "metric" in r,
+}
+
+
+def time_split(receipts: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of a stage's units spent loading inputs, computing and writing (they overlap within a task)."""
+    keys = {"load": "load_seconds", "compute": "seconds", "write": "write_seconds"}
+    return {k: round(sum(r.get(f, 0.0) for r in receipts), 3) for k, f in keys.items()}
 
 
 @flow(name="study", log_prints=False)
@@ -176,15 +197,17 @@ def study(**options: Any) -> dict[str, Any]:
     pending = len(todo_ingest) + len(todo) + len(todo_scores)
     log.info("%d of %d block tasks already done; %d to compute", total - pending, total, pending)
     runner = task_runner(spec.workers, spec.dask_address, spec.device)
-    receipts = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, todo_scores, total,
-                                                               total - pending)
+    with reported_here():
+        blocks = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, todo_scores, total,
+                                                                 total - pending)
+    receipts = blocks["receipts"]
     done = [r for r in receipts if not r.get("skipped")]  # skipped: another run on the store finished it
-    maps = [r for r in done if "xai_method" in r and "metric" not in r]
+    maps = [r for r in done if STAGES["attribute"](r)]
     summary: dict[str, Any] = {
         "store": spec.store,
         "samples": plan["samples"],
         "blocks": plan["blocks"],
-        "ingested_blocks": sum(1 for r in done if "xai_method" not in r),
+        "ingested_blocks": sum(1 for r in done if STAGES["ingest"](r)),
         "computed_blocks": {m: sum(1 for r in maps if r["xai_method"] == m) for m in methods},
         "scored_blocks": {k: sum(1 for r in done if r.get("metric") == k) for k in spec.metrics},
         "skipped_blocks": len(receipts) - len(done),
@@ -192,6 +215,8 @@ def study(**options: Any) -> dict[str, Any]:
         "attribution_seconds": {m: round(sum(r["seconds"] for r in maps if r["xai_method"] == m), 3) for m in methods},
         "evaluation_seconds": {k: round(sum(r["seconds"] for r in receipts if r.get("metric") == k), 3)
                                for k in spec.metrics},
+        "seconds": {**{stage: time_split([r for r in done if kind(r)]) for stage, kind in STAGES.items()},
+                    "in_tasks": round(blocks["in_tasks"], 3), "blocks": round(blocks["seconds"], 3)},
         "accuracy": accuracy(spec.store),
         "skipped_files": plan["skipped_files"],
     }

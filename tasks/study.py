@@ -35,6 +35,8 @@ import zoo
 from xai_methods import metrics as xmet
 from xai_methods.shared import shares_pass
 
+from .pipeline import Unit, overlapped
+
 
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A study option: its default, the one-line help the UI form and `--help` show, and
@@ -166,8 +168,10 @@ def resolve_device(device: str) -> str:
 @functools.lru_cache(maxsize=4)
 def load_model(name: str, weights: str | None, device: str, options: str = "{}") -> torch.nn.Module:
     """The model, loaded once per process (tasks of one worker share it); `options`: the JSON of
-    `model_options`."""
-    return zoo.load_model(name, weights=weights, **json.loads(options)).to(device)
+    `model_options`. On a GPU its convolution weights are channels_last (NHWC), the layout of cuDNN's
+    fastest kernels; the inputs stay as they are (a convolution follows its weight's layout)."""
+    model = zoo.load_model(name, weights=weights, **json.loads(options)).to(device)
+    return model.to(memory_format=torch.channels_last) if device.startswith("cuda") else model
 
 
 def model_options(spec: Any) -> str:
@@ -467,31 +471,62 @@ def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.
     return model.preprocess(torch.from_numpy(batch.images).to(device)), batch
 
 
-def claimed(spec: StudySpec, unit: str, pending: Callable[[storage.Store], bool],
-            work: Callable[[storage.Store], dict[str, Any]], receipt: dict[str, Any], wait: bool) -> dict[str, Any]:
-    """Run `work` on the store while holding the claim on `unit`, unless the unit is no longer `pending`
-    once claimed (another run finished it: it is not redone). When another run holds the claim: wait
-    for it, or with `wait` False return a receipt marked "deferred" at once."""
-    with storage.claim(spec.store, unit, wait=wait) as held:
-        if not held:
-            return {**receipt, "deferred": True}
-        s = storage.Store(spec.store)
-        if not pending(s):
-            return {**receipt, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
-        return work(s)
+def prepared(spec: StudySpec, claims: list[str], deferred: Any, load: Callable[[storage.Store], Unit],
+             wait: bool) -> Unit:
+    """Hold the claims on `claims` (in sorted order, the same for every run: no two runs wait on each other)
+    and `load` the unit's inputs from the store; the claims go with the unit (`tasks.pipeline`). When another
+    run holds a claim: wait for it, or with `wait` False return `deferred` at once."""
+    with contextlib.ExitStack() as stack:  # released here unless the unit is handed on with them
+        for c in sorted(claims):
+            if not stack.enter_context(storage.claim(spec.store, c, wait=wait)):
+                return Unit(done=deferred)
+        t0 = time.perf_counter()
+        unit = load(storage.Store(spec.store))
+        unit.seconds = time.perf_counter() - t0
+        if unit.compute is not None:
+            unit.claims = stack.pop_all()
+        return unit
+
+
+def skipped(receipt: dict[str, Any]) -> dict[str, Any]:
+    """The receipt of a unit that another run finished while this one waited: not redone."""
+    return {**receipt, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
+
+
+def timed(receipt: dict[str, Any], unit: Unit, t0: float, share: int = 1) -> dict[str, Any]:
+    """A receipt with the unit's seconds of loading and of writing (since `t0`), split over `share` receipts."""
+    return {**receipt, "load_seconds": round(unit.seconds / share, 4),
+            "write_seconds": round((time.perf_counter() - t0) / share, 4)}
 
 
 @task(cache_policy=NO_CACHE)
 def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> dict[str, Any]:
     """Load one block of samples, normalise them, predict, and write inputs and predictions."""
-    return claimed(spec, f"ingest-{block}", lambda s: block in s.pending(), lambda s: _ingest(spec, s, block),
-                   {"block": block}, wait)
+    return run_units(spec, "ingest", [(block,)], wait)[0]
 
 
-def _ingest(spec: StudySpec, s: storage.Store, block: int) -> dict[str, Any]:
-    device = resolve_device(spec.device)
-    model = model_of(spec, device)
-    images, batch = model_inputs(spec, s, block, model, device)
+def prepare_ingest(spec: StudySpec, block: int, wait: bool) -> Unit:
+    def load(s: storage.Store) -> Unit:
+        if block not in s.pending():
+            return Unit(done=skipped({"block": block}))
+        device = resolve_device(spec.device)
+        model = model_of(spec, device)
+        images, batch = model_inputs(spec, s, block, model, device)
+        unit = Unit(compute=lambda: _predict(spec, model, images, batch))
+
+        def write(arrays: dict[str, Any]) -> dict[str, Any]:
+            t0, seconds = time.perf_counter(), arrays.pop("seconds")
+            s.write_samples(block, **arrays)
+            return timed({"block": block, "samples": len(batch.ids), "seconds": seconds}, unit, t0)
+
+        unit.write = write
+        return unit
+
+    return prepared(spec, [f"ingest-{block}"], {"block": block, "deferred": True}, load, wait)
+
+
+def _predict(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, batch: zoo.Batch) -> dict[str, Any]:
+    t0 = time.perf_counter()
     with torch.inference_mode():
         logits = model(images).float()
     prediction = logits.argmax(1)
@@ -505,8 +540,7 @@ def _ingest(spec: StudySpec, s: storage.Store, block: int) -> dict[str, Any]:
     )
     if batch.masks is not None:
         arrays["mask"] = batch.masks
-    s.write_samples(block, **arrays)
-    return {"block": block, "samples": len(batch.ids)}
+    return {**arrays, "seconds": time.perf_counter() - t0}
 
 
 @task(cache_policy=NO_CACHE)
@@ -514,25 +548,43 @@ def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait:
     """Compute the maps of one block for `methods` (those of one unit share their passes) and write
     them; returns a receipt per method. Each method's block is claimed on its own, so runs that group
     the methods differently still never compute a block twice at once."""
+    return run_units(spec, "attribute", [(methods, block)], wait)[0]
+
+
+def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, wait: bool) -> Unit:
     methods = [methods] if isinstance(methods, str) else list(methods)
-    with contextlib.ExitStack() as stack:
-        for m in sorted(methods):  # one order for every run: no two runs wait on each other
-            if not stack.enter_context(storage.claim(spec.store, f"maps-{m}-{block}", wait=wait)):
-                return [{"xai_method": m, "block": block, "deferred": True} for m in methods]
-        s = storage.Store(spec.store)
+
+    def load(s: storage.Store) -> Unit:
         todo = [m for m in methods if block in s.pending(m)]
-        done = [{"xai_method": m, "block": block, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
-                for m in methods if m not in todo]
-        return done + (_attribute(spec, s, todo, block) if todo else [])
+        done = [skipped({"xai_method": m, "block": block}) for m in methods if m not in todo]
+        if not todo:
+            return Unit(done=done)
+        if block in s.pending():
+            raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
+        device = resolve_device(spec.device)
+        model = model_of(spec, device)
+        images = stored_inputs(spec, s, block, model, device)
+        stored = s.read_samples(block, "target", "contrast", "logits")
+        unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
+
+        def write(computed: tuple[dict[str, Any], dict[str, Any], float]) -> list[dict[str, Any]]:
+            maps, reports, seconds = computed
+            t0 = time.perf_counter()
+            written = [_write_maps(s, m, block, maps[m], stored["logits"], reports[m].get("success"), seconds)
+                       for m in todo]
+            return done + [timed(r, unit, t0, len(todo)) for r in written]
+
+        unit.write = write
+        return unit
+
+    return prepared(spec, [f"maps-{m}-{block}" for m in methods],
+                    [{"xai_method": m, "block": block, "deferred": True} for m in methods], load, wait)
 
 
-def _attribute(spec: StudySpec, s: storage.Store, methods: list[str], block: int) -> list[dict[str, Any]]:
-    if block in s.pending():
-        raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
-    device = resolve_device(spec.device)
-    model = model_of(spec, device)
-    images = stored_inputs(spec, s, block, model, device)
-    stored = s.read_samples(block, "target", "contrast", "logits")
+def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, stored: dict[str, np.ndarray],
+               methods: list[str], block: int, device: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The maps of `methods` on one block (one shared pass where they share it), what the methods reported,
+    and each method's seconds (a shared pass's time split evenly)."""
     params = {m: spec.method_params(m) for m in methods}
     reports: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for m in methods:
@@ -545,10 +597,10 @@ def _attribute(spec: StudySpec, s: storage.Store, methods: list[str], block: int
         warnings.simplefilter("always")
         maps = xm.attribute_many(methods, model, images, target=torch.from_numpy(stored["target"]).to(device),
                                  params=params, contrast=torch.from_numpy(stored["contrast"]).to(device))
-    seconds = (time.perf_counter() - t0) / len(methods)  # a shared pass's time, split evenly
+    seconds = (time.perf_counter() - t0) / len(methods)
     for text in dict.fromkeys(str(w.message) for w in caught):
         log().warning("%s, block %d: %s", "+".join(methods), block, text)
-    return [_write_maps(s, m, block, maps[m], stored["logits"], reports[m].get("success"), seconds) for m in methods]
+    return maps, reports, seconds
 
 
 def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, logits: np.ndarray,
@@ -571,11 +623,19 @@ MAX_TASK_SECONDS = 30.0  # ... but a task holds at most this much work, so that 
 @task(cache_policy=NO_CACHE)
 def block_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool = True) -> dict[str, Any]:
     """Several units of one stage ("ingest", "attribute", "evaluate") in one task, so that Prefect's
-    cost per task is paid once for all of them; each unit is claimed, computed and flagged as alone."""
-    fn = {"ingest": ingest_block, "attribute": attribute_block, "evaluate": evaluate_block}[kind].fn
+    cost per task is paid once for all of them; each unit is claimed, computed and flagged as alone, the
+    next one loading and the last one writing while one computes (`tasks.pipeline.overlapped`)."""
     t0 = time.perf_counter()
-    results = [fn(spec, *unit, wait=wait) for unit in units]
+    results = run_units(spec, kind, units, wait)
     return {"results": results, "seconds": time.perf_counter() - t0}
+
+
+def run_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool) -> list[Any]:
+    """The receipts of `units` of one stage, overlapped. The device is resolved here, in the task's own
+    thread: in a Dask worker plain "cuda" means that worker's GPU, which only the task's thread can tell."""
+    prepare = {"ingest": prepare_ingest, "attribute": prepare_attribution, "evaluate": prepare_evaluation}[kind]
+    spec = dataclasses.replace(spec, device=resolve_device(spec.device))
+    return overlapped(list(units), lambda unit: prepare(spec, *unit, wait))
 
 
 def units_per_task(overhead: float, per_unit: float, remaining: int, workers: int) -> int:
@@ -609,18 +669,44 @@ def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn
 @task(cache_policy=NO_CACHE)
 def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: bool = True) -> dict[str, Any]:
     """Score one method's stored maps of one block with one metric; the model passes are the metric's own."""
-    return claimed(spec, f"scores-{method}-{metric}-{block}", lambda s: block in s.pending_scores(method, metric),
-                   lambda s: _evaluate(spec, s, method, metric, block),
-                   {"xai_method": method, "metric": metric, "block": block}, wait)
+    return run_units(spec, "evaluate", [(method, metric, block)], wait)[0]
 
 
-def _evaluate(spec: StudySpec, s: storage.Store, method: str, metric: str, block: int) -> dict[str, Any]:
-    if block in s.pending(method):
-        raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
-    device = resolve_device(spec.device)
-    model = model_of(spec, device)
-    images = stored_inputs(spec, s, block, model, device)
-    stored = s.read_samples(block, "target", "contrast", *(["mask"] if s.has("mask") else []))
+def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wait: bool) -> Unit:
+    receipt = {"xai_method": method, "metric": metric, "block": block}
+
+    def load(s: storage.Store) -> Unit:
+        if block not in s.pending_scores(method, metric):
+            return Unit(done=skipped(receipt))
+        if block in s.pending(method):
+            raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
+        device = resolve_device(spec.device)
+        model = model_of(spec, device)
+        images = stored_inputs(spec, s, block, model, device)
+        stored = s.read_samples(block, "target", "contrast", *(["mask"] if s.has("mask") else []))
+        maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
+        failed = s.read_failures(method, block) > 0
+        unit = Unit(compute=lambda: _evaluate(spec, model, images, maps, stored, method, metric, device))
+
+        def write(computed: tuple[xmet.Scores, float]) -> dict[str, Any]:
+            scores, seconds = computed
+            t0 = time.perf_counter()
+            value, status = scores.value.cpu().numpy(), scores.status.cpu().numpy()
+            curve = None if scores.curve is None else scores.curve.cpu().numpy()
+            value[failed], status[failed] = np.nan, xmet.FAILED_MAP  # excluded from every mean, never scored as 0
+            if curve is not None:
+                curve[failed] = np.nan
+            s.write_scores(method, metric, block, value, status, curve)
+            return timed({**receipt, "samples": len(images), "seconds": round(seconds, 4)}, unit, t0)
+
+        unit.write = write
+        return unit
+
+    return prepared(spec, [f"scores-{method}-{metric}-{block}"], {**receipt, "deferred": True}, load, wait)
+
+
+def _evaluate(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+              stored: dict[str, np.ndarray], method: str, metric: str, device: str) -> tuple[Any, float]:
     params = spec.metric_arguments(metric)
     if xmet.spec(metric).needs_method:  # the study's own method, as it made the stored maps
         own = spec.method_params(method)
@@ -628,18 +714,9 @@ def _evaluate(spec: StudySpec, s: storage.Store, method: str, metric: str, block
         if xm.spec(method).needs_contrast:
             params["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
     mask = torch.from_numpy(stored["mask"]).to(device) if "mask" in stored else None
-    maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
     t0 = time.perf_counter()
     scores = xmet.measure(metric, model, images, maps, torch.from_numpy(stored["target"]).to(device), mask, **params)
-    seconds = time.perf_counter() - t0
-    value, status = scores.value.cpu().numpy(), scores.status.cpu().numpy()
-    curve = None if scores.curve is None else scores.curve.cpu().numpy()
-    failed = s.read_failures(method, block) > 0  # excluded from every mean and counted, never scored as zero
-    value[failed], status[failed] = np.nan, xmet.FAILED_MAP
-    if curve is not None:
-        curve[failed] = np.nan
-    s.write_scores(method, metric, block, value, status, curve)
-    return {"xai_method": method, "metric": metric, "block": block, "samples": len(images), "seconds": round(seconds, 4)}
+    return scores, time.perf_counter() - t0
 
 
 def accuracy_warning(store: str) -> str | None:

@@ -135,18 +135,6 @@ def test_task_runners_and_gpu_limits(monkeypatch):
     assert tasks.resolve_device("cuda") == "cuda"  # not in a Dask worker: the default GPU
 
 
-def test_local_dask_workers_report_to_the_runs_api(prefect_api):
-    """Without the address, each worker process started a temporary server of its own (15 s each) and the
-    task runs went there, never to the UI of the flow run."""
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.study import task_runner
-
-    env = task_runner(2, None).cluster_kwargs["env"]
-    assert PREFECT_API_URL.value() and env["PREFECT_API_URL"] == PREFECT_API_URL.value()
-    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
-
-
 @pytest.mark.slow
 def test_two_dask_workers_equal_one_process(finished, tmp_path):
     path, _ = finished

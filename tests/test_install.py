@@ -42,7 +42,7 @@ def test_a_study_on_two_dask_workers_under_each_install_mode(tmp_path, editable)
     py = environment(tmp_path, editable)
     run = tmp_path / "run"
     (run / "shadow" / "storage").mkdir(parents=True)  # a folder like a Dask worker's spill folder
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONWARNINGS="ignore", PREFECT_LOGGING_LEVEL="INFO")
     env.pop("PREFECT_API_URL", None)
     where = subprocess.run([py, "-c", "import sys; sys.path.insert(0, 'shadow'); import tasks, storage; "
                                       "print(storage.__file__, storage.Store.__name__)"],
@@ -55,6 +55,8 @@ def test_a_study_on_two_dask_workers_under_each_install_mode(tmp_path, editable)
                        cwd=run, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 computed by this run" in r.stdout, r.stdout
+    # The workers report to the run's temporary server (flows.study.reported_here), each did start its own.
+    assert (r.stdout + r.stderr).count("Starting temporary server") == 1, r.stderr[-3000:]
     check = subprocess.run([py, "-c", "import xarray as xr; ds = xr.open_zarr('s.zarr'); "
                                       "print(bool(ds.done.all()), int(ds.attribution.isnull().sum()))"],
                            cwd=run, env=env, capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ runs the method inside `untouched(model)` and checks what it returns.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class MethodSpec:
     summary: str  # one line
     checks: Mapping[str, C.Check]  # parameter -> check, beyond SHARED_CHECKS
     assumes: ModelCheck | None = None  # what the method assumes of the model, checked by `check`
+    forward_only: bool = False  # no backward pass: may run its forward passes at a lower `precision`
 
     def passes(self, size: tuple[int, int], **params: Any) -> tuple[int, int]:
         """(forward, backward) passes per image of size (H, W) with `params` over the defaults."""
@@ -57,7 +59,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(
     name: str, *, category: str, cost: CostFn, checks: Mapping[str, C.Check] | None = None, summary: str | None = None,
-    assumes: ModelCheck | None = None,
+    assumes: ModelCheck | None = None, forward_only: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator that registers ``fn(model, images, target, *, ...)`` under `name`.
 
@@ -67,6 +69,8 @@ def register(
     also run by `check`: an error when the method cannot explain the model, a warning when
     the map would silently mean something else.
     `summary` defaults to the first line of the function's docstring.
+    `forward_only`: the method runs forward passes only; it gets a `precision` parameter ("float32", or
+    autocast to "bfloat16" / "float16" for its forward passes), which `attribute` applies.
     """
     if category not in CATEGORIES:
         raise ValueError(f"category={category!r} is not valid; choose one of {CATEGORIES}")
@@ -80,6 +84,8 @@ def register(
             raise TypeError(f"{fn.__qualname__} must take (model, images, target, *, ...), got {positional}")
         keyword = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
         defaults = {k: v for k, v in keyword.items() if k not in ("layer", "contrast")}
+        if forward_only:
+            defaults["precision"] = "float32"
         missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty]
         if missing:
             raise TypeError(f"{fn.__qualname__}: parameters {missing} need defaults")
@@ -98,6 +104,7 @@ def register(
             summary=line,
             checks=MappingProxyType(dict(checks or {})),
             assumes=assumes,
+            forward_only=forward_only,
         )
         return fn
 
@@ -125,6 +132,16 @@ def _check_reduce(name: str, value: Any, ctx: C.Context) -> None:
         raise ValueError(f"reduce={value!r} is not valid; choose one of {REDUCE_CHOICES}")
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def precision(device: torch.device, name: str) -> Any:
+    """The autocast of a forward-only method's forward passes at precision `name` (float32: none)."""
+    if PRECISIONS[name] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[name])
+
+
 # Shared parameter names are checked the same way in every method that has them; a method's
 # own table (`register(checks=...)`) adds its other parameters or overrides these.
 SHARED_CHECKS: dict[str, C.Check] = {
@@ -138,6 +155,7 @@ SHARED_CHECKS: dict[str, C.Check] = {
     "seed": C.seed,
     "baseline": check_baseline,
     "report": C.callable_or_none,
+    "precision": C.one_of(*PRECISIONS),
 }
 
 
@@ -244,11 +262,12 @@ def attribute(
         targets(None, contrast, batch, device, name="contrast")
 
     kwargs = {**s.defaults, **params}
-    with untouched(model):
+    autocast = precision(images.device, kwargs.pop("precision", "float32"))
+    with untouched(model), autocast:
         extra: dict[str, Any] = {}
         if s.needs_layer:
             extra["layer"] = resolve_layer(model, layer if layer is not None else default_layer(model, images))
         if s.needs_contrast:
             extra["contrast"] = contrast
         out = s.fn(model, images, target, **kwargs, **extra)
-    return _check_result(s, out, images, kwargs)
+    return _check_result(s, out.float() if isinstance(out, Tensor) else out, images, kwargs)

@@ -317,7 +317,7 @@ gradcam_pp = gradient_variant("gradcam_pp", _gradcam_pp_weights, """Grad-CAM++ (
 # --------------------------------------------------------------------------- Score-CAM
 
 
-@register("scorecam", category="cam", cost=per_channel)
+@register("scorecam", category="cam", forward_only=True, cost=per_channel)
 def scorecam(
     model: nn.Module,
     images: Tensor,
@@ -375,7 +375,7 @@ def scorecam(
 # --------------------------------------------------------------------------- Ablation-CAM
 
 
-@register("ablationcam", category="cam", cost=per_channel)
+@register("ablationcam", category="cam", forward_only=True, cost=per_channel)
 def ablationcam(
     model: nn.Module,
     images: Tensor,

@@ -133,7 +133,7 @@ def _occlusion_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[i
     return (len(ys) * len(xs) + 1, 0)
 
 
-@register("occlusion", category="perturbation", cost=_occlusion_cost, checks=WINDOW_CHECKS)
+@register("occlusion", category="perturbation", forward_only=True, cost=_occlusion_cost, checks=WINDOW_CHECKS)
 def occlusion(
     model: nn.Module,
     images: Tensor,
@@ -259,7 +259,7 @@ def _check_segmentation(name: str, value: Any, ctx: C.Context) -> None:
         C.one_of("slic", "quickshift")(name, value, ctx)
 
 
-@register("lime", category="perturbation", cost=_lime_cost, checks={
+@register("lime", category="perturbation", forward_only=True, cost=_lime_cost, checks={
     "segmentation": _check_segmentation, "n_segments": C.positive_int,
     "kernel_width": C.number(0.0, low_open=True), "ridge": C.number(0.0), "score": C.one_of(*SCORE_CHOICES),
 })
@@ -500,7 +500,7 @@ def _prediction_difference_cost(params: Mapping[str, Any], size: tuple[int, int]
     return (len(ys) * len(xs) * params["samples"] + 1, 0)
 
 
-@register("prediction_difference", category="perturbation", cost=_prediction_difference_cost, checks={
+@register("prediction_difference", category="perturbation", forward_only=True, cost=_prediction_difference_cost, checks={
     **WINDOW_CHECKS, "padding": C.positive_int, "sampling": C.one_of("conditional", "marginal"),
     "laplace": C.number(0.0, 1.0), "reference": _check_reference,
 })
@@ -590,7 +590,7 @@ def _rise_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, i
     return (params["masks"] + 1, 0)
 
 
-@register("rise", category="perturbation", cost=_rise_cost, checks={
+@register("rise", category="perturbation", forward_only=True, cost=_rise_cost, checks={
     "masks": C.positive_int, "cells": C.positive_int, "p": C.number(0.0, 1.0, low_open=True),
     "score": C.one_of(*SCORE_CHOICES),
 })

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +22,18 @@ def _read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
         img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255
+
+
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _decoded(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """`fn` over `items`, in order, in `DECODE_THREADS` threads: PIL lets go of the GIL while it decodes and
+    resizes, so the files of a block decode at once."""
+    if len(items) < 2 or DECODE_THREADS < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(DECODE_THREADS, "decode") as pool:
+        return list(pool.map(fn, items))
 
 
 def _is_mask(path: Path) -> bool:
@@ -137,13 +151,9 @@ class FolderDataset:
                             for f in sorted((self.root / c).iterdir(), key=lambda p: p.name)
                             if self._inside(f).is_file() and not f.name.startswith(".") and not _is_mask(f)]
         self._reasons: dict[str, str | None] = {}  # relative path -> None (readable) or reason
-        self._files: list[tuple[str, int]] = []
-        for rel, k in self._candidates:
-            if limit is not None and len(self._files) >= limit:
-                break
-            if self._reason(rel) is None:
-                self._files.append((rel, k))
-        self.skipped: list[tuple[str, str]] = [(rel, r) for rel, r in self._reasons.items() if r is not None]
+        self._files, seen = self._readable(limit)
+        self.skipped: list[tuple[str, str]] = [(rel, r) for rel, _ in self._candidates[:seen]
+                                               if (r := self._reasons[rel]) is not None]
         if not self._files:
             raise ValueError(f"dataset folder {self.name!r} has no readable images "
                              f"({len(self._candidates)} files in {len(self.classes)} class sub-folders, "
@@ -151,6 +161,22 @@ class FolderDataset:
                              "(PNG, JPEG, ...) under DIR/<class>/")
         self._fingerprint: str | None = None
         self.has_masks = self.masks.given or any(self.masks.sibling(self.root / rel) for rel, _ in self._files)
+
+    def _readable(self, limit: int | None) -> tuple[list[tuple[str, int]], int]:
+        """The first `limit` (or all) readable candidates, and how many candidates that took; the files are
+        checked a chunk at a time, in decode threads."""
+        files: list[tuple[str, int]] = []
+        seen = 0
+        while seen < len(self._candidates) and (limit is None or len(files) < limit):
+            wanted = 256 if limit is None else max(2 * DECODE_THREADS, limit - len(files))
+            chunk = self._candidates[seen:seen + min(wanted, 256)]
+            for (rel, k), reason in zip(chunk, _decoded(lambda c: self._reason(c[0]), chunk)):
+                if limit is not None and len(files) >= limit:
+                    break
+                seen += 1
+                if reason is None:
+                    files.append((rel, k))
+        return files, seen
 
     def _inside(self, path: Path) -> Path:
         """`path`, refused when it is a symbolic link that leads outside the dataset folder."""
@@ -192,13 +218,16 @@ class FolderDataset:
         labels = np.array([self._label(rel) for rel in ids], dtype=np.int64)
         images = np.empty((len(ids), 3, *self.size), np.float32)
         masks = np.zeros((len(ids), *self.size), bool) if self.has_masks else None
-        for i, rel in enumerate(ids):
+
+        def decode(i: int) -> None:
             try:
-                images[i] = _read_rgb(self.root / rel, self.size)
+                images[i] = _read_rgb(self.root / ids[i], self.size)
             except Exception as e:  # noqa: BLE001 - changed on disk since it was checked
-                raise ValueError(f"image {rel!r} in {self.name!r} can no longer be read: {e}") from None
+                raise ValueError(f"image {ids[i]!r} in {self.name!r} can no longer be read: {e}") from None
             if masks is not None:
-                masks[i] = self.masks.of(rel, self.size)
+                masks[i] = self.masks.of(ids[i], self.size)
+
+        _decoded(decode, list(range(len(ids))))
         return Batch(images, labels, masks, list(ids))
 
     def digest(self, ids: list[str]) -> str:

@@ -1,0 +1,88 @@
+"""Overlapped block work: the next unit's inputs load, and the last unit's results are written, while
+this unit computes.
+
+A unit of work (one block to ingest, one shared pass of methods over a block, one metric over a block)
+comes in three steps: `prepare` claims it and loads its inputs, `compute` runs the model, `write` stores
+the result and sets the store's flag. `overlapped` runs the three steps of consecutive units in three
+threads (a loader, the caller's, a writer) with bounded queues of `depth` units between them, so that a
+task runs at the speed of its slowest step and holds at most 2 x `depth` + 1 units in memory. Each unit's
+claims are held from `prepare` until its write has finished (or failed), so a kill at any moment leaves
+every block either flagged with its whole result or unflagged and claimed by nobody: a resume recomputes
+exactly the unflagged ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEPTH = 2  # units loaded ahead, and units waiting to be written
+
+
+@dataclass
+class Unit:
+    """A prepared unit: either `done` (a receipt: deferred, or finished by another run), or its claims in
+    `claims` with `compute` (inputs loaded) and `write` (compute's result -> the receipt)."""
+
+    done: Any = None
+    claims: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    compute: Callable[[], Any] | None = None
+    write: Callable[[Any], Any] | None = None
+    seconds: float = 0.0  # spent loading
+
+
+def _write(unit: Unit, result: Any) -> Any:
+    with unit.claims:  # released once written, or when the write fails
+        return unit.write(result)  # type: ignore[misc]
+
+
+def overlapped(items: list[Any], prepare: Callable[[Any], Unit], depth: int = DEPTH) -> list[Any]:
+    """The receipts of `prepare(item)`'s units, in the order of `items`, loading ahead and writing behind
+    the compute of each (see the module's docstring). An error in any step stops the run: the units
+    already prepared release their claims unwritten, the ones being written finish, and it is raised.
+    The threads run in copies of the caller's context, so Prefect's run logger works in them."""
+    receipts: list[Any] = []
+    with ThreadPoolExecutor(1, "block-load") as loader, ThreadPoolExecutor(1, "block-write") as writer:
+        loads: deque[Future[Unit]] = deque(_submit(loader, prepare, item) for item in items[:depth])
+        writes: deque[Future[Any]] = deque()
+        try:
+            for i in range(len(items)):
+                unit = loads.popleft().result()
+                if i + depth < len(items):
+                    loads.append(_submit(loader, prepare, items[i + depth]))
+                if unit.compute is None:
+                    writes.append(_resolved(unit.done))
+                else:
+                    with _released_on_error(unit.claims):
+                        result = unit.compute()
+                    writes.append(_submit(writer, _write, unit, result))
+                while len(writes) > depth or (writes and writes[0].done()):
+                    receipts.append(writes.popleft().result())
+            receipts.extend(w.result() for w in writes)
+        finally:
+            for pending in loads:  # prepared but never computed: give their claims back
+                with contextlib.suppress(BaseException):
+                    pending.result().claims.close()
+    return receipts
+
+
+@contextlib.contextmanager
+def _released_on_error(claims: contextlib.ExitStack):
+    try:
+        yield
+    except BaseException:
+        claims.close()
+        raise
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
+def _resolved(value: Any) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_result(value)
+    return f
