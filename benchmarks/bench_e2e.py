@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 import xai_methods as xm  # noqa: E402
 import zoo  # noqa: E402
+from benchlib.report import publish  # noqa: E402
 
 METHODS = ["saliency", "input_x_gradient", "gradcam", "gradcam_pp", "guided_backprop", "occlusion"]
 PARAMS = {"occlusion": {"window": 16, "stride": 16}}
@@ -167,11 +168,7 @@ def main() -> None:
         lines += ["", "| where the block tasks run | seconds | over one process |", "|---|---|---|",
                   f"| one process (default) | {one:.1f} | 1.00x |",
                   *(f"| {k} | {v:.1f} | {v / one:.2f}x |" for k, v in scale.items())]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    publish("\n".join(lines) + "\n", args.out)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

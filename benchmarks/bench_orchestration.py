@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import flows.study  # noqa: E402
 from bench_pipeline import bare  # noqa: E402  (the same bare compute: data, prediction, maps)
+from benchlib.report import publish  # noqa: E402
 
 
 def flow_seconds(samples: int, block: int, batched: bool, tmp: str) -> float:
@@ -68,10 +69,7 @@ def main() -> None:
     text = "\n".join([f"`python benchmarks/bench_orchestration.py --samples {args.samples} --blocks {args.blocks}`, "
                       f"load average at start {load:.2f}, saliency on shapes-cnn, in-process flow (test harness "
                       "API).", "", *rows, ""])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(text + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 import storage
 import xai_methods as xm
 import zoo
+from benchlib.report import publish
 from flows.study import study
 
 METHODS = ["saliency", "input_x_gradient", "guided_backprop", "gradcam", "gradcam_pp", "occlusion"]
@@ -93,11 +94,7 @@ def main() -> None:
         f"| stored bytes per 64x64 map, float32, zstd | {per_map['float32']:.0f} |",
         f"| stored bytes per 64x64 map, float16, zstd | {per_map['float16']:.0f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    publish("\n".join(lines) + "\n", args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

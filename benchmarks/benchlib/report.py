@@ -200,3 +200,11 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+
+
+def publish(text: str, out: str | None) -> None:
+    """Print a benchmark's markdown, and append it to the file `out` when one is given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text)
