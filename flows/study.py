@@ -71,12 +71,11 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
     # tasks return small receipts, and a worker's spill folder, "storage" in its own directory (which
     # Dask puts first on sys.path), would shadow the `storage` package under a default editable install.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
         "data": dict,  # in memory, never spilled
-        "env": env,
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
         "preload": ["tasks"],  # each worker imports torch and the tasks while it starts, all workers at once
     })
 
@@ -106,7 +105,7 @@ def compute_blocks(
     """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts, the
     seconds spent inside the tasks and the seconds of the whole."""
     receipts: list[dict[str, Any]] = []
-    in_tasks, started_all = [0.0], time.perf_counter()
+    in_tasks, started_all = 0.0, time.perf_counter()
     per_task: dict[str, int] = {}  # units per task, per stage, once measured
     workers = spec.workers or (4 if spec.dask_address else 1)  # an existing cluster: assume a few workers
     with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
@@ -114,7 +113,8 @@ def compute_blocks(
         def collect(group: list[tuple], got: dict[str, Any], retry: list[tuple]) -> bool:
             """File a task's receipts (a unit of several methods has several); units another run holds go
             to `retry`. True when the task computed something (a measure of the work per unit)."""
-            computed, in_tasks[0] = False, in_tasks[0] + got["seconds"]
+            nonlocal in_tasks
+            computed, in_tasks = False, in_tasks + got["seconds"]
             for unit, result in zip(group, got["results"]):
                 result = result if isinstance(result, list) else [result]
                 if any(r.get("deferred") for r in result):
@@ -157,7 +157,7 @@ def compute_blocks(
         stage("ingest", [(b,) for b in todo_ingest])
         stage("attribute", todo)
         stage("evaluate", todo_scores)  # reads the maps just written
-    return {"receipts": receipts, "in_tasks": in_tasks[0], "seconds": time.perf_counter() - started_all}
+    return {"receipts": receipts, "in_tasks": in_tasks, "seconds": time.perf_counter() - started_all}
 
 
 STAGES: dict[str, Callable[[dict[str, Any]], bool]] = {  # which receipts are whose
