@@ -96,6 +96,18 @@ def _samples(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
 
 
+def _batch(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images per pass or 'auto', got {text!r}")
+    return value
+
+
 def _param(text: str) -> tuple[str, str, Any]:
     """METHOD.NAME=VALUE, the value read as JSON when it parses (8, 0.5, true, null, "x")."""
     key, sep, raw = text.partition("=")
@@ -127,7 +139,7 @@ STUDY_GROUPS = {
     "layout": "layout of a new store (an existing store keeps its own)",
     "where": "where block tasks run (default: one at a time in this process)",
 }
-ARG_TYPES = {"names": _names, "samples": _samples, "ints": _int_list, "param": _param}
+ARG_TYPES = {"names": _names, "samples": _samples, "batch": _batch, "ints": _int_list, "param": _param}
 
 
 def _floats(text: str) -> list[float]:

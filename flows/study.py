@@ -75,7 +75,8 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
         "data": dict,  # in memory, never spilled
-        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,  # and huge pages (see the Makefile)
+                "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")},
         "preload": ["tasks"],  # each worker imports torch and the tasks while it starts, all workers at once
     })
 
@@ -213,6 +214,7 @@ def study(**options: Any) -> dict[str, Any]:
         "skipped_blocks": len(receipts) - len(done),
         "failed_maps": {m: n for m in methods if (n := sum(r["failed"] for r in maps if r["xai_method"] == m))},
         "attribution_seconds": {m: round(sum(r["seconds"] for r in maps if r["xai_method"] == m), 3) for m in methods},
+        "batch": sorted({r["batch"] for r in maps}),  # images per pass that ran (`tasks.memory`)
         "evaluation_seconds": {k: round(sum(r["seconds"] for r in receipts if r.get("metric") == k), 3)
                                for k in spec.metrics},
         "seconds": {**{stage: time_split([r for r in done if kind(r)]) for stage, kind in STAGES.items()},

@@ -35,6 +35,7 @@ import zoo
 from xai_methods import metrics as xmet
 from xai_methods.shared import shares_pass
 
+from .memory import images_per_pass, in_passes
 from .pipeline import Unit, overlapped
 
 
@@ -80,6 +81,10 @@ class StudySpec:
     layer: str | None = option(None, "layer of layer methods (dotted module name); None: the last spatial layer")
     block_size: int = option(64, "samples per block: the unit of work, of resumption and of Zarr chunks")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    batch: int | None = option(None, "images per model pass inside a block (predictions, maps); None / auto: the "
+                                     "whole block on a CPU, on a GPU what its free memory holds (one probe on two "
+                                     "images; a pass out of memory is redone in halves). Maps agree across batches "
+                                     "to rounding", type="batch")
     params: dict[str, dict[str, Any]] = option({}, "per-method parameters, e.g. {\"occlusion\": {\"window\": 8}}",
                                                flag="--param", type="param")
     metrics: list[str] = option([], "evaluation metrics, each scored per image into the store's `score` "
@@ -250,6 +255,8 @@ def check_options(spec: StudySpec) -> None:
         raise ValueError(f"samples must be >= 1 or all, got {spec.samples}")
     if spec.block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {spec.block_size}")
+    if spec.batch is not None and (isinstance(spec.batch, bool) or not isinstance(spec.batch, int) or spec.batch < 1):
+        raise ValueError(f"batch must be a positive number of images per pass or None (auto), got {spec.batch!r}")
     for m in spec.params:
         if m not in spec.studied:
             raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.studied)}")
@@ -527,8 +534,9 @@ def prepare_ingest(spec: StudySpec, block: int, wait: bool) -> Unit:
 
 def _predict(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, batch: zoo.Batch) -> dict[str, Any]:
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(images).float()
+    with torch.inference_mode():  # forward only: a pass of the whole block unless `batch` says less
+        logits = in_passes(lambda part: {"logits": model(images[part]).float()}, len(images),
+                           spec.batch or len(images))[0]["logits"]
     prediction = logits.argmax(1)
     arrays = dict(
         image=images.cpu().numpy().astype(np.float32),
@@ -567,11 +575,11 @@ def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, w
         stored = s.read_samples(block, "target", "contrast", "logits")
         unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
 
-        def write(computed: tuple[dict[str, Any], dict[str, Any], float]) -> list[dict[str, Any]]:
-            maps, reports, seconds = computed
+        def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[dict[str, Any]]:
+            maps, seconds, batch = computed
             t0 = time.perf_counter()
-            written = [_write_maps(s, m, block, maps[m], stored["logits"], reports[m].get("success"), seconds)
-                       for m in todo]
+            written = [{**_write_maps(s, m, block, maps[m], stored["logits"], maps.get((m, "success")), seconds),
+                        "batch": batch} for m in todo]
             return done + [timed(r, unit, t0, len(todo)) for r in written]
 
         unit.write = write
@@ -582,25 +590,35 @@ def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, w
 
 
 def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, stored: dict[str, np.ndarray],
-               methods: list[str], block: int, device: str) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """The maps of `methods` on one block (one shared pass where they share it), what the methods reported,
-    and each method's seconds (a shared pass's time split evenly)."""
+               methods: list[str], block: int, device: str) -> tuple[dict[Any, torch.Tensor], float, int]:
+    """The maps of `methods` on one block, in passes of the study's batch (`tasks.memory`; one shared pass
+    where they share it), with what the methods reported of their success under (method, "success"), each
+    method's seconds (a shared pass's time split evenly) and the batch that ran."""
     params = {m: spec.method_params(m) for m in methods}
-    reports: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for m in methods:
         if not xm.spec(m).needs_layer:
             params[m].pop("layer", None)
-        if "report" in params[m]:  # a method that can say it did not succeed
-            params[m]["report"] = reports[m].update
+    target, contrast = (torch.from_numpy(stored[k]).to(device) for k in ("target", "contrast"))
+
+    def attribute(part: slice) -> dict[Any, torch.Tensor]:
+        reports: dict[str, dict[str, Any]] = {m: {} for m in methods}
+        for m in methods:
+            if "report" in params[m]:  # a method that can say it did not succeed
+                params[m]["report"] = reports[m].update
+        maps: dict[Any, torch.Tensor] = xm.attribute_many(methods, model, images[part], target=target[part],
+                                                          params=params, contrast=contrast[part])
+        return {**maps, **{(m, "success"): r["success"] for m, r in reports.items() if "success" in r}}
+
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        maps = xm.attribute_many(methods, model, images, target=torch.from_numpy(stored["target"]).to(device),
-                                 params=params, contrast=torch.from_numpy(stored["contrast"]).to(device))
+        key = (id(model), json.dumps(params, sort_keys=True, default=repr), tuple(images.shape[1:]), device)
+        batch = images_per_pass(spec.batch, device, len(images), lambda k: attribute(slice(0, k)), key)
+        maps, batch = in_passes(attribute, len(images), batch)
     seconds = (time.perf_counter() - t0) / len(methods)
     for text in dict.fromkeys(str(w.message) for w in caught):
         log().warning("%s, block %d: %s", "+".join(methods), block, text)
-    return maps, reports, seconds
+    return maps, seconds, batch
 
 
 def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, logits: np.ndarray,

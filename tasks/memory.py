@@ -1,0 +1,84 @@
+"""Images per model pass inside a block: the study's `batch`.
+
+A block's maps are computed in passes of at most `batch` images and concatenated; every method's
+map of an image does not depend on the other images of its pass (tested per method), so the batch
+changes the maps by floating-point rounding at most. `batch=None` ("auto") is the whole block on a
+CPU and, on a GPU, as many images as its free memory holds: one probe pass on two images measures
+the peak memory per image of the unit's own methods, and a pass that still runs out of memory is
+redone in halves.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MEMORY_SHARE = 0.8  # of the free memory a pass may take: the rest is room for the allocator's fragments
+PROBE_IMAGES = 2
+_per_image: dict[Hashable, float] = {}  # bytes per image, per (model, methods, parameters, input shape, device)
+
+
+def fitting(per_image: float, free: float, block: int) -> int:
+    """The images of one pass: `MEMORY_SHARE` of `free` bytes at `per_image` bytes each, 1 to `block`."""
+    if not math.isfinite(per_image):
+        return 1
+    return max(1, min(block, int(MEMORY_SHARE * free // max(per_image, 1.0))))
+
+
+def free_bytes(device: str) -> int:
+    """What a pass on `device` may allocate: the driver's free memory plus what torch holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def peak_per_image(probe: Callable[[int], Any], images: int, device: str) -> float:
+    """Peak bytes per image that `probe(images)` allocates on `device` above what was allocated before it;
+    inf when even the probe runs out of memory."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        probe(images)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return math.inf
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / images
+
+
+def images_per_pass(batch: int | None, device: str, block: int, probe: Callable[[int], Any], key: Hashable) -> int:
+    """`batch` when given (at most the block); else the whole block on a CPU, and on a GPU what fits in its
+    free memory at the peak per image that `probe(k)` (the unit's work on its first k images) measures once
+    per `key` and process."""
+    if batch is not None:
+        return max(1, min(batch, block))
+    if not device.startswith("cuda"):
+        return block
+    if key not in _per_image:
+        _per_image[key] = peak_per_image(probe, min(PROBE_IMAGES, block), device)
+    return fitting(_per_image[key], free_bytes(device), block)
+
+
+def in_passes(fn: Callable[[slice], dict[str, Tensor]], n: int, batch: int) -> tuple[dict[str, Tensor], int]:
+    """`fn` on slices of at most `batch` of the `n` images, its tensors concatenated in order, and the batch
+    that ran. A pass that runs out of (GPU) memory is redone with half the images, down to one."""
+    parts: list[dict[str, Tensor]] = []
+    start = 0
+    while start < n:
+        stop = min(n, start + batch)
+        try:
+            parts.append(fn(slice(start, stop)))
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    if not parts:
+        return {}, batch
+    return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}, batch

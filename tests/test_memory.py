@@ -1,0 +1,109 @@
+"""The study's batch (tasks.memory): images per model pass inside a block, given or from the GPU's free memory,
+halved when a pass runs out of memory; the maps of a block in passes equal those of the whole block."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from flows.study import study
+from tasks import memory
+from tasks.memory import fitting, images_per_pass, in_passes
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("per_image, free, block, expected", [
+    (1 * MB, 10 * MB, 64, 8),     # 0.8 x 10 MB at 1 MB each
+    (1 * MB, 1000 * MB, 64, 64),  # never more than the block
+    (20 * MB, 10 * MB, 64, 1),    # not even one fits: one at a time (a pass out of memory raises then)
+    (float("inf"), 10 * MB, 64, 1),  # the probe itself ran out of memory
+    (0.0, 10 * MB, 64, 64),       # a probe that allocated nothing
+])
+def test_fitting(per_image, free, block, expected):
+    assert fitting(per_image, free, block) == expected
+
+
+def test_in_passes_concatenates_in_order_and_halves_out_of_memory():
+    seen = []
+
+    def fn(part: slice) -> dict:
+        seen.append(part.stop - part.start)
+        if part.stop - part.start > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"x": torch.arange(part.start, part.stop), "y": torch.arange(part.start, part.stop) * 2}
+
+    out, batch = in_passes(fn, 10, 8)
+    assert batch == 2 and seen == [8, 4, 2, 2, 2, 2, 2]
+    assert out["x"].tolist() == list(range(10)) and out["y"].tolist() == [2 * i for i in range(10)]
+    with pytest.raises(torch.OutOfMemoryError):
+        in_passes(lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 4, 1)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda's memory counters, simulated: a probe of k images peaks at k MB; 10 MB are free."""
+    state = {"peak": 0, "probes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * MB, 80 * MB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * MB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * MB)  # reserved, all in use
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(memory, "_per_image", {})
+
+    def probe(k: int) -> None:
+        state["probes"] += 1
+        state["peak"] = 2 * MB + k * MB
+
+    return state, probe
+
+
+def test_auto_batch_from_free_memory_probed_once(fake_gpu):
+    state, probe = fake_gpu
+    assert images_per_pass(None, "cuda:0", 64, probe, key="a") == 8
+    assert images_per_pass(None, "cuda:0", 64, probe, key="a") == 8
+    assert state["probes"] == 1  # measured once per key and process
+    assert images_per_pass(None, "cuda:0", 5, probe, key="a") == 5  # a short last block
+    assert images_per_pass(None, "cpu", 64, probe, key="b") == 64  # a CPU: the whole block, nothing probed
+    assert images_per_pass(3, "cuda:0", 64, probe, key="c") == 3  # given: as given, nothing probed
+    assert images_per_pass(100, "cuda:0", 64, probe, key="c") == 64
+    assert state["probes"] == 1
+
+
+def test_the_probe_out_of_memory_means_one_image_per_pass(fake_gpu):
+    def probe(k: int) -> None:
+        raise torch.OutOfMemoryError("simulated")
+
+    assert images_per_pass(None, "cuda", 64, probe, key="oom") == 1
+
+
+def test_a_study_in_passes_of_three_stores_the_maps_of_whole_blocks(prefect_api, tmp_path):
+    """Passes of 3, 3 and 2 images per block of 8: the same maps (to rounding) and the same failures, whatever
+    the methods: a shared pass, a perturbation method and a method that reports its success per image."""
+    args = dict(samples=16, block_size=8, methods=["saliency", "gradcam", "occlusion", "cem_pn"], device="cpu",
+                params={"cem_pn": {"steps": 15, "c_steps": 1}, "occlusion": {"window": 16, "stride": 16}},
+                figure=None)
+    whole = study(store=str(tmp_path / "whole.zarr"), **args)
+    three = study(store=str(tmp_path / "three.zarr"), batch=3, **args)
+    assert whole["batch"] == [8] and three["batch"] == [3]
+    a, b = xr.open_zarr(tmp_path / "whole.zarr"), xr.open_zarr(tmp_path / "three.zarr")
+    assert a["logits"].values.tobytes() == b["logits"].values.tobytes() or np.allclose(a["logits"], b["logits"])
+    assert (a["failure"].values == b["failure"].values).all()
+    np.testing.assert_allclose(b["attribution"].values, a["attribution"].values, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("text, expected", [("auto", None), ("16", 16)])
+def test_the_command_line_reads_batch(text, expected):
+    from flows.cli import _batch
+
+    assert _batch(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "many"])
+def test_a_bad_batch_is_refused_saying_what_is_valid(text):
+    from flows.cli import _batch
+
+    with pytest.raises(argparse.ArgumentTypeError, match="positive number of images per pass or 'auto'"):
+        _batch(text)
