@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned here (not in pyproject's ranges) because these exact
 # releases are the ones available offline on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
-# glibc's malloc backs large blocks with transparent huge pages (on machines whose THP mode is
-# "madvise", Debian's default): a study's 100 MB activations otherwise cost one page fault per
-# 4 kB, each time (docs/performance.md: the end-to-end study 1.61x -> 1.35x its bare compute).
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# glibc's malloc keeps freed memory for reuse (one heap for all threads, no block mapped on its own,
+# trimmed past 1 GiB free) and backs it with transparent huge pages: a study's 100 MB activations
+# otherwise cost one page fault per 4 kB, each pass (docs/performance.md). The same string as
+# tasks/memory.py's MALLOC_TUNABLES; the command line sets the same at run time.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824
 # The default editable install (tests/test_install.py also checks a non-editable one).
 EDITABLE := -e .
 

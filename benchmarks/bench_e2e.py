@@ -2,7 +2,7 @@
 bare compute of the same attributions measured in the same run, with the split of the study's time.
 
     .venv/bin/python benchmarks/bench_e2e.py [--images 2000] [--block-size 250] [--rounds 2]
-                                             [--scale-out] [--out FILE]
+                                             [--scale-out] [--default-malloc] [--out FILE]
 
 The folder holds the built-in test images as 128x128 PNGs in class sub-folders (the model reads them at
 64x64). Rounds alternate bare and study (fresh store each), so that the machine's drift hits both alike.
@@ -10,7 +10,10 @@ Bare: the images decoded once beforehand, then per block normalisation, predicti
 of the six methods, in memory. The study: the whole `study` flow on the folder (checking the files,
 Prefect tasks, decoding, Zarr writes), split into the dataset check, per stage the loading, compute and
 writing inside the tasks (they overlap: a unit loads and writes while another computes), and Prefect's
-time outside the tasks. With --scale-out, the same study also on a local Dask cluster of 2 processes and
+time outside the tasks. Each study round starts like a fresh command-line run: the folder is checked
+again (no dataset cached from the round before), and glibc's malloc retains freed memory as the command
+line sets it (`tasks.memory.retain_freed_memory`; --default-malloc leaves it as it is, for bare and study
+alike). With --scale-out, the same study also on a local Dask cluster of 2 processes and
 on an existing cluster started with `dask scheduler` / `dask worker` (2 single-threaded workers).
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ from PIL import Image  # noqa: E402
 import xai_methods as xm  # noqa: E402
 import zoo  # noqa: E402
 from benchlib.report import publish  # noqa: E402
+from tasks.memory import retain_freed_memory  # noqa: E402
 
 METHODS = ["saliency", "input_x_gradient", "gradcam", "gradcam_pp", "guided_backprop", "occlusion"]
 PARAMS = {"occlusion": {"window": 16, "stride": 16}}
@@ -72,8 +76,11 @@ def bare(folder: Path, block: int) -> dict[str, float]:
 
 
 def run_study(folder: Path, store: str, block: int, **where) -> dict[str, float]:
+    """The study as a fresh command-line run makes it: the folder checked (no dataset cached from before)."""
     from flows.study import study
+    from tasks.study import _load_dataset
 
+    _load_dataset.cache_clear()
     t0 = time.perf_counter()
     s = study(dataset=str(folder), model="shapes-cnn", methods=METHODS, params=PARAMS, samples=None,
               block_size=block, store=store, device="cpu", figure=None, **where)
@@ -116,7 +123,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--scale-out", action="store_true", help="also 2 Dask processes, and an existing cluster")
     ap.add_argument("--out", default=None, help="append the markdown tables to this file")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (the command line retains freed memory; tasks.memory)")
     args = ap.parse_args()
+    if not args.default_malloc:  # as the command line does, before any thread starts
+        retain_freed_memory()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     from prefect.testing.utilities import prefect_test_harness
 
@@ -151,7 +162,7 @@ def main() -> None:
         ("study, whole flow", f"{med['total']:.1f} s = {work / med['total']:.0f} images x methods / s"),
         ("study over bare compute", f"{med['total'] / compute:.2f}x (target <= 1.2x)"),
         ("study over bare compute + bare decoding", f"{med['total'] / (compute + decode):.2f}x"),
-        ("before the blocks: Prefect's start of the flow, checking the folder's files (decodes each), the store",
+        ("before the blocks: Prefect's start of the flow, checking the folder's files (decodes each, keeps the pixels), the store",
          f"{med['before_blocks']:.1f} s"),
         *((f"{stage}: {part} (inside tasks)", f"{med[f'{stage}.{part}']:.1f} s")
           for stage in ("ingest", "attribute") for part in ("load", "compute", "write")),
@@ -159,7 +170,8 @@ def main() -> None:
     ]
     lines = [f"\n## End to end: a folder of {args.images} images x {len(METHODS)} methods\n",
              f"`python benchmarks/bench_e2e.py --images {args.images} --block-size {args.block_size} --rounds "
-             f"{args.rounds}{' --scale-out' if args.scale_out else ''}` on {platform.processor() or platform.machine()}"
+             f"{args.rounds}{' --scale-out' if args.scale_out else ''}{' --default-malloc' if args.default_malloc else ''}`"
+             f" (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}) on {platform.processor() or platform.machine()}"
              f" ({os.cpu_count()} cores), torch {torch.__version__}, load average at start {load:.2f}; medians of "
              f"{args.rounds} alternating rounds. Methods: {', '.join(METHODS)} (occlusion window 16, stride 16).\n",
              *table(rows)]

@@ -682,6 +682,10 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("study", "evaluate", *PROTOCOLS):  # before the flow starts its threads
+        from tasks.memory import retain_freed_memory
+
+        retain_freed_memory()
     try:
         if args.command == "methods":
             cmd_methods()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tasks.artifacts import publish_figure
 from tasks.evaluation_plot import render_evaluation
+from tasks.memory import MALLOC_TUNABLES
 from tasks.study import accuracy_warning, options_of, units_per_task
 
 from tasks import (
@@ -75,8 +76,8 @@ def task_runner(workers: int | None, dask_address: str | None, device: str = "cp
         "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "host": "127.0.0.1",  # the scheduler and workers listen on this machine only
         "data": dict,  # in memory, never spilled
-        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,  # and huge pages (see the Makefile)
-                "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")},
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,  # and malloc's (tasks.memory)
+                "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)},
         "preload": ["tasks"],  # each worker imports torch and the tasks while it starts, all workers at once
     })
 

@@ -6,9 +6,14 @@ changes the maps by floating-point rounding at most. `batch=None` ("auto") is th
 CPU and, on a GPU, as many images as its free memory holds: one probe pass on two images measures
 the peak memory per image of the unit's own methods, and a pass that still runs out of memory is
 redone in halves.
+
+On a CPU the memory comes from the C allocator. glibc's default gives back the large blocks of a pass
+(a study's 67-134 MB activations) as soon as they are freed, and the next pass page-faults them in
+again; `retain_freed_memory` keeps them for reuse instead (docs/performance.md).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -19,6 +24,26 @@ from torch import Tensor
 MEMORY_SHARE = 0.8  # of the free memory a pass may take: the rest is room for the allocator's fragments
 PROBE_IMAGES = 2
 _per_image: dict[Hashable, float] = {}  # bytes per image, per (model, methods, parameters, input shape, device)
+
+# glibc's malloc, as `retain_freed_memory` sets it; the same as the environment's GLIBC_TUNABLES that the
+# Makefile exports and local Dask workers get, which also ask for transparent huge pages.
+RETAINED_BYTES = 1 << 30  # freed memory kept for reuse, per process, before any is given back
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                   f"glibc.malloc.trim_threshold={RETAINED_BYTES}")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt's parameters, from <malloc.h>
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, up to `RETAINED_BYTES`: every thread allocates from
+    the one main heap (a thread's own heap holds at most 64 MB, so larger blocks would be mapped afresh),
+    no block is mapped on its own, and the heap is trimmed only past that much free memory. For the whole
+    process, and best called before it starts threads; False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: macOS, Windows, musl without it
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, RETAINED_BYTES)))
 
 
 def fitting(per_image: float, free: float, block: int) -> int:

@@ -153,3 +153,11 @@ def test_the_shared_pass_benchmark_runs_every_contestant():
                             "xgradcam"]
     row = module.table({"w": {"shared": 1.2, "singles": 4.0, "peers": 8.0, "floor": 1.0}}, {"w": "W"})[-1]
     assert row == "| W | 1.2 | 4.0 | 8.0 | 1.0 | 1.20x | 3.33x | 6.67x | met |"
+
+
+def test_the_memory_bound_runs_each_case_in_a_fresh_process(bench):
+    rows = bench.run_memory(size=32, threads=1, quick=True, log=lambda _: None, methods=["smoothgrad"])
+    assert [r["internal_batch"] for r in rows] == [4, 16]
+    for r in rows:
+        assert "skipped" not in r, r
+        assert 1 <= r["max_batch"] <= r["internal_batch"] and r["rss_growth_mb"] >= 0

@@ -1,6 +1,10 @@
 """The study's batch (tasks.memory): images per model pass inside a block, given or from the GPU's free memory,
 halved when a pass runs out of memory; the maps of a block in passes equal those of the whole block."""
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ import xarray as xr
 
 from flows.study import study
 from tasks import memory
-from tasks.memory import fitting, images_per_pass, in_passes
+from tasks.memory import MALLOC_TUNABLES, fitting, images_per_pass, in_passes
 
 MB = 2**20
 
@@ -107,3 +111,40 @@ def test_a_bad_batch_is_refused_saying_what_is_valid(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="positive number of images per pass or 'auto'"):
         _batch(text)
+
+
+FAULTS = """
+import resource, sys
+import torch  # numpy would ask for huge pages itself
+if sys.argv[1] == "retain":
+    from tasks.memory import retain_freed_memory
+    assert retain_freed_memory()
+for _ in range(2):
+    torch.ones(96 * 2**20 // 4)  # the first passes map their memory in, whatever the allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    torch.ones(96 * 2**20 // 4)  # a pass's activations, allocated, written and freed
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(how: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # glibc's defaults
+    out = subprocess.run([sys.executable, "-c", FAULTS, how], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc only")
+def test_retained_memory_is_reused_without_page_faults():
+    pages = 8 * 96 * 2**20 // 4096  # what the eight passes touch, in 4 kB pages
+    assert _faults("retain") < pages / 4  # the first passes' memory, reused (now and then one pass is not)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (thp.is_file() and "[always]" in thp.read_text()):  # else the default faults 2 MB at a time
+        assert _faults("default") > 0.9 * pages  # glibc's default: every pass maps its memory in afresh
+
+
+def test_the_makefile_sets_the_same_malloc_as_the_command_line():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert f"export GLIBC_TUNABLES ?= {MALLOC_TUNABLES}\n" in makefile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torchvision
 from PIL import Image
 
 import zoo
+from zoo import folder
 from zoo.models import SHAPES_WEIGHTS
 from zoo.shapes import CLASSES, ShapesDataset, class_area, render, sample_rng
 
@@ -181,6 +183,32 @@ def test_folder_dataset(tmp_path: Path) -> None:
     assert np.allclose(gray[0], gray[1]) and np.allclose(gray[1], gray[2])  # gray -> equal channels
     part = ds.load(3, 4)
     assert np.array_equal(part.images[0], batch.images[3]) and part.ids == ["dog/d_rgba.png"]
+
+
+def test_the_check_keeps_decoded_pixels_for_the_first_load_only_while_files_stay(tmp_path: Path, monkeypatch) -> None:
+    _make_folder(tmp_path)
+    monkeypatch.setattr(folder, "KEEP_DECODED_BYTES", 3 * 3 * 24 * 32 * 4)  # room for the first three files
+    ds = folder.FolderDataset(tmp_path, size=(24, 32))
+    assert sorted(ds._kept) == ["cat/a.png", "cat/b.jpg", "cat/c_gray.png"]
+    kept = {rel: pixels.copy() for rel, (_, pixels) in ds._kept.items()}
+    for rel in ("cat/a.png", "cat/b.jpg"):  # what the check kept is what a fresh decode gives, bit for bit
+        assert np.array_equal(kept[rel], folder._read_rgb(tmp_path / rel, (24, 32)))
+    gray = tmp_path / "cat" / "c_gray.png"
+    Image.fromarray(np.full((20, 20), 7, np.uint8), mode="L").save(gray)  # changed after the check
+    os.utime(gray, ns=(gray.stat().st_atime_ns, gray.stat().st_mtime_ns + 10**9))
+    batch = ds.load(0, 5)
+    assert not ds._kept  # each kept once, for its first load
+    assert np.array_equal(batch.images[0], kept["cat/a.png"]) and np.array_equal(batch.images[1], kept["cat/b.jpg"])
+    assert np.allclose(batch.images[2], 7 / 255) and not np.allclose(kept["cat/c_gray.png"], 7 / 255)  # decoded anew
+    again = ds.load(0, 5)
+    assert np.array_equal(again.images, batch.images)  # later loads decode the files
+
+
+def test_a_file_the_load_could_not_decode_is_skipped_by_the_check(tmp_path: Path, monkeypatch) -> None:
+    _make_folder(tmp_path)
+    monkeypatch.setattr(folder.ImageOps, "exif_transpose", lambda img: (_ for _ in ()).throw(OSError("bad EXIF")))
+    with pytest.raises(ValueError, match="no readable images"):  # not a study that fails at its first block
+        folder.FolderDataset(tmp_path, size=(24, 32))
 
 
 def test_folder_limit_and_fingerprint(tmp_path: Path) -> None:

@@ -107,14 +107,13 @@ def _read_boxes(path: Path) -> dict[str, list[tuple[float, float, float, float]]
     return boxes
 
 
-def _check(path: Path) -> str | None:
-    """None if PIL fully decodes ``path``, else the reason it cannot."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-        return None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        return f"{type(e).__name__}: {e}"
+KEEP_DECODED_BYTES = 256 * 2**20  # of decoded pixels the check keeps for each file's first load
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    """What tells that a file changed since it was decoded: its size and modification time."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 class FolderDataset:
@@ -125,7 +124,8 @@ class FolderDataset:
     PIL's decompression-bomb limit) are skipped and listed in ``skipped`` as (relative path,
     reason); a symbolic link that leads outside the folder is refused.  With ``limit``, only the first ``limit``
     readable files in that order are used.  Images become RGB, resized bilinearly to
-    ``size`` (H, W).  Masks: see `_Masks` (``masks``: a folder or a CSV of boxes; by default
+    ``size`` (H, W); the check decodes each file as a load would, and keeps the pixels of the first
+    ``KEEP_DECODED_BYTES`` worth for their first load (unless the file changed since).  Masks: see `_Masks` (``masks``: a folder or a CSV of boxes; by default
     ``IMAGE.mask.png`` beside an image, which is not itself a sample).
     """
 
@@ -151,7 +151,10 @@ class FolderDataset:
                             for f in sorted((self.root / c).iterdir(), key=lambda p: p.name)
                             if self._inside(f).is_file() and not f.name.startswith(".") and not _is_mask(f)]
         self._reasons: dict[str, str | None] = {}  # relative path -> None (readable) or reason
+        self._kept: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # path -> (stat key, pixels), until loaded
+        self._keep = KEEP_DECODED_BYTES // (3 * size[0] * size[1] * 4)  # candidates whose pixels the check keeps
         self._files, seen = self._readable(limit)
+        self._kept = {rel: v for rel, v in self._kept.items() if rel in dict(self._files)}  # checked past the limit
         self.skipped: list[tuple[str, str]] = [(rel, r) for rel, _ in self._candidates[:seen]
                                                if (r := self._reasons[rel]) is not None]
         if not self._files:
@@ -170,7 +173,9 @@ class FolderDataset:
         while seen < len(self._candidates) and (limit is None or len(files) < limit):
             wanted = 256 if limit is None else max(2 * DECODE_THREADS, limit - len(files))
             chunk = self._candidates[seen:seen + min(wanted, 256)]
-            for (rel, k), reason in zip(chunk, _decoded(lambda c: self._reason(c[0]), chunk)):
+            reasons = _decoded(lambda i: self._reason(self._candidates[i][0], keep=i < self._keep),
+                               list(range(seen, seen + len(chunk))))
+            for (rel, k), reason in zip(chunk, reasons):
                 if limit is not None and len(files) >= limit:
                     break
                 seen += 1
@@ -186,9 +191,18 @@ class FolderDataset:
                              "its folder: copy the file in, or remove the link")
         return path
 
-    def _reason(self, rel: str) -> str | None:
+    def _reason(self, rel: str, keep: bool = False) -> str | None:
+        """None if `rel` decodes as a load decodes it (its pixels kept with `keep`), else the reason it cannot."""
         if rel not in self._reasons:
-            self._reasons[rel] = _check(self.root / rel)
+            path = self.root / rel
+            try:
+                key, pixels = _stat_key(path), _read_rgb(path, self.size)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+                self._reasons[rel] = f"{type(e).__name__}: {e}"
+                return self._reasons[rel]
+            if keep:
+                self._kept[rel] = key, pixels
+            self._reasons[rel] = None
         return self._reasons[rel]
 
     def __len__(self) -> int:
@@ -220,8 +234,9 @@ class FolderDataset:
         masks = np.zeros((len(ids), *self.size), bool) if self.has_masks else None
 
         def decode(i: int) -> None:
+            path, kept = self.root / ids[i], self._kept.pop(ids[i], None)
             try:
-                images[i] = _read_rgb(self.root / ids[i], self.size)
+                images[i] = kept[1] if kept is not None and kept[0] == _stat_key(path) else _read_rgb(path, self.size)
             except Exception as e:  # noqa: BLE001 - changed on disk since it was checked
                 raise ValueError(f"image {ids[i]!r} in {self.name!r} can no longer be read: {e}") from None
             if masks is not None:

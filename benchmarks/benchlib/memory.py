@@ -93,7 +93,7 @@ def run_memory(
         for ib in values:
             log(f"  memory: {name} internal_batch={ib} on {images} image(s)")
             job = {"method": name, "params": {**params, "internal_batch": ib}, "images": images, "size": size}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps({**job, "threads": threads})]
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_methods.py"), "--memory-probe", json.dumps({**job, "threads": threads})]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             row: dict[str, Any] = {"method": name, "internal_batch": ib, "params": params, "images": images}
             if proc.returncode:
