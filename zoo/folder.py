@@ -125,8 +125,9 @@ class FolderDataset:
     reason); a symbolic link that leads outside the folder is refused.  With ``limit``, only the first ``limit``
     readable files in that order are used.  Images become RGB, resized bilinearly to
     ``size`` (H, W); the check decodes each file as a load would, and keeps the pixels of the first
-    ``KEEP_DECODED_BYTES`` worth for their first load (unless the file changed since).  Masks: see `_Masks` (``masks``: a folder or a CSV of boxes; by default
-    ``IMAGE.mask.png`` beside an image, which is not itself a sample).
+    ``KEEP_DECODED_BYTES`` worth for their first load (unless the file changed since).  Masks: see
+    `_Masks` (``masks``: a folder or a CSV of boxes; by default ``IMAGE.mask.png`` beside an image,
+    which is not itself a sample).
     """
 
     def __init__(self, root: str | os.PathLike, size: tuple[int, int] = (64, 64), limit: int | None = None,
@@ -154,7 +155,8 @@ class FolderDataset:
         self._kept: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # path -> (stat key, pixels), until loaded
         self._keep = KEEP_DECODED_BYTES // (3 * size[0] * size[1] * 4)  # candidates whose pixels the check keeps
         self._files, seen = self._readable(limit)
-        self._kept = {rel: v for rel, v in self._kept.items() if rel in dict(self._files)}  # checked past the limit
+        used = {rel for rel, _ in self._files}
+        self._kept = {rel: v for rel, v in self._kept.items() if rel in used}  # not those checked past the limit
         self.skipped: list[tuple[str, str]] = [(rel, r) for rel, _ in self._candidates[:seen]
                                                if (r := self._reasons[rel]) is not None]
         if not self._files:
