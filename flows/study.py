@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from tasks.artifacts import publish_figure
 from tasks.evaluation_plot import render_evaluation
 from tasks.memory import MALLOC_TUNABLES
-from tasks.study import accuracy_warning, options_of, units_per_task
+from tasks.study import accuracy_warning, io_seconds, options_of, units_per_task
 
 from tasks import (
     StudySpec,
@@ -131,9 +131,10 @@ def compute_blocks(
             """Every unit, passing over those another run on the store is computing; then those, waiting
             for each claim (the other run's finished units are skipped, its killed ones are done here).
             Until two units have been computed, tasks hold one unit each, and those two measure Prefect's
-            cost per task against the work (the lower cost of the two: the first also pays for a worker's
-            start); then tasks hold as many units as keep that cost under 5% (`units_per_task`)."""
-            measured: list[tuple[float, float]] = []  # (Prefect's seconds, work seconds) per computed unit
+            cost per task, and the loading and writing of a unit, against its compute (the lower Prefect cost
+            of the two: the first also pays for a worker's start); then tasks hold as many units as keep what
+            a task pays once (Prefect's cost, its first load, its last write) under 5% (`units_per_task`)."""
+            measured: list[tuple[float, float, float]] = []  # (Prefect's, I/O, compute seconds) per computed unit
             for wait in (False, True):
                 todo, retry = list(units), []
                 while todo and kind not in per_task:
@@ -141,13 +142,14 @@ def compute_blocks(
                     unit, todo = todo[:1], todo[1:]
                     got = block_units.submit(spec, kind, unit, wait=wait).result()
                     if collect(unit, got, retry):
-                        measured.append((time.perf_counter() - started - got["seconds"], got["seconds"]))
+                        io = min(io_seconds(got["results"]), got["seconds"])
+                        measured.append((time.perf_counter() - started - got["seconds"], io, got["seconds"] - io))
                     if len(measured) == 2 or (measured and not todo):
-                        overhead, work = min(m[0] for m in measured), measured[-1][1]
-                        per_task[kind] = units_per_task(overhead, work, len(todo), workers)
-                        get_run_logger().info("%s: Prefect's cost per task %.0f ms against %.0f ms of work per "
-                                              "unit: %d unit(s) per task", kind, 1000 * overhead, 1000 * work,
-                                              per_task[kind])
+                        prefect, (_, io, work) = min(m[0] for m in measured), measured[-1]
+                        per_task[kind] = units_per_task(prefect + io, work, len(todo), workers)
+                        get_run_logger().info("%s: Prefect's cost per task %.0f ms and a unit's loading and writing "
+                                              "%.0f ms against its %.0f ms of compute: %d unit(s) per task", kind,
+                                              1000 * prefect, 1000 * io, 1000 * work, per_task[kind])
                 k = per_task.get(kind, 1)
                 groups = [todo[i:i + k] for i in range(0, len(todo), k)]
                 futures = {block_units.submit(spec, kind, g, wait=wait): g for g in groups}

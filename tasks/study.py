@@ -430,6 +430,9 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
         added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
+    if isinstance(p.dataset, zoo.FolderDataset):  # pixels kept by the check only for the samples to ingest
+        p.dataset.keep_decoded([i for b in s.pending() for i in p.template.sample_ids[b * spec.block_size:
+                                                                                      (b + 1) * spec.block_size]])
     log().info("dataset classes -> model classes (%s): %s", "by name" if p.model.classes else "in sorted order",
                ", ".join(f"{c} -> {p.template.classes[k] if k >= 0 else '(unknown to the model)'}"
                          for c, k in zip(p.dataset.classes, label_map(spec, p.model))))
@@ -442,7 +445,8 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
         "todo_ingest": s.pending(),
         "todo": attribution_units(spec, {m: s.pending(m) for m in spec.studied}),
-        "todo_scores": [(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],
+        "todo_scores": sorted([(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],
+                              key=lambda unit: unit[2]),  # block by block: a task reads each block once
     }
 
 
@@ -506,6 +510,12 @@ def timed(receipt: dict[str, Any], unit: Unit, t0: float, share: int = 1) -> dic
             "write_seconds": round((time.perf_counter() - t0) / share, 4)}
 
 
+def io_seconds(results: list[Any]) -> float:
+    """The seconds a task's units spent loading and writing, from their receipts (`timed`)."""
+    receipts = [r for result in results for r in (result if isinstance(result, list) else [result])]
+    return sum(r.get("load_seconds", 0.0) + r.get("write_seconds", 0.0) for r in receipts)
+
+
 @task(cache_policy=NO_CACHE)
 def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> dict[str, Any]:
     """Load one block of samples, normalise them, predict, and write inputs and predictions."""
@@ -559,7 +569,8 @@ def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait:
     return run_units(spec, "attribute", [(methods, block)], wait)[0]
 
 
-def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, wait: bool) -> Unit:
+def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, wait: bool,
+                        last: LastBlock | None = None) -> Unit:
     methods = [methods] if isinstance(methods, str) else list(methods)
 
     def load(s: storage.Store) -> Unit:
@@ -571,8 +582,7 @@ def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, w
             raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
         device = resolve_device(spec.device)
         model = model_of(spec, device)
-        images = stored_inputs(spec, s, block, model, device)
-        stored = s.read_samples(block, "target", "contrast", "logits")
+        images, stored = (last or LastBlock()).inputs(spec, s, block, model, device)
         unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
 
         def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[dict[str, Any]]:
@@ -634,7 +644,7 @@ def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, l
             "failed": sum(failed.values())}
 
 
-ORCHESTRATION_SHARE = 0.05  # batching keeps Prefect's cost per task below this share of the work
+ORCHESTRATION_SHARE = 0.05  # batching keeps what a task pays once below this share of its work
 MAX_TASK_SECONDS = 30.0  # ... but a task holds at most this much work, so that progress shows
 
 
@@ -651,15 +661,19 @@ def block_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool = Tru
 def run_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool) -> list[Any]:
     """The receipts of `units` of one stage, overlapped. The device is resolved here, in the task's own
     thread: in a Dask worker plain "cuda" means that worker's GPU, which only the task's thread can tell."""
-    prepare = {"ingest": prepare_ingest, "attribute": prepare_attribution, "evaluate": prepare_evaluation}[kind]
+    last = LastBlock()  # the passes and metrics over one block that follow each other read it once
+    prepare = {"ingest": prepare_ingest, "attribute": functools.partial(prepare_attribution, last=last),
+               "evaluate": functools.partial(prepare_evaluation, last=last)}[kind]
     spec = dataclasses.replace(spec, device=resolve_device(spec.device))
     return overlapped(list(units), lambda unit: prepare(spec, *unit, wait))
 
 
 def units_per_task(overhead: float, per_unit: float, remaining: int, workers: int) -> int:
-    """How many units one task should hold: enough that `overhead` (Prefect's seconds per task) stays under
-    `ORCHESTRATION_SHARE` of the work, at most `MAX_TASK_SECONDS` of work, and (with several workers)
-    at most a share that leaves each worker two tasks."""
+    """How many units one task should hold: enough that `overhead`, what a task pays once (Prefect's cost
+    per task, and the loading of its first unit and the writing of its last, which no compute overlaps:
+    `tasks.pipeline`), stays under `ORCHESTRATION_SHARE` of the work, `per_unit` seconds of compute a unit;
+    at most `MAX_TASK_SECONDS` of work, and (with several workers) at most a share that leaves each worker
+    two tasks."""
     if remaining < 1:
         return 1
     wanted = math.ceil(max(overhead, 0.0) / (ORCHESTRATION_SHARE * max(per_unit, 1e-6)))
@@ -684,13 +698,33 @@ def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn
     return model_inputs(spec, s, block, model, device)[0]
 
 
+class LastBlock:
+    """The stored inputs of the block a task's units read last: the model inputs and the sample variables
+    (target, contrast, logits, mask). The next unit on the same block (another pass over it, another metric)
+    gets copies instead of reading the store again. One per task, in its loading thread: a block's inputs
+    do not change once it is ingested."""
+
+    def __init__(self) -> None:
+        self.block: int | None = None
+        self.read: tuple[torch.Tensor, dict[str, np.ndarray]] | None = None
+
+    def inputs(self, spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module,
+               device: str) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        if self.block != block or self.read is None:
+            names = ["target", "contrast", "logits", *(["mask"] if s.has("mask") else [])]
+            self.block, self.read = block, (stored_inputs(spec, s, block, model, device), s.read_samples(block, *names))
+        images, samples = self.read
+        return images.clone(), {k: v.copy() for k, v in samples.items()}  # a unit may change its own copy
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: bool = True) -> dict[str, Any]:
     """Score one method's stored maps of one block with one metric; the model passes are the metric's own."""
     return run_units(spec, "evaluate", [(method, metric, block)], wait)[0]
 
 
-def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wait: bool) -> Unit:
+def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wait: bool,
+                       last: LastBlock | None = None) -> Unit:
     receipt = {"xai_method": method, "metric": metric, "block": block}
 
     def load(s: storage.Store) -> Unit:
@@ -700,8 +734,7 @@ def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wa
             raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
         device = resolve_device(spec.device)
         model = model_of(spec, device)
-        images = stored_inputs(spec, s, block, model, device)
-        stored = s.read_samples(block, "target", "contrast", *(["mask"] if s.has("mask") else []))
+        images, stored = (last or LastBlock()).inputs(spec, s, block, model, device)
         maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
         failed = s.read_failures(method, block) > 0
         unit = Unit(compute=lambda: _evaluate(spec, model, images, maps, stored, method, metric, device))

@@ -40,3 +40,62 @@ def test_a_batched_study_stores_the_same_bits(prefect_api, tmp_path, monkeypatch
     a, b = xr.open_zarr(tmp_path / "one.zarr"), xr.open_zarr(tmp_path / "four.zarr")
     for var in ("attribution", "image", "logits", "failure"):
         assert a[var].values.tobytes() == b[var].values.tobytes(), var
+
+
+def test_io_seconds_sums_the_loading_and_writing_of_every_receipt():
+    from tasks.study import io_seconds
+
+    one = {"block": 0, "load_seconds": 0.25, "write_seconds": 0.5}  # an ingest unit: one receipt
+    shared = [{"xai_method": m, "load_seconds": 0.125, "write_seconds": 0.25} for m in ("saliency", "gradcam")]
+    skipped = {"block": 1, "samples": 0, "skipped": "finished by another run"}  # nothing loaded or written
+    assert io_seconds([one, shared, skipped]) == 0.75 + 0.75
+    assert io_seconds([]) == 0
+
+
+def test_a_units_loading_and_writing_count_as_a_cost_per_task(prefect_api, tmp_path, monkeypatch):
+    """A task's first load and last write overlap no compute, so they are paid once per task as Prefect's
+    cost is: the measured unit's loading and writing go into the cost per task, its compute into the work."""
+    import flows.study
+
+    calls, ios, real_io, real = [], [], flows.study.io_seconds, flows.study.units_per_task
+    monkeypatch.setattr(flows.study, "io_seconds", lambda results: ios.append(real_io(results)) or ios[-1])
+    monkeypatch.setattr(flows.study, "units_per_task",
+                        lambda overhead, work, *rest: calls.append((overhead, work)) or real(overhead, work, *rest))
+    study(store=str(tmp_path / "s.zarr"), samples=24, block_size=4, methods=["saliency"], device="cpu", figure=None)
+    assert len(calls) == 2 and len(ios) == 4, (calls, ios)  # per stage, two measuring tasks
+    for (overhead, work), io in zip(calls, ios[1::2]):  # each stage decides on its second measurement
+        assert io > 0 and overhead >= io and work > 0, (calls, ios)
+
+
+def test_the_units_of_one_block_in_a_task_read_its_inputs_once(prefect_api, tmp_path, monkeypatch):
+    """A block's shared pass and its other methods, in one task, read its stored inputs once; each unit
+    still gets its own copy (the stored bits are those of one unit per task: the test above)."""
+    import flows.study
+    import storage
+
+    reads, real = [], storage.Store.read_samples
+    monkeypatch.setattr(storage.Store, "read_samples",
+                        lambda self, block, *names: reads.append((block, names)) or real(self, block, *names))
+    monkeypatch.setattr(flows.study, "units_per_task", lambda *a: 100)
+    study(store=str(tmp_path / "s.zarr"), samples=8, block_size=4, methods=["saliency", "gradcam", "guided_backprop"],
+          device="cpu", figure=None)
+    inputs = [block for block, names in reads if "image" in names]
+    # units: (saliency+gradcam, 0) and (guided_backprop, 0) measure, one task each; then block 1's two units
+    # in one task, which reads block 1 once
+    assert inputs == [0, 0, 1], reads
+
+
+def test_last_block_hands_out_copies(prefect_api, tmp_path):
+    import storage
+    import torch
+    from tasks.study import LastBlock, StudySpec, model_of
+
+    store = str(tmp_path / "s.zarr")
+    study(store=store, samples=4, block_size=4, methods=["saliency"], device="cpu", figure=None)
+    spec, last = StudySpec(store=store, samples=4, block_size=4, methods=["saliency"]), LastBlock()
+    s = storage.Store(store, mode="r")
+    (a, sa), (b, sb) = (last.inputs(spec, s, 0, model_of(spec, "cpu"), "cpu") for _ in range(2))
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    a.zero_()
+    sa["target"].fill(-1)
+    assert torch.equal(b, torch.from_numpy(s.read_samples(0, "image")["image"])) and (sb["target"] >= 0).all()

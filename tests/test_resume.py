@@ -45,6 +45,37 @@ def test_growth_computes_only_what_is_new_and_matches_a_fresh_run(reference, tmp
     assert list(xr.open_zarr(store).sample_id.values) == list(xr.open_zarr(fresh).sample_id.values)
 
 
+def shapes_folder(root, n: int):
+    """`n` built-in images as PNGs in class sub-folders of `root`; their batch."""
+    from PIL import Image
+
+    import zoo
+
+    batch = zoo.load_dataset("shapes", limit=n).load(0, n)
+    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
+        (root / zoo.shapes.CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(root / zoo.shapes.CLASSES[label] / f"{i}.png")
+    return batch
+
+
+def test_a_resumed_folder_study_keeps_decoded_pixels_only_for_what_it_ingests(prefect_api, tmp_path):
+    """The folder's check keeps decoded pixels for the first load; a run with nothing (or part) to ingest
+    does not hold the others in its cached dataset."""
+    from tasks.study import _load_dataset, load_dataset
+
+    root, store = tmp_path / "data", str(tmp_path / "folder.zarr")
+    shapes_folder(root, 10)
+    args = dict(dataset=str(root), block_size=4, methods=["saliency"], device="cpu", figure=None)
+    study(store=store, samples=6, **args)
+    assert not load_dataset(str(root), 6, (64, 64))._kept  # each used by its block's load
+    _load_dataset.cache_clear()
+    study(store=store, samples=6, **args)  # finished: nothing to ingest
+    assert not load_dataset(str(root), 6, (64, 64))._kept
+    _load_dataset.cache_clear()
+    study(store=store, samples=None, **args)  # grown by 4 samples: block 1 gains 2, block 2 is new
+    assert not load_dataset(str(root), None, (64, 64))._kept  # those loaded, the stored block's not kept
+
+
 def test_a_changed_sample_is_refused(prefect_api, tmp_path):
     """A folder dataset whose stored image changed on disk is refused, naming the dataset."""
     from PIL import Image
@@ -52,10 +83,7 @@ def test_a_changed_sample_is_refused(prefect_api, tmp_path):
     import zoo
 
     root = tmp_path / "data"
-    batch = zoo.load_dataset("shapes", limit=6).load(0, 6)
-    for i, (img, label) in enumerate(zip(batch.images, batch.labels)):
-        (root / zoo.shapes.CLASSES[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(root / zoo.shapes.CLASSES[label] / f"{i}.png")
+    batch = shapes_folder(root, 6)
     store = str(tmp_path / "folder.zarr")
     args = dict(dataset=str(root), samples=None, block_size=4, methods=["saliency"], device="cpu")
     summary = study(store=store, **args)

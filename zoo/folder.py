@@ -229,6 +229,11 @@ class FolderDataset:
             raise ValueError(f"sample {rel!r} is no longer a readable image of {self.name!r}")
         return self._labels[rel]
 
+    def keep_decoded(self, ids: list[str]) -> None:
+        """Forget the pixels the check kept, but those of `ids` (the samples a run will load next)."""
+        wanted = set(ids)
+        self._kept = {rel: v for rel, v in self._kept.items() if rel in wanted}
+
     def load_ids(self, ids: list[str]) -> Batch:
         """The samples with these relative paths, in this order."""
         labels = np.array([self._label(rel) for rel in ids], dtype=np.int64)
