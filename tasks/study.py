@@ -431,8 +431,8 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
     if isinstance(p.dataset, zoo.FolderDataset):  # pixels kept by the check only for the samples to ingest
-        p.dataset.keep_decoded([i for b in s.pending() for i in p.template.sample_ids[b * spec.block_size:
-                                                                                      (b + 1) * spec.block_size]])
+        ingested_next = [storage.block_slice(b, n, spec.block_size) for b in s.pending()]
+        p.dataset.keep_decoded([i for part in ingested_next for i in p.template.sample_ids[part]])
     log().info("dataset classes -> model classes (%s): %s", "by name" if p.model.classes else "in sorted order",
                ", ".join(f"{c} -> {p.template.classes[k] if k >= 0 else '(unknown to the model)'}"
                          for c, k in zip(p.dataset.classes, label_map(spec, p.model))))
@@ -570,7 +570,7 @@ def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait:
 
 
 def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, wait: bool,
-                        last: LastBlock | None = None) -> Unit:
+                        last: LastBlock) -> Unit:
     methods = [methods] if isinstance(methods, str) else list(methods)
 
     def load(s: storage.Store) -> Unit:
@@ -582,7 +582,7 @@ def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, w
             raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
         device = resolve_device(spec.device)
         model = model_of(spec, device)
-        images, stored = (last or LastBlock()).inputs(spec, s, block, model, device)
+        images, stored = last.inputs(spec, s, block, model, device)
         unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
 
         def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[dict[str, Any]]:
@@ -724,7 +724,7 @@ def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: 
 
 
 def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wait: bool,
-                       last: LastBlock | None = None) -> Unit:
+                       last: LastBlock) -> Unit:
     receipt = {"xai_method": method, "metric": metric, "block": block}
 
     def load(s: storage.Store) -> Unit:
@@ -734,7 +734,7 @@ def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wa
             raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
         device = resolve_device(spec.device)
         model = model_of(spec, device)
-        images, stored = (last or LastBlock()).inputs(spec, s, block, model, device)
+        images, stored = last.inputs(spec, s, block, model, device)
         maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
         failed = s.read_failures(method, block) > 0
         unit = Unit(compute=lambda: _evaluate(spec, model, images, maps, stored, method, metric, device))

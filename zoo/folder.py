@@ -155,8 +155,7 @@ class FolderDataset:
         self._kept: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # path -> (stat key, pixels), until loaded
         self._keep = KEEP_DECODED_BYTES // (3 * size[0] * size[1] * 4)  # candidates whose pixels the check keeps
         self._files, seen = self._readable(limit)
-        used = {rel for rel, _ in self._files}
-        self._kept = {rel: v for rel, v in self._kept.items() if rel in used}  # not those checked past the limit
+        self.keep_decoded([rel for rel, _ in self._files])  # not those checked past the limit
         self.skipped: list[tuple[str, str]] = [(rel, r) for rel, _ in self._candidates[:seen]
                                                if (r := self._reasons[rel]) is not None]
         if not self._files:
