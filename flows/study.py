@@ -132,8 +132,9 @@ def compute_blocks(
             for each claim (the other run's finished units are skipped, its killed ones are done here).
             Until two units have been computed, tasks hold one unit each, and those two measure Prefect's
             cost per task, and the loading and writing of a unit, against its compute (the lower Prefect cost
-            of the two: the first also pays for a worker's start); then tasks hold as many units as keep what
-            a task pays once (Prefect's cost, its first load, its last write) under 5% (`units_per_task`)."""
+            of the two, as the first also pays for a worker's start; the mean of the rest, as units differ);
+            then tasks hold as many units as keep what a task pays once (Prefect's cost, its first load, its
+            last write) under 5% of the work (`units_per_task`)."""
             measured: list[tuple[float, float, float]] = []  # (Prefect's, I/O, compute seconds) per computed unit
             for wait in (False, True):
                 todo, retry = list(units), []
@@ -145,7 +146,8 @@ def compute_blocks(
                         io = min(io_seconds(got["results"]), got["seconds"])
                         measured.append((time.perf_counter() - started - got["seconds"], io, got["seconds"] - io))
                     if len(measured) == 2 or (measured and not todo):
-                        prefect, (_, io, work) = min(m[0] for m in measured), measured[-1]
+                        prefect = min(m[0] for m in measured)  # and a unit's mean I/O and compute
+                        io, work = (sum(m[i] for m in measured) / len(measured) for i in (1, 2))
                         per_task[kind] = units_per_task(prefect + io, work, len(todo), workers)
                         get_run_logger().info("%s: Prefect's cost per task %.0f ms and a unit's loading and writing "
                                               "%.0f ms against its %.0f ms of compute: %d unit(s) per task", kind,

@@ -63,8 +63,8 @@ def test_a_units_loading_and_writing_count_as_a_cost_per_task(prefect_api, tmp_p
                         lambda overhead, work, *rest: calls.append((overhead, work)) or real(overhead, work, *rest))
     study(store=str(tmp_path / "s.zarr"), samples=24, block_size=4, methods=["saliency"], device="cpu", figure=None)
     assert len(calls) == 2 and len(ios) == 4, (calls, ios)  # per stage, two measuring tasks
-    for (overhead, work), io in zip(calls, ios[1::2]):  # each stage decides on its second measurement
-        assert io > 0 and overhead >= io and work > 0, (calls, ios)
+    for (overhead, work), io in zip(calls, (ios[0:2], ios[2:4])):  # each stage, on its two measurements
+        assert min(io) > 0 and overhead >= sum(io) / 2 and work > 0, (calls, ios)
 
 
 def test_the_units_of_one_block_in_a_task_read_its_inputs_once(prefect_api, tmp_path, monkeypatch):
