@@ -198,6 +198,23 @@ def test_default_layer() -> None:
         _core.default_layer(model, images())
 
 
+def test_default_layer_probes_once_per_model_modules_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    probes: list[tuple[int, ...]] = []
+    probe = _core._probe_layer
+    monkeypatch.setattr(_core, "_probe_layer", lambda m, x: probes.append(tuple(x.shape)) or probe(m, x))
+    model, x = tiny_cnn(), images()
+    first = xm.attribute("gradcam", model, x, target=0)
+    again = xm.attribute("gradcam", model, x, target=0)
+    assert torch.equal(first, again) and probes == [(3, 3, 16, 16)]
+    assert _core.default_layer(tiny_cnn(), x) == "stage3" and len(probes) == 2  # another model probes anew
+    # a module replaced: stage3 now ends at 1x1, so the last stage with a grid is stage2
+    model.stage3 = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(16, 16, 1))
+    assert _core.default_layer(model, x) == "stage2" and len(probes) == 3
+    bigger = images(h=32, w=32)  # another image shape: probed again, then remembered
+    assert _core.default_layer(model, bigger) == _core.default_layer(model, bigger) == "stage3"
+    assert len(probes) == 4
+
+
 def test_untouched_restores_on_error() -> None:
     model = tiny_cnn().train()
     mix_state(model, "train", flip=model.stage2, freeze=model.stage1[0].weight, not_inplace=model.stage2[2])

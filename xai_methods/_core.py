@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -68,6 +69,10 @@ def layer_name(model: nn.Module, layer: nn.Module) -> str:
     raise _layer_error(model, f"the given {type(layer).__name__} module is not part of the model")
 
 
+# model -> (what the probe depended on, the layer it found): `default_layer`'s last answer per model
+_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
 def default_layer(model: nn.Module, images: Tensor) -> str:
     """Name of the layer a layer method uses when `layer=None`.
 
@@ -76,13 +81,26 @@ def default_layer(model: nn.Module, images: Tensor) -> str:
     those returning a 4-D tensor with a spatial grid larger than 1x1 (the last
     convolutional stage, e.g. ``layer4`` of a torchvision ResNet). The probe
     runs in eval mode so it does not touch BatchNorm statistics; every module's
-    mode is restored afterwards.
+    mode is restored afterwards. Its answer is remembered per model while the
+    model's modules (names, types, identities) and the image shape stay the same,
+    so a batch loop pays one probe, not one per call.
     """
     name = getattr(model, "default_layer", None)
     if isinstance(name, str):
         resolve_layer(model, name)
         return name
+    key = (tuple(images.shape[1:]), tuple((n, type(m), id(m)) for n, m in model.named_modules()))
+    known = _PROBED.get(model)
+    if known is not None and known[0] == key:
+        return known[1]
+    name = _probe_layer(model, images)
+    _PROBED[model] = key, name
+    return name
 
+
+def _probe_layer(model: nn.Module, images: Tensor) -> str:
+    """The module of `model` that finished last among those returning a (B, K, h, w) tensor with h, w > 1
+    on `images[:1]` (see `default_layer`)."""
     finished: dict[str, int] = {}  # module name -> order in which it (last) finished
     clock = itertools.count()
 
