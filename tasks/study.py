@@ -10,6 +10,7 @@ is finished.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -205,12 +206,33 @@ def _load_dataset(name: str, samples: int | None, size: tuple[int, int], masks: 
     return zoo.load_dataset(name, split="test", size=size, limit=samples, masks=masks)
 
 
+# the datasets already listed in this scope (one task: `listed_once`); None outside one
+_LISTED: contextvars.ContextVar[dict[tuple, zoo.Dataset] | None] = contextvars.ContextVar("listed", default=None)
+
+
 def load_dataset(name: str, samples: int | None, size: tuple[int, int], masks: str | None = None) -> zoo.Dataset:
     """The dataset, loaded once per process while a folder's files (and its masks) stay the same (a
-    folder dataset decodes every file when it is made)."""
+    folder dataset decodes every file when it is made). Inside `listed_once`, the folder is listed once."""
+    listed, key = _LISTED.get(), (name, samples, tuple(size), masks)
+    if listed is not None and key in listed:
+        return listed[key]
     listing = (_listing(name), _listing(masks) if masks and Path(masks).is_dir() else
                (masks, Path(masks).stat().st_mtime_ns if masks and Path(masks).is_file() else None))
-    return _load_dataset(name, samples, tuple(size), masks, listing)
+    dataset = _load_dataset(name, samples, tuple(size), masks, listing)
+    if listed is not None:
+        listed[key] = dataset
+    return dataset
+
+
+@contextlib.contextmanager
+def listed_once():
+    """A scope (one task's units) in which `load_dataset` lists each folder once: the units load samples
+    by id, and listing every file of a large folder twice per unit made ingestion quadratic in its size."""
+    token = _LISTED.set({})
+    try:
+        yield
+    finally:
+        _LISTED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -665,7 +687,8 @@ def run_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool) -> lis
     prepare = {"ingest": prepare_ingest, "attribute": functools.partial(prepare_attribution, last=last),
                "evaluate": functools.partial(prepare_evaluation, last=last)}[kind]
     spec = dataclasses.replace(spec, device=resolve_device(spec.device))
-    return overlapped(list(units), lambda unit: prepare(spec, *unit, wait))
+    with listed_once():  # the loader and writer threads run in copies of this context
+        return overlapped(list(units), lambda unit: prepare(spec, *unit, wait))
 
 
 def units_per_task(overhead: float, per_unit: float, remaining: int, workers: int) -> int:

@@ -99,3 +99,33 @@ def test_last_block_hands_out_copies(prefect_api, tmp_path):
     a.zero_()
     sa["target"].fill(-1)
     assert torch.equal(b, torch.from_numpy(s.read_samples(0, "image")["image"])) and (sb["target"] >= 0).all()
+
+
+def test_a_task_lists_a_folder_once_however_many_units_it_holds(prefect_api, tmp_path, monkeypatch):
+    """Each unit loads its samples by id, so a task lists the folder once (`listed_once`); before, each
+    ingest unit listed every file twice, which made a large folder's ingestion quadratic in its size."""
+    import flows.study
+    import tasks.study
+    from test_resume import shapes_folder
+
+    root = tmp_path / "data"
+    shapes_folder(root, 24)
+    listed, real = [], tasks.study._listing
+    monkeypatch.setattr(tasks.study, "_listing", lambda name: listed.append(name) or real(name))
+    monkeypatch.setattr(flows.study, "units_per_task", lambda *a: 100)
+    counts = []
+    for n in (12, 24):  # 3 blocks: the two measuring tasks and a task of one unit; 6 blocks: ... of four
+        listed.clear()
+        study(store=str(tmp_path / f"{n}.zarr"), dataset=str(root), samples=n, block_size=4, methods=["saliency"],
+              device="cpu", figure=None)
+        counts.append(listed.count(str(root)))
+    assert counts[0] == counts[1], counts  # three more units in the last task, no more listings
+
+    listed.clear()
+    with tasks.study.listed_once():
+        a, b = (tasks.study.load_dataset(str(root), None, (64, 64)) for _ in range(2))
+    assert a is b and listed == [str(root)]
+    shapes_folder(tmp_path / "extra", 1)  # outside the scope, a change in the folder is seen at once
+    new = next((tmp_path / "extra").rglob("*.png"))
+    new.rename(root / new.parent.name / "new.png")
+    assert len(tasks.study.load_dataset(str(root), None, (64, 64))) == len(a) + 1
