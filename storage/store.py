@@ -560,14 +560,16 @@ class Store:
         if unknown:
             raise KeyError(f"unknown sample variables {sorted(unknown)}; valid: {SAMPLE_VARIABLES}")
         s = self.aligned(block)
+        written = {}
         for name, value in arrays.items():
             if name not in self.group:  # a dataset without masks, a store without images
                 continue
             expected = (s.stop - s.start, *self.group[name].shape[1:])
             if value.shape != expected:
                 raise ValueError(f"{name} for block {block} has shape {value.shape}, expected {expected}")
-            self.group[name][s] = value
-        self._record(("ingested_checksum", block), self._sample_checksum(block))
+            written[name] = np.asarray(value, dtype=self.group[name].dtype)
+            self.group[name][s] = written[name]
+        self._record(("ingested_checksum", block), self._sample_checksum(block, written))
         self.group["ingested"][block] = True
 
     def _record(self, where: tuple[Any, ...], checksum: int) -> None:
@@ -575,11 +577,11 @@ class Store:
         if name in self.group:  # a store made before checksums were recorded gains them in `grow`
             self.group[name][tuple(index)] = checksum
 
-    def _sample_checksum(self, block: int) -> int:
-        """The CRC-32 of a block's sample variables as the store holds them (read back, so it is what a
-        later `verify` reads)."""
-        s = block_slice(block, self.n_samples, self.block_size)
-        return checksum(*(self.group[v][s] for v in SAMPLE_VARIABLES if v in self.group))
+    def _sample_checksum(self, block: int, written: dict[str, np.ndarray] | None = None) -> int:
+        """The CRC-32 of a block's sample variables as the store holds them: those just `written` (cast to
+        their arrays' dtypes) from memory, as the codecs are lossless, and the others read back."""
+        s, written = block_slice(block, self.n_samples, self.block_size), written or {}
+        return checksum(*(written[v] if v in written else self.group[v][s] for v in SAMPLE_VARIABLES if v in self.group))
 
     def write_attribution(self, method: str, block: int, maps: np.ndarray, failure: np.ndarray | None = None) -> None:
         """Write one whole block of maps for ``method`` and, per sample, its failure code (0: a usable
@@ -593,15 +595,18 @@ class Store:
         if failure.shape != expected[:1] or not np.isnan(maps[failure > 0]).all():
             raise ValueError(f"failure codes for {method} block {block} must be ({expected[0]},) with the failed "
                              "samples' maps NaN")
-        arr[m, s] = maps.astype(arr.dtype)
+        maps = maps.astype(arr.dtype)
+        arr[m, s] = maps
         if "failure" in self.group:  # a store made before failures were recorded gains it in `grow`
             self.group["failure"][m, s] = failure
-        self._record(("checksum", m, block), self._map_checksum(m, block))
+        self._record(("checksum", m, block), self._map_checksum(m, block, (maps, failure)))
         self.group["done"][m, block] = True
 
-    def _map_checksum(self, m: int, block: int) -> int:
-        s = block_slice(block, self.n_samples, self.block_size)
-        return checksum(self.group["attribution"][m, s], *([self.group["failure"][m, s]] if "failure" in self.group else []))
+    def _map_checksum(self, m: int, block: int, written: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """The CRC-32 of a block's maps and failure codes: those just `written` (as stored), or read back."""
+        s, has_failure = block_slice(block, self.n_samples, self.block_size), "failure" in self.group
+        maps, failure = written or (self.group["attribution"][m, s], self.group["failure"][m, s] if has_failure else None)
+        return checksum(maps, *([failure] if has_failure else []))
 
     def verify(self) -> list[dict[str, Any]]:
         """Every finished block read back and checked against the checksum recorded with its flag: one

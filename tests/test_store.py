@@ -244,6 +244,27 @@ def test_an_interrupted_growth_is_completed(store, monkeypatch):
     assert xr.open_zarr(store).sample_id.values[-1] == "test/000012"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_recorded_checksums_are_those_of_what_is_read_back(tmp_path, dtype):
+    """Checksums are made from the arrays as written, not read back: they must be what `verify` reads, through
+    the dtype casts (float64 maps into float16, int32 labels into int64) and with variables left unwritten."""
+    path = str(tmp_path / "c.zarr")
+    storage.create(path, template(dtype=dtype))
+    s, rng = storage.Store(path), np.random.default_rng(0)
+    s.write_samples(1, label=np.array([1, 2, 3, 0], np.int32), image=rng.normal(size=(4, 3, 8, 8)),
+                    mask=rng.random((4, 8, 8)) > 0.5)  # logits, prediction, target, contrast: left as filled
+    maps = rng.normal(size=(4, 8, 8))
+    maps[2] = np.nan
+    s.write_attribution("gradcam", 1, maps, failure=np.array([0, 0, 2, 0]))
+    g = zarr.open_group(path, mode="r")
+    assert int(g["ingested_checksum"][1]) == s._sample_checksum(1) != 0
+    assert int(g["checksum"][1, 1]) == s._map_checksum(1, 1)
+    assert s.verify() == []
+    g = zarr.open_group(path, mode="r+")
+    g["attribution"][1, 4] = 0.5  # a changed value is found
+    assert [(d["kind"], d["block"]) for d in storage.Store(path).verify()] == [("maps", 1)]
+
+
 @pytest.mark.parametrize("compression", ["zstd", "blosc", "none"])
 def test_layout_options_round_trip(tmp_path, compression):
     path = str(tmp_path / f"{compression}.zarr")
