@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
@@ -99,18 +99,23 @@ def reported_here() -> Iterator[None]:
         yield
 
 
-@flow(name="study-blocks")
 def compute_blocks(
-    spec: StudySpec, todo_ingest: list[int], todo: list[tuple[list[str], int]], todo_scores: list[tuple[str, str, int]],
-    total: int, already: int,
+    runner: TaskRunner, spec: StudySpec, todo_ingest: list[int], todo: list[tuple[list[str], int]],
+    todo_scores: list[tuple[str, str, int]], total: int, already: int,
 ) -> dict[str, Any]:
-    """Ingest, attribute, then score the pending blocks on the flow's task runner; returns the receipts, the
-    seconds spent inside the tasks and the seconds of the whole."""
+    """Ingest, attribute, then score the pending blocks as block tasks of the calling flow run, on `runner`
+    (`task_runner`: chosen per run, so not the flow's own, and submitted to as `Task.submit` would); returns
+    the receipts, the seconds spent inside the tasks and the seconds of the whole. Not a subflow: a flow run
+    costs its start and, at its end, up to a second's wait for its heartbeat thread."""
     receipts: list[dict[str, Any]] = []
     in_tasks, started_all = 0.0, time.perf_counter()
     per_task: dict[str, int] = {}  # units per task, per stage, once measured
     workers = spec.workers or (4 if spec.dask_address else 1)  # an existing cluster: assume a few workers
-    with tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
+
+    def submit(kind: str, units: list[tuple], wait: bool) -> PrefectFuture[dict[str, Any]]:
+        return runner.submit(block_units, {"spec": spec, "kind": kind, "units": units, "wait": wait})
+
+    with runner, tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
 
         def collect(group: list[tuple], got: dict[str, Any], retry: list[tuple]) -> bool:
             """File a task's receipts (a unit of several methods has several); units another run holds go
@@ -141,7 +146,7 @@ def compute_blocks(
                 while todo and kind not in per_task:
                     started = time.perf_counter()
                     unit, todo = todo[:1], todo[1:]
-                    got = block_units.submit(spec, kind, unit, wait=wait).result()
+                    got = submit(kind, unit, wait).result()
                     if collect(unit, got, retry):
                         io = min(io_seconds(got["results"]), got["seconds"])
                         measured.append((time.perf_counter() - started - got["seconds"], io, got["seconds"] - io))
@@ -154,7 +159,7 @@ def compute_blocks(
                                               1000 * prefect, 1000 * io, 1000 * work, per_task[kind])
                 k = per_task.get(kind, 1)
                 groups = [todo[i:i + k] for i in range(0, len(todo), k)]
-                futures = {block_units.submit(spec, kind, g, wait=wait): g for g in groups}
+                futures = {submit(kind, g, wait): g for g in groups}
                 for future in as_completed(list(futures)):
                     collect(futures[future], future.result(), retry)
                 units = retry
@@ -204,8 +209,7 @@ def study(**options: Any) -> dict[str, Any]:
     log.info("%d of %d block tasks already done; %d to compute", total - pending, total, pending)
     runner = task_runner(spec.workers, spec.dask_address, spec.device)
     with reported_here():
-        blocks = compute_blocks.with_options(task_runner=runner)(spec, todo_ingest, todo, todo_scores, total,
-                                                                 total - pending)
+        blocks = compute_blocks(runner, spec, todo_ingest, todo, todo_scores, total, total - pending)
     receipts = blocks["receipts"]
     done = [r for r in receipts if not r.get("skipped")]  # skipped: another run on the store finished it
     maps = [r for r in done if STAGES["attribute"](r)]
