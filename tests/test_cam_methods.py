@@ -382,6 +382,45 @@ def test_ablationcam_matches_loop_including_negative_scores() -> None:
     torch.testing.assert_close(ours, ablation_reference(model, x, t, model.stage3), atol=1e-5, rtol=1e-4)
 
 
+def test_ablationcam_runs_its_layer_once_and_only_a_layer_that_runs_once_is_skipped(monkeypatch) -> None:
+    """After the first chunk, the layer's output comes from the first pass and the layer itself does not run
+    again: the maps are bit-identical to running it every time, and a forward already set on the layer's
+    instance is put back. A module run twice per forward runs every time."""
+    import contextlib
+
+    from xai_methods import cam
+
+    model, x = tiny_cnn(), images(3)
+    t = torch.tensor([0, 1, 4])
+    ran = []  # the layer's own work: its first convolution's calls
+    model.stage3[0].register_forward_hook(lambda m, i, o: ran.append(1))
+    kwargs = dict(target=t, layer=model.stage3, relu=False, upsample=False, internal_batch=6)
+    with cam.forward_replaced(model.stage3, model.stage3.forward):  # an instance forward, to be kept
+        fast = xm.attribute("ablationcam", model, x, **kwargs)
+        assert len(ran) == 2 and "forward" in vars(model.stage3)  # the first pass and the first chunk
+    assert "forward" not in vars(model.stage3)
+    ran.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(cam, "forward_replaced", lambda module, forward: contextlib.nullcontext())
+        every_time = xm.attribute("ablationcam", model, x, **kwargs)
+    assert len(ran) == 1 + -(-3 * 16 // 6) and torch.equal(fast, every_time)
+
+    class Twice(nn.Module):  # one block applied twice: its output is not one tensor per forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)), nn.Linear(3, 4)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(torch.relu(self.block(z))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    twice, calls = Twice().eval(), []
+    twice.block[0].register_forward_hook(lambda m, i, o: calls.append(1))  # the block's own work
+    got = xm.attribute("ablationcam", twice, x, target=t % 4, layer=twice.block, relu=False, upsample=False,
+                       internal_batch=2)
+    assert len(calls) == 2 * (1 + -(-3 * 3 // 2)) and torch.isfinite(got).all()
+
+
 def test_eigencam_first_principal_component_and_sign() -> None:
     model, x = tiny_cnn(), images(3)
     ours = xm.attribute("eigencam", model, x, relu=False, upsample=False)

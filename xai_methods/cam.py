@@ -23,8 +23,9 @@ permute or slice), as pytorch-grad-cam's ``reshape_transform``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -408,21 +409,45 @@ def ablationcam(
         )
     score = class_score(logits, t)
     ablated = torch.empty(b * k, dtype=score.dtype, device=score.device)
-    zeroed: dict[str, Tensor] = {}  # "channel": the channel zeroed in each element of the current chunk
+    zeroed: dict[str, Tensor] = {}  # the image and the channel zeroed of each element of the current chunk
+    calls = 0
 
     def ablate(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        out = output.clone()
+        nonlocal calls
+        calls += 1
+        out = raw[zeroed["image"]] if "image" in zeroed else output.clone()  # indexing copies
         out.movedim(dim, 1)[torch.arange(out.shape[0], device=out.device), zeroed["channel"]] = 0
         return out
 
     chunks = batched(b * k, internal_batch)
-    with torch.inference_mode(), hooks(layer.register_forward_hook(ablate)):
+    with torch.inference_mode(), hooks(layer.register_forward_hook(ablate)), contextlib.ExitStack() as scope:
         for chunk in progress_bar(chunks, progress, total=-(-b * k // internal_batch), desc="ablationcam"):
             pair = torch.arange(chunk.start, chunk.stop, device=images.device)
             image, zeroed["channel"] = pair // k, pair % k
+            if "image" in zeroed:
+                zeroed["image"] = image
             ablated[chunk] = class_score(model(images[image]), t[image])
+            if chunk.start == 0 and calls == 1 and not isinstance(layer, torch.jit.ScriptModule):
+                # The layer runs once per forward: later chunks take its output from the first pass instead
+                # of running it again (as pytorch-grad-cam does), the layers before it still run.
+                scope.enter_context(forward_replaced(layer, lambda *args, **kwargs: raw))
+                zeroed["image"] = image
     weights = (score[:, None] - ablated.view(b, k)) / score.abs().clamp_min(torch.finfo(score.dtype).tiny)[:, None]
     return finish(combine(activation, weights.to(activation.dtype)), images.shape[2:], relu=relu, upsample=upsample)
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Scope in which `module` runs `forward` instead of its own (its hooks still run); undone on exit."""
+    own = module.__dict__.get("forward")  # a forward already set on the instance, kept
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- Eigen-CAM
