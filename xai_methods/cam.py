@@ -399,7 +399,9 @@ def ablationcam(
     The paper divides by S; |S| gives the same map when S > 0 and keeps
     "larger = more evidence" when the target logit is negative.
     """
-    logits, t, raw, activation = layer_forward(model, images, target, layer, reshape)
+    calls: list[None] = []  # the layer's calls in the first pass
+    with hooks(layer.register_forward_hook(lambda *_: calls.append(None))):
+        logits, t, raw, activation = layer_forward(model, images, target, layer, reshape)
     b, k = activation.shape[:2]
     dim = 1 if raw.dim() == 4 and reshape is None else raw.dim() - 1
     if raw.shape[dim] != k:
@@ -410,28 +412,23 @@ def ablationcam(
     score = class_score(logits, t)
     ablated = torch.empty(b * k, dtype=score.dtype, device=score.device)
     zeroed: dict[str, Tensor] = {}  # the image and the channel zeroed of each element of the current chunk
-    calls = 0
+    # A layer that runs once per forward does not run again: its output is the first pass's (as pytorch-grad-cam
+    # does), and only the layers before it run; one that runs more often is computed every time.
+    reuse = len(calls) == 1 and not isinstance(layer, torch.jit.ScriptModule)
 
     def ablate(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
-        out = raw[zeroed["image"]] if "image" in zeroed else output.clone()  # indexing copies
+        out = raw[zeroed["image"]] if reuse else output.clone()  # indexing copies
         out.movedim(dim, 1)[torch.arange(out.shape[0], device=out.device), zeroed["channel"]] = 0
         return out
 
     chunks = batched(b * k, internal_batch)
     with torch.inference_mode(), hooks(layer.register_forward_hook(ablate)), contextlib.ExitStack() as scope:
+        if reuse:
+            scope.enter_context(forward_replaced(layer, lambda *args, **kwargs: raw))
         for chunk in progress_bar(chunks, progress, total=-(-b * k // internal_batch), desc="ablationcam"):
             pair = torch.arange(chunk.start, chunk.stop, device=images.device)
-            image, zeroed["channel"] = pair // k, pair % k
-            if "image" in zeroed:
-                zeroed["image"] = image
-            ablated[chunk] = class_score(model(images[image]), t[image])
-            if chunk.start == 0 and calls == 1 and not isinstance(layer, torch.jit.ScriptModule):
-                # The layer runs once per forward: later chunks take its output from the first pass instead
-                # of running it again (as pytorch-grad-cam does), the layers before it still run.
-                scope.enter_context(forward_replaced(layer, lambda *args, **kwargs: raw))
-                zeroed["image"] = image
+            zeroed["image"], zeroed["channel"] = pair // k, pair % k
+            ablated[chunk] = class_score(model(images[zeroed["image"]]), t[zeroed["image"]])
     weights = (score[:, None] - ablated.view(b, k)) / score.abs().clamp_min(torch.finfo(score.dtype).tiny)[:, None]
     return finish(combine(activation, weights.to(activation.dtype)), images.shape[2:], relu=relu, upsample=upsample)
 
