@@ -103,10 +103,10 @@ def compute_blocks(
     runner: TaskRunner, spec: StudySpec, todo_ingest: list[int], todo: list[tuple[list[str], int]],
     todo_scores: list[tuple[str, str, int]], total: int, already: int,
 ) -> dict[str, Any]:
-    """Ingest, attribute, then score the pending blocks as block tasks of the calling flow run, on `runner`
-    (`task_runner`: chosen per run, so not the flow's own, and submitted to as `Task.submit` would); returns
-    the receipts, the seconds spent inside the tasks and the seconds of the whole. Not a subflow: a flow run
-    costs its start and, at its end, up to a second's wait for its heartbeat thread."""
+    """Ingest, attribute, then score the pending blocks as task runs of the calling flow run, submitted to
+    `runner` (chosen per run by `task_runner`) as `Task.submit` would; returns the receipts, the seconds spent
+    inside the tasks and the seconds of the whole. Not a subflow: a flow run costs its start and, at its end,
+    up to a second's wait for its heartbeat thread."""
     receipts: list[dict[str, Any]] = []
     in_tasks, started_all = 0.0, time.perf_counter()
     per_task: dict[str, int] = {}  # units per task, per stage, once measured

@@ -422,9 +422,8 @@ def ablationcam(
         return out
 
     chunks = batched(b * k, internal_batch)
-    with torch.inference_mode(), hooks(layer.register_forward_hook(ablate)), contextlib.ExitStack() as scope:
-        if reuse:
-            scope.enter_context(forward_replaced(layer, lambda *args, **kwargs: raw))
+    skipped = forward_replaced(layer, lambda *args, **kwargs: raw) if reuse else contextlib.nullcontext()
+    with torch.inference_mode(), hooks(layer.register_forward_hook(ablate)), skipped:
         for chunk in progress_bar(chunks, progress, total=-(-b * k // internal_batch), desc="ablationcam"):
             pair = torch.arange(chunk.start, chunk.stop, device=images.device)
             zeroed["image"], zeroed["channel"] = pair // k, pair % k
