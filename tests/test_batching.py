@@ -28,9 +28,16 @@ def test_a_batched_study_stores_the_same_bits(prefect_api, tmp_path, monkeypatch
     monkeypatch.setattr(flows.study, "units_per_task", lambda *a: 1)  # one unit per task
     one = study(store=str(tmp_path / "one.zarr"), **args)
     monkeypatch.setattr(flows.study, "units_per_task", lambda *a: 4)
-    sizes, submit = [], flows.study.block_units.submit
-    monkeypatch.setattr(flows.study.block_units, "submit",
-                        lambda spec, kind, units, **kw: sizes.append((kind, len(units))) or submit(spec, kind, units, **kw))
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    sizes, submit = [], ThreadPoolTaskRunner.submit  # the block tasks, as submitted to the study's task runner
+
+    def spied(runner, task, parameters, *args, **kwargs):
+        if task is flows.study.block_units:
+            sizes.append((parameters["kind"], len(parameters["units"])))
+        return submit(runner, task, parameters, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadPoolTaskRunner, "submit", spied)
     four = study(store=str(tmp_path / "four.zarr"), **args)
     # per stage two measuring tasks of one unit, then the rest by four (saliency and gradcam share a unit; guided
     # backprop is its own)
