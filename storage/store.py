@@ -335,10 +335,16 @@ class _Arrays:
     """A Zarr group whose arrays are opened once: each ``group[name]`` of a zarr v3 group reads and
     parses the array's metadata from the store, several times per block otherwise. A Store lives for
     one unit of work; its layout changes only through `Store.grow` and `_add_*`, which reopen it.
-    Membership (`in`) is remembered too."""
+    Membership (`in`) and the string coordinates' names are remembered too."""
 
     def __init__(self, group: zarr.Group, path: str) -> None:
-        self._group, self._arrays, self._known, self._path = group, {}, {}, path
+        self._group, self._arrays, self._known, self._names, self._path = group, {}, {}, {}, path
+
+    def names(self, coord: str) -> list[str]:
+        """The committed names of a string coordinate, read once (`Store._extend_names` rereads)."""
+        if coord not in self._names:
+            self._names[coord] = _committed(self[coord][:])
+        return list(self._names[coord])
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._arrays:
@@ -382,13 +388,13 @@ class Store:
         return int(self.group["sample"].shape[0])
 
     def sample_ids(self) -> list[str]:
-        return _committed(self.group["sample_id"][:])
+        return self.group.names("sample_id")
 
     def methods(self) -> list[str]:
-        return _committed(self.group["xai_method"][:])
+        return self.group.names("xai_method")
 
     def metrics(self) -> list[str]:
-        return _committed(self.group["metric"][:]) if "metric" in self.group else []
+        return self.group.names("metric") if "metric" in self.group else []
 
     def has(self, name: str) -> bool:
         return name in self.group
@@ -530,6 +536,7 @@ class Store:
         arr = self.group[coord]
         self._resize(arr, (len(names),))
         arr[:] = np.array(names, dtype=object)
+        self.group._names.pop(coord, None)
 
     # ------------------------------------------------------------------ blocks
 

@@ -265,6 +265,25 @@ def test_recorded_checksums_are_those_of_what_is_read_back(tmp_path, dtype):
     assert [(d["kind"], d["block"]) for d in storage.Store(path).verify()] == [("maps", 1)]
 
 
+def test_names_are_read_once_and_a_growth_rereads_them(store, monkeypatch):
+    """A block's writes look up their method's index: the coordinate is read once per Store, not per
+    lookup, and the Store that grows sees the methods it added."""
+    s = storage.Store(store)
+    reads = []
+    arr = s.group["xai_method"]
+    real = type(arr).__getitem__
+    monkeypatch.setattr(type(arr), "__getitem__", lambda a, k: reads.append(a.path) or real(a, k))
+    for block in (0, 1, 2):
+        s.write_attribution("gradcam", block, np.ones((4 if block < 2 else 2, 8, 8)))
+    assert reads.count("xai_method") == 1
+    more = template(methods=["saliency", "gradcam", "occlusion"],
+                    params={"saliency": {"reduce": "max_abs"}, "gradcam": {"layer": None}, "occlusion": {}})
+    s.grow(more)
+    assert s.methods() == ["saliency", "gradcam", "occlusion"] and s.pending("occlusion") == [0, 1, 2]
+    s.write_attribution("occlusion", 0, np.full((4, 8, 8), 3.0))
+    assert (storage.Store(store).read_maps("occlusion", 0) == 3).all()
+
+
 @pytest.mark.parametrize("compression", ["zstd", "blosc", "none"])
 def test_layout_options_round_trip(tmp_path, compression):
     path = str(tmp_path / f"{compression}.zarr")
