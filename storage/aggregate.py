@@ -53,11 +53,9 @@ Partial = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    # Zarr warns that string dtypes and consolidated metadata are not yet in the v3 spec
-    # (xarray writes and reads both), and numpy warns on empty slices, which become NaN.
+    # numpy warns on empty and all-NaN slices, which become NaN (a group with no finite value). Zarr's
+    # notes are ignored by `storage.store`. Aggregation runs alone (its Dask threads inside this scope).
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*")
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         yield
 
@@ -343,8 +341,7 @@ def _check_out(study: str, out: str) -> None:
     if same:
         raise ValueError(f"the aggregate output {out!r} is the study store itself; choose another path")
     try:
-        with _quiet():
-            marker = zarr.open_group(out, mode="r").attrs.get("saliency_atlas_aggregate")
+        marker = zarr.open_group(out, mode="r").attrs.get("saliency_atlas_aggregate")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         if _is_url(out) or not os.path.exists(out):
             return  # nothing there yet
@@ -362,13 +359,13 @@ def aggregate(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """Aggregate the study at ``path`` (see :func:`summarize`) and write the result to the
     Zarr store ``out`` (default: ``<study>.agg.zarr`` beside it, replaced if it is an older
     aggregate).  Returns the aggregate dataset (in memory; it is small)."""
-    from .store import open_dataset  # noqa: PLC0415 - keeps this module importable alone
+    from .store import ignore_zarr_notes, open_dataset  # noqa: PLC0415 - keeps this module importable alone
 
+    ignore_zarr_notes()
     path = os.fspath(path)
     out = default_out(path) if out is None else os.fspath(out)
     _check_out(path, out)
     agg = summarize(open_dataset(path), by=by, class_correct=class_correct)
     agg.attrs["aggregate_of"] = path if _is_url(path) else os.path.abspath(path)
-    with _quiet():
-        agg.to_zarr(out, mode="w", zarr_format=3, consolidated=True)
+    agg.to_zarr(out, mode="w", zarr_format=3, consolidated=True)
     return agg

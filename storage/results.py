@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, _quiet, check_path, open_group
+from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, check_path, ignore_zarr_notes, open_group
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class ResultStore:
         ds, encoding = _layout(coords, parts)
         ds.attrs.update(protocol=protocol, schema_version=SCHEMA_VERSION, identity=json.dumps(identity, sort_keys=True),
                         parts=json.dumps([{"name": p.name, "units": p.units, "variables": p.variables} for p in parts]))
-        with _quiet():
-            ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+        ignore_zarr_notes()
+        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
         return cls(path), True
 
     @property
@@ -138,5 +138,5 @@ class ResultStore:
         return np.asarray(self.group[name][unit] if unit else self.group[name][...])
 
     def dataset(self) -> xr.Dataset:
-        with _quiet():
-            return xr.open_zarr(self.path, consolidated=False)
+        ignore_zarr_notes()
+        return xr.open_zarr(self.path, consolidated=False)

@@ -14,7 +14,6 @@ next run recomputes (deterministically, hence bit-identical).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +21,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import dask.array as da
 import numpy as np
@@ -142,14 +141,21 @@ class StoreLayoutError(ValueError):
     """A write that does not cover whole chunks (it could race with a neighbouring block's writer)."""
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # Zarr warns that consolidated metadata and string dtypes are not yet in the v3
-    # spec; both are what xarray itself writes and reads, so the warning is noise here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"zarr\..*")
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        yield
+_ZARR_NOTES = (r"The data type \(.*\) does not have a Zarr V3 specification",
+               r"Consolidated metadata is currently not part in the Zarr format 3 specification")
+
+
+def ignore_zarr_notes() -> None:
+    """Zarr notes that string dtypes and consolidated metadata are not yet in the v3 spec; both are
+    what xarray itself writes and reads, so here they are noise. Ignored for the process, not in a
+    scope (`warnings.catch_warnings` is not thread-safe, and stores are opened in the loader and the
+    writer threads while a block computes: `tasks.pipeline`); called where stores are opened, since
+    a caller's scope may have dropped the filters. A filter is added only when missing: each change
+    of the filters makes every warning already shown once show again."""
+    present = {f[1].pattern for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
+    for note in _ZARR_NOTES:
+        if note not in present:
+            warnings.filterwarnings("ignore", message=note)
 
 
 @dataclass(frozen=True)
@@ -273,18 +279,18 @@ def create(path: str, t: Template) -> Store:
         xai_method=np.array(t.methods, dtype=object), sample=np.arange(len(t.sample_ids)),
         sample_id=("sample", np.array(t.sample_ids, dtype=object)), **{"class": np.array(t.classes, dtype=object)},
     )
-    with _quiet():
-        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+    ignore_zarr_notes()
+    ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
     return Store(path)
 
 
 def open_dataset(path: str) -> xr.Dataset:
     """The study as a lazy (Dask-backed) ``xarray.Dataset``."""
-    with _quiet():
-        try:
-            return xr.open_zarr(path, consolidated=True)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no study store at {path!r}") from e
+    ignore_zarr_notes()
+    try:
+        return xr.open_zarr(path, consolidated=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no study store at {path!r}") from e
 
 
 def check_path(path: str, kind: str) -> None:
@@ -324,11 +330,11 @@ def _committed(names: np.ndarray) -> list[str]:
 def open_group(path: str, mode: str, what: str) -> zarr.Group:
     """The Zarr v3 group at `path`, read without consolidated metadata (block work must see the
     arrays as they are); FileNotFoundError naming `what` is missing."""
-    with _quiet():
-        try:
-            return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no {what} at {path!r}") from e
+    ignore_zarr_notes()
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no {what} at {path!r}") from e
 
 
 class _Arrays:
@@ -508,8 +514,7 @@ class Store:
         g.attrs["dataset_fingerprint"] = t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint"))
         if "failure_codes" in t.attrs:
             g.attrs["failure_codes"] = t.attrs["failure_codes"]
-        with _quiet():
-            zarr.consolidate_metadata(self.path, zarr_format=3)
+        zarr.consolidate_metadata(self.path, zarr_format=3)
         return {"samples": n_new - n_old, "methods": new_methods, "metrics": new_metrics}
 
     def _add_variables(self, t: Template, variables: list[Variable], sizes: dict[str, int],
@@ -522,8 +527,7 @@ class Store:
             shape = tuple(sizes.get(d, ds.sizes[d]) for d in v.dims)
             if shape != ds[v.name].shape:
                 ds[v.name] = (v.dims, da.full(shape, v.fill, dtype=ds[v.name].dtype, chunks=ds[v.name].data.chunksize))
-        with _quiet():
-            ds.to_zarr(self.path, mode="a", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+        ds.to_zarr(self.path, mode="a", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
         self.group = _Arrays(zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False), self.path)
 
     @staticmethod
@@ -685,8 +689,7 @@ class Store:
         g["eigengap"][m, :] = eigengap.astype(np.float32)
         record[method] = _normal(params)
         g.attrs["cluster_params"] = json.dumps(record, sort_keys=True)
-        with _quiet():
-            zarr.consolidate_metadata(self.path, zarr_format=3)
+        zarr.consolidate_metadata(self.path, zarr_format=3)
 
     def cluster_params(self) -> dict[str, Any]:
         """Per method, how its stored clusters were found (methods never clustered are absent)."""

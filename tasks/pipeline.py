@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
+import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -86,3 +89,43 @@ def _resolved(value: Any) -> Future[Any]:
     f: Future[Any] = Future()
     f.set_result(value)
     return f
+
+
+class _Caught(threading.local):
+    caught: list[warnings.WarningMessage] | None = None  # what this thread's innermost scope fills
+
+
+# per thread its scope; for the process the scopes open and the hook that was there before the first
+_local, _lock, _open, _previous = _Caught(), threading.Lock(), [0], [warnings.showwarning]
+
+
+def _dispatch(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    if _local.caught is None:  # another thread's warning: where it went before
+        _previous[0](message, category, filename, lineno, file, line)
+    else:
+        _local.caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+
+@contextlib.contextmanager
+def caught_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """The warnings this thread shows inside the scope, in a list; other threads' show as before.
+
+    `warnings.catch_warnings` swaps the process's filters and hook and puts back what it saw on
+    entry, so two of them open in two threads (a block computing, its neighbour loading) leave the
+    process with the other's state. This changes no filter (a warning shows once per place, as
+    Python's default has it) and swaps only the hook: the first scope in installs it, the last one
+    out puts the previous one back. A warning raised in a thread that the scope's own code starts
+    (a CUDA backward's worker, zarr's event loop) is not this thread's and shows as before."""
+    with _lock:
+        if _open[0] == 0 and warnings.showwarning is not _dispatch:  # (a foreign scope may have put it back)
+            _previous[0], warnings.showwarning = warnings.showwarning, _dispatch
+        _open[0] += 1
+    outer, _local.caught = _local.caught, []
+    try:
+        yield _local.caught
+    finally:
+        _local.caught = outer
+        with _lock:
+            _open[0] -= 1
+            if _open[0] == 0 and warnings.showwarning is _dispatch:  # not one installed since
+                warnings.showwarning = _previous[0]

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,7 +36,7 @@ from xai_methods import metrics as xmet
 from xai_methods.shared import shares_pass
 
 from .memory import images_per_pass, in_passes
-from .pipeline import Unit, overlapped
+from .pipeline import Unit, caught_warnings, overlapped
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -642,8 +641,7 @@ def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, st
         return {**maps, **{(m, "success"): r["success"] for m, r in reports.items() if "success" in r}}
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caught_warnings() as caught:  # this thread's only: the loader and writer threads run meanwhile
         key = (id(model), json.dumps(params, sort_keys=True, default=repr), tuple(images.shape[1:]), device)
         batch = images_per_pass(spec.batch, device, len(images), lambda k: attribute(slice(0, k)), key)
         maps, batch = in_passes(attribute, len(images), batch)

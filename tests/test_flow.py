@@ -159,3 +159,28 @@ def test_a_block_is_not_attributed_before_it_is_ingested(finished, tmp_path):
                            params=FAST)
     with pytest.raises(RuntimeError, match="not ingested yet"):
         tasks.attribute_block.fn(spec, "saliency", 1)
+
+
+def test_a_methods_warning_is_logged_with_its_block_and_the_hook_is_restored(tmp_path, monkeypatch, caplog):
+    """What a method warns while a block computes goes to the log, named by method and block (the loader
+    and writer threads run meanwhile); the process's warning hook is as it was afterwards."""
+    import warnings
+
+    import tasks.study as ts
+
+    real = ts.xm.attribute_many
+
+    def warning_many(methods, model, images, **kw):
+        warnings.warn_explicit(f"{len(images)} images looked odd", UserWarning, "m", 1)
+        return real(methods, model, images, **kw)
+
+    spec = ts.StudySpec(samples=16, store=str(tmp_path / "w.zarr"), block_size=8, methods=["saliency"], device="cpu")
+    ts.prepare_store(spec)
+    hook = warnings.showwarning
+    monkeypatch.setattr(ts.xm, "attribute_many", warning_many)
+    with caplog.at_level("WARNING", logger=ts.__name__):
+        ts.run_units(spec, "ingest", [(0,), (1,)], wait=True)
+        ts.run_units(spec, "attribute", [(["saliency"], 0), (["saliency"], 1)], wait=True)
+    assert [r.getMessage() for r in caplog.records] == ["saliency, block 0: 8 images looked odd",
+                                                        "saliency, block 1: 8 images looked odd"]
+    assert warnings.showwarning is hook and storage.Store(spec.store).pending("saliency") == []

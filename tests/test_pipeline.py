@@ -2,10 +2,11 @@
 order, giving every claim back on an error, with Prefect's logger in its threads."""
 import contextlib
 import threading
+import warnings
 
 import pytest
 
-from tasks.pipeline import Unit, overlapped
+from tasks.pipeline import Unit, caught_warnings, overlapped
 
 WAIT = 20  # seconds an event may take before the test fails instead of hanging
 
@@ -123,3 +124,36 @@ def test_prefects_logger_works_in_the_pipelines_threads(prefect_api):
         return run()
 
     assert f() == [0, 1, 2]
+
+
+def test_each_thread_catches_its_own_warnings_and_the_last_out_restores_the_hook():
+    """Two scopes in two threads, the first opened closed first (what `catch_warnings` gets wrong):
+    each lists only its own thread's warnings, a third thread's show as before while both are open,
+    and the process's hook and filters are as they were once both are closed."""
+    shown, lists = [], {}
+    opened, go = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+    hook, filters = warnings.showwarning, list(warnings.filters)
+
+    def scope(i):
+        with caught_warnings() as caught:
+            opened[i].set()
+            assert go[i].wait(WAIT)
+            warnings.warn_explicit(f"from {i}", UserWarning, "t", 1)
+        lists[i] = [str(w.message) for w in caught]
+
+    threads = [threading.Thread(target=scope, args=(i,)) for i in (0, 1)]
+    warnings.showwarning = before = lambda message, *a, **k: shown.append(str(message))
+    try:
+        for t, o in zip(threads, opened):
+            t.start()
+            assert o.wait(WAIT)
+        third = threading.Thread(target=warnings.warn_explicit, args=("from a third thread", UserWarning, "t", 1))
+        third.start(), third.join(WAIT)
+        for t, g in zip(threads, go):
+            g.set(), t.join(WAIT)
+        restored = warnings.showwarning
+    finally:
+        warnings.showwarning = hook
+    assert lists == {0: ["from 0"], 1: ["from 1"]} and shown == ["from a third thread"]
+    assert restored is before, "the hook that was there before the first scope is back"
+    assert list(warnings.filters) == filters
