@@ -210,8 +210,8 @@ class Template:
 def checksum(*arrays: np.ndarray) -> int:
     """CRC-32 of the arrays' bytes (a corruption check, not a security one)."""
     crc = 0
-    for a in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+    for a in arrays:  # the buffer itself, not a copy of it (`tobytes`): the same bytes
+        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8), crc)
     return crc
 
 
@@ -606,7 +606,7 @@ class Store:
         if failure.shape != expected[:1] or not np.isnan(maps[failure > 0]).all():
             raise ValueError(f"failure codes for {method} block {block} must be ({expected[0]},) with the failed "
                              "samples' maps NaN")
-        maps = maps.astype(arr.dtype)
+        maps = maps.astype(arr.dtype, copy=False)
         arr[m, s] = maps
         if "failure" in self.group:  # a store made before failures were recorded gains it in `grow`
             self.group["failure"][m, s] = failure

@@ -570,7 +570,7 @@ def _predict(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, batc
                            spec.batch or len(images))[0]["logits"]
     prediction = logits.argmax(1)
     arrays = dict(
-        image=images.cpu().numpy().astype(np.float32),
+        image=images.cpu().numpy().astype(np.float32, copy=False),
         label=label_map(spec, model)[batch.labels],
         logits=logits.cpu().numpy(),
         prediction=prediction.cpu().numpy(),

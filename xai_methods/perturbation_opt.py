@@ -533,9 +533,10 @@ def mirror_stable(model: nn.Module, x: Tensor, t: Tensor, logits: Tensor, intern
     """Jitter's assumption, checked on the images at hand: per image, whether the model is mirror-invariant
     for it (the target's probability on the mirrored image within a factor 2 of the original's). Jitter
     stays on for those images only, with a warning naming the others; None when it holds for none."""
-    mirrored = forward_logits(model, x.flip(3), internal_batch)
-    rows = torch.arange(len(t), device=x.device)
-    p, q = logits.softmax(1)[rows, t], mirrored.softmax(1)[rows, t]
+    with torch.no_grad():  # a check, not part of any map's graph
+        mirrored = forward_logits(model, x.flip(3), internal_batch)
+        rows = torch.arange(len(t), device=x.device)
+        p, q = logits.softmax(1)[rows, t], mirrored.softmax(1)[rows, t]
     stable = torch.minimum(p, q) >= 0.5 * torch.maximum(p, q)
     if not stable.all():
         worst = int((p - q).abs().argmax())
