@@ -44,6 +44,8 @@ def test_store_satisfies_the_contract(finished):
     assert storage.Store(path).attrs["params"]["occlusion"]["window"] == 16
     assert summary["accuracy"] >= 0.9
     assert summary["computed_blocks"] == {m: 3 for m in METHODS}
+    sec = summary["seconds"]  # the flow's body holds the blocks, which hold the time inside the tasks
+    assert sec["flow"] >= sec["blocks"] >= sec["in_tasks"] >= sec["attribute"]["compute"] > 0
 
 
 def test_figure_is_a_png(finished):
