@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import xai_methods as xm
-from xai_methods import contrastive as ct
 from xai_methods._core import contrasts
 
 from helpers import model_left_as_is
