@@ -1,11 +1,29 @@
-"""Every method's maps on the built-in model, bit for bit against a recording made before the
-shared machinery was folded (tests/reference_cases.py). A case whose definition a fix changed
-is listed in `reference_cases.CHANGED` with the reason, and checked by its own test instead."""
+"""Every method's maps on the built-in model against a recording made before the shared machinery
+was folded (tests/reference_cases.py). A case whose definition a fix changed is listed in
+`reference_cases.CHANGED` with the reason, and checked by its own test instead.
+
+On the recording's machine the maps are bit for bit the recorded ones. Another CPU's kernels round
+the forward passes differently: on a Sapphire Rapids (AVX-512, AMX) the forward-only methods differ
+by up to 2.2e-6 of the map's largest magnitude. So a map matches when its NaNs are the recording's
+and it is within `RTOL` of the recorded map's largest magnitude: 45 times that rounding, far below
+what a change of definition moves."""
 import numpy as np
 import pytest
 import torch
 
 import reference_cases as rc
+
+RTOL = 1e-4
+
+
+def mismatch(maps: np.ndarray, expected: np.ndarray) -> str:
+    """Why `maps` is not the recorded map ('' when it is)."""
+    if maps.shape != expected.shape:
+        return f"shape {maps.shape}, recorded {expected.shape}"
+    if not np.array_equal(np.isnan(maps), np.isnan(expected)):
+        return "NaN where the recording has none, or the reverse"
+    diff, scale = np.nanmax(np.abs(maps - expected), initial=0), np.nanmax(np.abs(expected), initial=0)
+    return f"max |difference| {diff:.3g} of a largest |value| {scale:.3g}" if diff > RTOL * scale else ""
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +43,12 @@ def test_every_method_has_a_case():
 @pytest.mark.parametrize("case", [c for c in rc.CASES if c not in rc.CHANGED])
 def test_maps_unchanged(setup, case):
     (model, images), recorded = setup
-    maps = rc.compute(case, model, images)
-    expected = recorded[case]
-    assert maps.shape == expected.shape
-    diff = np.abs(maps - expected)
-    assert np.array_equal(maps, expected, equal_nan=True), f"{case}: max |difference| {np.nanmax(diff):.3g}"
+    why = mismatch(rc.compute(case, model, images), recorded[case])
+    assert not why, f"{case}: {why}"
 
 
 def test_changed_cases_differ_from_the_recording(setup):
-    """A case listed as changed really changed (else it belongs back in the bit-identical set)."""
+    """A case listed as changed really changed (else it belongs back in the unchanged set)."""
     (model, images), recorded = setup
     for case in rc.CHANGED:
-        assert not np.array_equal(rc.compute(case, model, images), recorded[case]), case
+        assert mismatch(rc.compute(case, model, images), recorded[case]), case
