@@ -10,14 +10,19 @@ redone in halves.
 On a CPU the memory comes from the C allocator. glibc's default gives back the large blocks of a pass
 (a study's 67-134 MB activations) as soon as they are freed, and the next pass page-faults them in
 again; `retain_freed_memory` keeps them for reuse instead (docs/performance.md).
+
+A unit's inputs reach the GPU through `to_device`, in the loading thread while the unit before computes:
+from pinned memory, on a stream of their own, so that the copy runs beside that unit's kernels.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,3 +112,27 @@ def in_passes(fn: Callable[[slice], dict[str, Tensor]], n: int, batch: int) -> t
     if not parts:
         return {}, batch
     return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}, batch
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def to_device(array: np.ndarray | Tensor, device: str) -> Tensor:
+    """`array` as a tensor on `device`: on a CPU, the array's own memory (no copy). On a GPU, copied from
+    pinned memory with `non_blocking` on a stream of its own: a copy on the default stream would wait for
+    the kernels of the unit computing meanwhile, and one from pageable memory would stage through a
+    driver buffer. Returns once the copy has finished, with the tensor marked as used by the default
+    stream, where the compute reads it (so that its memory is not reused before that stream is done)."""
+    tensor = torch.as_tensor(array)
+    if not device.startswith("cuda"):
+        return tensor.to(device)
+    dev = torch.device(device)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dev.index is None else dev
+    stream = _copy_stream(dev)
+    with torch.cuda.stream(stream):
+        out = tensor.pin_memory().to(dev, non_blocking=True)
+    stream.synchronize()  # the pinned buffer is freed on return; the compute may use `out` at once
+    out.record_stream(torch.cuda.default_stream(dev))
+    return out

@@ -35,7 +35,7 @@ import zoo
 from xai_methods import metrics as xmet
 from xai_methods.shared import shares_pass
 
-from .memory import images_per_pass, in_passes
+from .memory import images_per_pass, in_passes, to_device
 from .pipeline import Unit, caught_warnings, overlapped
 
 
@@ -500,7 +500,7 @@ def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.
     dataset = load_dataset(spec.dataset, spec.samples, model.preprocess.size, spec.masks)
     ids = s.read_samples(block, "sample_id")["sample_id"]
     batch = dataset.load_ids([str(i) for i in ids])
-    return model.preprocess(torch.from_numpy(batch.images).to(device)), batch
+    return model.preprocess(to_device(batch.images, device)), batch
 
 
 def prepared(spec: StudySpec, claims: list[str], deferred: Any, load: Callable[[storage.Store], Unit],
@@ -715,7 +715,7 @@ def log() -> Any:
 def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module, device: str) -> torch.Tensor:
     """The exact model inputs of a block: from the store, or remade from the dataset for a store of references."""
     if s.has("image"):
-        return torch.from_numpy(s.read_samples(block, "image")["image"]).to(device)
+        return to_device(s.read_samples(block, "image")["image"], device)
     return model_inputs(spec, s, block, model, device)[0]
 
 
@@ -756,7 +756,7 @@ def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wa
         device = resolve_device(spec.device)
         model = model_of(spec, device)
         images, stored = last.inputs(spec, s, block, model, device)
-        maps = torch.from_numpy(s.read_maps(method, block)).to(device).float()
+        maps = to_device(s.read_maps(method, block), device).float()
         failed = s.read_failures(method, block) > 0
         unit = Unit(compute=lambda: _evaluate(spec, model, images, maps, stored, method, metric, device))
 

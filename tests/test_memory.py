@@ -1,5 +1,6 @@
 """The study's batch (tasks.memory): images per model pass inside a block, given or from the GPU's free memory,
-halved when a pass runs out of memory; the maps of a block in passes equal those of the whole block."""
+halved when a pass runs out of memory; the maps of a block in passes equal those of the whole block; a unit's
+inputs on the device (no copy on a CPU, beside the compute on a GPU)."""
 import argparse
 import os
 import subprocess
@@ -13,7 +14,7 @@ import xarray as xr
 
 from flows.study import study
 from tasks import memory
-from tasks.memory import MALLOC_TUNABLES, fitting, images_per_pass, in_passes
+from tasks.memory import MALLOC_TUNABLES, fitting, images_per_pass, in_passes, to_device
 
 MB = 2**20
 
@@ -148,3 +149,19 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_the_makefile_sets_the_same_malloc_as_the_command_line():
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert f"export GLIBC_TUNABLES ?= {MALLOC_TUNABLES}\n" in makefile
+
+
+def test_inputs_reach_the_cpu_without_a_copy():
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    t = to_device(a, "cpu")
+    assert t.data_ptr() == a.ctypes.data and t.shape == a.shape and t.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_inputs_reach_the_gpu_while_the_default_stream_is_busy():
+    a = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of a kernel on the default stream, where the compute runs
+    t = to_device(a, "cuda")
+    assert not torch.cuda.default_stream().query()  # the copy finished without waiting for that kernel
+    assert t.is_cuda and torch.equal(t.cpu(), torch.from_numpy(a))
