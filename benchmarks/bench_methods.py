@@ -1,7 +1,8 @@
 """Speed of `xai_methods` side by side with the peers and with the floor.
 
 Workload: torchvision ResNet-18 (``weights=None``, seeded, eval), 224x224
-inputs, batch 8, CPU, ``torch.set_num_threads(2)``. For every registered
+inputs, batch 8, CPU, ``torch.set_num_threads(2)``; ``--model resnet50 --device
+cuda`` for the GPU (channels_last, as a study there). For every registered
 method (``xai_methods.available()``) the script times
 
 * OURS: ``xai_methods.attribute(name, model, images, target=..., **params)``;
@@ -30,6 +31,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_methods.py --plan           # what would run, estimated duration
     .venv/bin/python benchmarks/bench_methods.py --out docs/performance.md
     .venv/bin/python benchmarks/bench_methods.py --quick --methods saliency,gradcam,occlusion
+    python3 benchmarks/bench_methods.py --model resnet50 --device cuda --batch 32 --no-memory
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -259,8 +262,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
     budget = args.budget or (20.0 if args.quick else 60.0)
     if args.model == "shapes-cnn":
         args.size = 64
-    model, images, target, contrast = build_workload(batch, args.size, model_name=args.model)
-    classes = 1000 if args.model == "resnet18" else len(model.classes)
+    model, images, target, contrast = build_workload(batch, args.size, model_name=args.model, device=args.device)
+    classes = len(model.classes) if args.model == "shapes-cnn" else 1000
     names = args.methods.split(",") if args.methods else sorted(set(xm.available()) | set(KNOWN_METHODS))
     unknown = [n for n in names if n not in xm.available() and n not in KNOWN_METHODS]
     if unknown:
@@ -325,15 +328,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
         )
         return ""
 
-    memory = [] if args.no_memory else run_memory(args.size, args.threads, args.quick, log, names)
+    memory = [] if args.no_memory or args.device != "cpu" else run_memory(args.size, args.threads, args.quick, log, names)
     command = " ".join(
         [".venv/bin/python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if sys.argv else "bench_methods.py"]
         + [shlex.quote(a) for a in sys.argv[1:]]
     )
-    described = ("torchvision ResNet-18 (weights=None, seed 0, eval)" if args.model == "resnet18"
-                 else "the built-in shapes-cnn on built-in test images (cdeepex with its shapes VAE)")
+    described = ("the built-in shapes-cnn on built-in test images (cdeepex with its shapes VAE)"
+                 if args.model == "shapes-cnn" else f"torchvision {args.model} (weights=None, seed 0, eval)")
+    where = "CPU" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)}, channels_last)"
     workload = (
-        f"{described}, {args.size}x{args.size}, batch {batch}, CPU, "
+        f"{described}, {args.size}x{args.size}, batch {batch}, {where}, "
         f"torch.set_num_threads({args.threads}), target = top-1 class, contrast = top-2 class, "
         f"layer methods on `{default_layer(model, images)}` "
         f"(passed explicitly, as to the peers), up to {repeats} rounds after one warm-up, "
@@ -362,8 +366,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="write the markdown table here (e.g. docs/performance.md); always printed")
     p.add_argument("--batch", type=int, help="images per call (default 8; --quick 2)")
     p.add_argument("--size", type=int, default=224, help="image side (default 224; 64 with shapes-cnn)")
-    p.add_argument("--model", choices=("resnet18", "shapes-cnn"), default="resnet18",
+    p.add_argument("--model", choices=("resnet18", "resnet50", "shapes-cnn"), default="resnet18",
                    help="the workload's model (default resnet18; shapes-cnn for methods that need its generator)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; the memory section runs on a CPU only")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument(
         "--budget", type=float, help="seconds per method; expensive methods use fewer images/rounds (default 75)"
@@ -379,6 +384,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print the plan and the estimated duration; run nothing")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no GPU here; use --device cpu")
     for key in ("repeats", "batch", "threads", "floor_chunks"):
         value = getattr(args, key)
         if value is not None and value < 1:

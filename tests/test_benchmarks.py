@@ -117,6 +117,27 @@ def test_shapes_cnn_workload_for_generator_methods(bench):
     assert (target == top[:, 0]).all() and (contrast == top[:, 1]).all()
 
 
+def test_resnet50_workload_and_the_device_flag_checked_before_any_work(bench, capsys):
+    """The GPU table's workload (ResNet-50) builds; a device that is not one, or a GPU torch cannot see, is one
+    line naming what is valid."""
+    model, images, target, _ = bench.build_workload(1, 64, model_name="resnet50")
+    assert images.shape == (1, 3, 64, 64) and model.fc.out_features == 1000 and target.shape == (1,)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "gpu"])
+    assert "--device must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda:0"])
+        assert "torch sees no GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_timed_waits_for_the_gpu_when_one_is_in_use(bench, monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("sync"))
+    assert bench.timed(lambda: synced.append("work")) >= 0 and synced == ["sync", "work", "sync"]
+
+
 def test_overhead_script_prints_a_row_per_method(capsys):
     spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT.parent / "bench_overhead.py")
     module = importlib.util.module_from_spec(spec)

@@ -15,26 +15,29 @@ from .planning import TARGETS, Calibration, Row
 # --------------------------------------------------------------------------- workload and report
 
 
-def build_workload(batch: int, size: int, seed: int = 0, model_name: str = "resnet18") -> tuple[nn.Module, Tensor, Tensor, Tensor]:
-    """Seeded ResNet-18 (random weights), smooth random images, target = top-1, contrast = top-2;
-    or the built-in shapes-cnn (with its generative model) on built-in test images."""
+def build_workload(batch: int, size: int, seed: int = 0, model_name: str = "resnet18",
+                   device: str = "cpu") -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """Seeded torchvision ResNet-18 or ResNet-50 (random weights), smooth random images, target = top-1,
+    contrast = top-2; or the built-in shapes-cnn (with its generative model) on built-in test images. On a
+    GPU the model has channels_last weights, as a study's has there."""
     if model_name == "shapes-cnn":
         import zoo
 
         model = zoo.load_model("shapes-cnn")
         data = zoo.load_dataset("shapes", split="test", limit=batch).load(0, batch)
         images = model.preprocess(torch.from_numpy(data.images))
-        with torch.inference_mode():
-            top = model(images).topk(2, dim=1).indices
-        return model, images, top[:, 0].clone(), top[:, 1].clone()
-    import torchvision
+    else:
+        import torchvision
 
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(weights=None).eval()
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(batch, 3, 14, 14, generator=g)  # smooth blobs, so superpixels are meaningful
-    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    images = images + 0.1 * torch.randn(batch, 3, size, size, generator=g)
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models, model_name)(weights=None).eval()
+        g = torch.Generator().manual_seed(seed)
+        coarse = torch.randn(batch, 3, 14, 14, generator=g)  # smooth blobs, so superpixels are meaningful
+        images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        images = images + 0.1 * torch.randn(batch, 3, size, size, generator=g)
+    model, images = model.to(device), images.to(device)
+    if device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         top = model(images).topk(2, dim=1).indices
     return model, images, top[:, 0].clone(), top[:, 1].clone()
@@ -66,6 +69,7 @@ def machine_info() -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_initialized() else "none",
         **versions,
     }
 
@@ -106,8 +110,9 @@ def render_markdown(
         command,
         "```",
         "",
-        f"- Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['threads']} threads, "
-        f"Python {info['python']}; captum {info.get('captum')}, grad-cam {info.get('pytorch_grad_cam')}, "
+        f"- Machine: {info['cpu']}, {info['cores']} cores"
+        + (f", GPU {info['gpu']}" if info.get("gpu", "none") != "none" else "")
+        + f", torch {info['torch']} with {info['threads']} threads, Python {info['python']}; captum {info.get('captum')}, grad-cam {info.get('pytorch_grad_cam')}, "
         f"torchvision {info.get('torchvision')}.",
         f"- Date: {date}" + (f"; the run took {duration_s / 60:.1f} min." if duration_s is not None else "."),
         f"- Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

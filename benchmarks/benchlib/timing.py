@@ -16,8 +16,12 @@ from xai_methods._core import _HOOK_DICTS
 
 
 def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn` takes, until the GPU's queued work is done where a GPU is in use."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -139,10 +143,11 @@ class Floor:
         self.parts = floor_parts(fwd_images, bwd_images, chunk)
         self.inputs: dict[int, Tensor] = {}
         self.targets: dict[int, Tensor] = {}
+        device = next(model.parameters()).device
         for _, size_b, _ in self.parts:
             if size_b not in self.inputs:
-                self.inputs[size_b] = torch.randn(size_b, 3, *size, generator=g)
-                self.targets[size_b] = torch.randint(0, classes, (size_b,), generator=g)
+                self.inputs[size_b] = torch.randn(size_b, 3, *size, generator=g).to(device)
+                self.targets[size_b] = torch.randint(0, classes, (size_b,), generator=g).to(device)
         self.extrapolated = any(count > max_chunks for _, _, count in self.parts)
 
     def _fwd(self, b: int) -> None:
