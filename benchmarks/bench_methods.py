@@ -328,14 +328,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
         )
         return ""
 
-    memory = [] if args.no_memory or args.device != "cpu" else run_memory(args.size, args.threads, args.quick, log, names)
+    on_cpu = args.device == "cpu"  # the memory section reads the process's RSS
+    memory = run_memory(args.size, args.threads, args.quick, log, names) if on_cpu and not args.no_memory else []
     command = " ".join(
         [".venv/bin/python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if sys.argv else "bench_methods.py"]
         + [shlex.quote(a) for a in sys.argv[1:]]
     )
     described = ("the built-in shapes-cnn on built-in test images (cdeepex with its shapes VAE)"
                  if args.model == "shapes-cnn" else f"torchvision {args.model} (weights=None, seed 0, eval)")
-    where = "CPU" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)}, channels_last)"
+    where = "CPU" if on_cpu else f"{args.device} ({torch.cuda.get_device_name(args.device)}, channels_last)"
     workload = (
         f"{described}, {args.size}x{args.size}, batch {batch}, {where}, "
         f"torch.set_num_threads({args.threads}), target = top-1 class, contrast = top-2 class, "

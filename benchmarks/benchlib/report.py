@@ -112,8 +112,8 @@ def render_markdown(
         "",
         f"- Machine: {info['cpu']}, {info['cores']} cores"
         + (f", GPU {info['gpu']}" if info.get("gpu", "none") != "none" else "")
-        + f", torch {info['torch']} with {info['threads']} threads, Python {info['python']}; captum {info.get('captum')}, grad-cam {info.get('pytorch_grad_cam')}, "
-        f"torchvision {info.get('torchvision')}.",
+        + f", torch {info['torch']} with {info['threads']} threads, Python {info['python']}; "
+        f"captum {info.get('captum')}, grad-cam {info.get('pytorch_grad_cam')}, torchvision {info.get('torchvision')}.",
         f"- Date: {date}" + (f"; the run took {duration_s / 60:.1f} min." if duration_s is not None else "."),
         f"- Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         + (
