@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -67,7 +66,9 @@ from benchlib.peers import NO_PEER_NOTE, PEERS, PeerCall, Setup, segments_of  # 
 from benchlib.planning import (  # noqa: E402
     CASE_PARAMS, BudgetPlan, Calibration, Row, calibrate, method_params, target_kind, warmup_images,
 )
-from benchlib.report import build_workload, fmt_ms, fmt_params, machine_info, render_markdown  # noqa: E402
+from benchlib.report import (  # noqa: E402
+    build_workload, check_device, fmt_ms, fmt_params, machine_info, render_markdown,
+)
 from benchlib.timing import Floor, ModelGuard, PassCounter, floor_parts, lime_surrogate_fit, quiet, timed  # noqa: E402,F401
 from xai_methods._core import default_layer, resolve_layer  # noqa: E402
 
@@ -385,10 +386,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print the plan and the estimated duration; run nothing")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no GPU here; use --device cpu")
+    check_device(p, args.device)
     for key in ("repeats", "batch", "threads", "floor_chunks"):
         value = getattr(args, key)
         if value is not None and value < 1:

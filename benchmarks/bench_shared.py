@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import xai_methods as xm  # noqa: E402
 from benchlib.peers import PEERS, Setup  # noqa: E402
-from benchlib.report import build_workload, machine_info  # noqa: E402
+from benchlib.report import build_workload, check_device, machine_info  # noqa: E402
 from benchlib.timing import frozen_params, quiet, timed  # noqa: E402
 
 EIGHT = ["saliency", "input_x_gradient", "cam", "gradcam", "gradcam_pp", "hirescam", "layercam", "xgradcam"]
@@ -110,8 +110,7 @@ def main() -> None:
     models = args.models.split(",")
     if unknown := [m for m in models if m not in LAYERS]:
         ap.error(f"--models: unknown {unknown}; known: {', '.join(LAYERS)}")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no GPU here; use --device cpu")
+    check_device(ap, args.device)
     torch.set_num_threads(2)
     rounds = 2 if args.quick else args.rounds
     t0, load = time.time(), os.getloadavg()

@@ -1,8 +1,10 @@
 """The workload (seeded ResNet-18 or shapes-cnn), the machine's description and the markdown report."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,14 @@ from torch import Tensor, nn
 from .planning import TARGETS, Calibration, Row
 
 # --------------------------------------------------------------------------- workload and report
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """One line from `parser` when `device` is not cpu, cuda or cuda:N, or names a GPU torch cannot see."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no GPU here; use --device cpu")
 
 
 def build_workload(batch: int, size: int, seed: int = 0, model_name: str = "resnet18",
