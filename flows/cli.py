@@ -415,6 +415,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     # Validate everything before the flow starts, so a bad argument is one clear line.
     task_runner(spec.workers, spec.dask_address, spec.device)
     p = plan(spec)  # raises on a bad argument or a store of another study
+    for problem in p.dataset.mask_problems:
+        print(f"warning: {problem} (--strict refuses such masks)")
     if finished(p, spec.store):
         # Nothing to compute: skip Prefect (and its temporary server) altogether.
         print(f"store:   {spec.store} is complete: every block of {', '.join(spec.methods)} is done")
@@ -496,6 +498,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     spec = spec_of_store(args.store, metrics=args.metrics, metric_params=folded, baselines=args.baselines,
                          device=args.device, workers=args.workers)
     p = plan(spec)  # validates the metrics and their parameters before any work
+    unknown = sorted({m for pair in args.compare or [] for m in pair} - set(spec.studied))
+    if unknown:
+        raise ValueError(f"--compare names {', '.join(unknown)}, not among the store's methods; valid: "
+                         + ", ".join(spec.studied))
     if not finished(p, spec.store):
         study(**dc.asdict(spec))
     ds = storage.open_dataset(args.store)
@@ -515,8 +521,9 @@ def cmd_clusters(args: argparse.Namespace) -> None:
     from tasks import clusters
 
     only = args.classes.split(",") if args.classes else None
-    record = clusters.ensure(args.store, args.method, args.recompute, size=args.size, neighbours=args.neighbours,
-                             max_clusters=args.max_clusters, clusters=args.clusters, seed=args.seed)
+    record = clusters.ensure(args.store, args.method, args.recompute, only=only, size=args.size,
+                             neighbours=args.neighbours, max_clusters=args.max_clusters, clusters=args.clusters,
+                             seed=args.seed)
     found = clusters.summarize(args.store, args.method, only)
     if args.json:
         print(json.dumps(found))
@@ -595,6 +602,9 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
     for c in storage.holders(store):
         print(f"claimed  {c['unit']} by pid {c.get('pid')} on {c.get('host')} for {time.time() - c.get('since', 0):.0f} s "
               "(a run is computing it; the claim ends with that process)")
+    if st.get("empty_masks"):
+        print(f"masks    {st['empty_masks']} of the ingested samples have an empty mask (the localisation metrics leave "
+              "them out); check the dataset's masks or boxes")
     per_map = st["bytes_per_map"]
     print(f"maps     {st['map_dtype']}, {st['compression']}; "
           + (f"{per_map / 1024:.1f} KiB stored per map" if per_map else "no map stored yet"))
@@ -680,12 +690,58 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
     return message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and Kubernetes send), raised like Ctrl-C's KeyboardInterrupt so that the
+    run stops the same way: the unit in flight finishes, the processes the run started are stopped (Prefect's
+    temporary server at exit, a local Dask cluster as its runner closes) and the finished blocks are kept."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def stopped_line(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
+    """What a stopped command says: which signal, how far the store got, and how to resume."""
+    how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C (SIGINT)"
+    store = getattr(args, "store", None)
+    progress = ""
+    if args.command in ("study", "evaluate") and store:
+        import storage
+
+        try:
+            st = storage.Store(store, mode="r").status()
+        except (ValueError, OSError):
+            st = None
+        if st is not None:
+            progress = (f" ({st['ingested']}/{st['blocks']} blocks ingested; maps "
+                        + ", ".join(f"{m} {n}/{st['blocks']}" for m, n in st["methods"].items()) + ")")
+        return (f"stopped by {how}; every finished block is kept in {store}{progress}: run the same command again to "
+                "resume")
+    return f"stopped by {how} before it finished: run the same command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("study", "evaluate", *PROTOCOLS):  # before the flow starts its threads
         from tasks.memory import retain_freed_memory
 
         retain_freed_memory()
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return run_command(args)
+    except KeyboardInterrupt as e:
+        print(f"saliency-atlas: {stopped_line(args, e)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "methods":
             cmd_methods()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tasks.artifacts import publish_figure
 from tasks.evaluation_plot import render_evaluation
 from tasks.memory import MALLOC_TUNABLES
+from tasks.pipeline import STOP
 from tasks.study import accuracy_warning, io_seconds, options_of, units_per_task
 
 from tasks import (
@@ -115,7 +116,9 @@ def compute_blocks(
     def submit(kind: str, units: list[tuple], wait: bool) -> PrefectFuture[dict[str, Any]]:
         return runner.submit(block_units, {"spec": spec, "kind": kind, "units": units, "wait": wait})
 
-    with runner, tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar:
+    STOP.clear()
+    with runner, tqdm(total=total, initial=already, desc="study", unit="block", disable=None) as bar, \
+            stopping_on_interrupt():
 
         def collect(group: list[tuple], got: dict[str, Any], retry: list[tuple]) -> bool:
             """File a task's receipts (a unit of several methods has several); units another run holds go
@@ -171,6 +174,19 @@ def compute_blocks(
     return {"receipts": receipts, "in_tasks": in_tasks, "seconds": time.perf_counter() - started_all}
 
 
+@contextlib.contextmanager
+def stopping_on_interrupt() -> Iterator[None]:
+    """On SIGTERM or Ctrl-C (Prefect's TerminationSignal, KeyboardInterrupt) while blocks run, the tasks in
+    flight stop before their next unit (`tasks.pipeline.STOP`), so leaving the task runner waits for one
+    unit at most, not for every unit of a task."""
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            STOP.set()
+        raise
+
+
 STAGES: dict[str, Callable[[dict[str, Any]], bool]] = {  # which receipts are whose
     "ingest": lambda r: "xai_method" not in r,
     "attribute": lambda r: "xai_method" in r and "metric" not in r,
@@ -197,6 +213,8 @@ def study(**options: Any) -> dict[str, Any]:
     plan = prepare_store(spec)
     for skipped in plan["skipped_files"]:
         log.warning("skipped unreadable file %s", skipped)
+    for problem in plan["mask_problems"]:
+        log.warning("%s", problem)
     log.info("%s store %s: %d samples in %d blocks", "created" if plan["created"] else "resuming",
              spec.store, plan["samples"], plan["blocks"])
     if plan["added"]["samples"] or plan["added"]["methods"]:
@@ -230,6 +248,7 @@ def study(**options: Any) -> dict[str, Any]:
                     "in_tasks": round(blocks["in_tasks"], 3), "blocks": round(blocks["seconds"], 3)},
         "accuracy": accuracy(spec.store),
         "skipped_files": plan["skipped_files"],
+        "mask_problems": plan["mask_problems"],
     }
     if summary["accuracy"] is not None:
         log.info("model accuracy on the study's samples: %.2f%%", 100 * summary["accuracy"])

@@ -12,17 +12,20 @@ from .results import Part, ResultStore, is_result_store
 from .scores import compare, comparisons, describe_comparison, interval, means, score_table
 from .store import (
     COMPRESSIONS,
+    CORE_ARRAYS,
     SCHEMA,
     SCHEMA_VERSION,
     Difference,
     Store,
     StoreLayoutError,
     StoreMismatch,
+    StoreStateError,
     Template,
     Variable,
     block_slice,
     check_path,
     create,
+    creation_state,
     exists,
     n_blocks,
     open_dataset,
@@ -30,7 +33,7 @@ from .store import (
 )
 
 __all__ = [
-    "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch",
+    "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch", "StoreStateError", "creation_state", "CORE_ARRAYS",
     "Template", "Variable", "aggregate", "block_slice", "check_path", "create", "default_out", "exists", "n_blocks",
     "open_dataset", "schema_markdown", "select", "summarize",
     "claim", "holders", "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",

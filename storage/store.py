@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -139,6 +140,15 @@ class StoreMismatch(ValueError):
 
 class StoreLayoutError(ValueError):
     """A write that does not cover whole chunks (it could race with a neighbouring block's writer)."""
+
+
+class StoreStateError(ValueError):
+    """A store in a state the command cannot work on; the message names the state and what to run."""
+
+
+# The arrays every study store has had since the first schema: a store without one of them was
+# killed while `create` laid it out (nothing is computed before the layout is complete).
+CORE_ARRAYS = ("sample", "sample_id", "xai_method", "class", "attribution", "done", "ingested")
 
 
 _ZARR_NOTES = (r"The data type \(.*\) does not have a Zarr V3 specification",
@@ -266,12 +276,16 @@ def _evaluation_attrs(t: Template) -> dict[str, Any]:
 
 
 def create(path: str, t: Template) -> Store:
-    """Write the template of a new study at ``path`` (which must not exist yet) and open it."""
+    """Write the template of a new study at ``path`` and open it. ``path`` must not exist yet, or hold the
+    remains of a creation that was killed (nothing was computed there): they are removed first. The
+    attribute ``created`` is False until the whole layout is written, so a killed creation is recognised."""
+    if creation_state(path) == "unfinished":
+        remove(path)
     ds, encoding = _layout(t, t.variables())
     ds.attrs.update(t.attrs)
     ds.attrs.update(
         schema_version=SCHEMA_VERSION, block_size=t.block_size, image_shape=list(t.image_shape),
-        compression=t.compression, images_stored=t.keep_images,
+        compression=t.compression, images_stored=t.keep_images, created=False,
         params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
         **(_evaluation_attrs(t) if t.metrics else {}),
     )
@@ -281,16 +295,61 @@ def create(path: str, t: Template) -> Store:
     )
     ignore_zarr_notes()
     ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+    open_group(path, "r+", "study store").attrs["created"] = True
+    zarr.consolidate_metadata(path, zarr_format=3)
     return Store(path)
 
 
+def creation_state(path: str) -> str:
+    """"absent" (nothing there), "unfinished" (a creation that was killed before its layout was complete:
+    nothing was computed in it) or "ready". Protocol stores are "ready" here (`check_path` tells kinds apart)."""
+    try:
+        g = open_group(path, "r", "study store")
+    except FileNotFoundError:
+        return "absent"
+    attrs = g.attrs
+    if "protocol" in attrs or attrs.get("created") is True:
+        return "ready"
+    if attrs.get("created") is False:
+        return "unfinished"
+    local = "://" not in path  # a store made before the attribute: complete when its core arrays are there
+    there = (lambda n: os.path.isfile(os.path.join(path, n, "zarr.json"))) if local else (lambda n: n in g)
+    return "ready" if all(there(n) for n in CORE_ARRAYS) else "unfinished"
+
+
+def remove(path: str) -> None:
+    """Delete the store at `path` (a local folder or an fsspec URL)."""
+    if "://" in path:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.rm(root, recursive=True)
+    else:
+        shutil.rmtree(path)
+
+
+def unfinished_error(path: str) -> StoreStateError:
+    from .claims import holders
+
+    creator = next((c for c in holders(path) if c["unit"] == "store"), None)
+    if creator is not None:
+        return StoreStateError(f"the store {path!r} is being created by another run right now (pid {creator.get('pid')} "
+                               f"on {creator.get('host')}); wait for it, then run this command again")
+    return StoreStateError(f"the store {path!r} was interrupted while it was being created (killed before its layout "
+                           "was complete; nothing was computed in it): rerun the `saliency-atlas study` command that "
+                           "made it, which creates it again")
+
+
 def open_dataset(path: str) -> xr.Dataset:
-    """The study as a lazy (Dask-backed) ``xarray.Dataset``."""
+    """The study as a lazy (Dask-backed) ``xarray.Dataset``. Read through the consolidated metadata when it is
+    there (one read, where each array's metadata is a request on object storage), else array by array (a run
+    killed between a change of the layout and its consolidation leaves none)."""
+    Store(path, mode="r")  # refuses, in one line, a path that holds no study store or an unfinished one
     ignore_zarr_notes()
     try:
         return xr.open_zarr(path, consolidated=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no study store at {path!r}") from e
+    except (ValueError, KeyError):
+        return xr.open_zarr(path, consolidated=False)
 
 
 def check_path(path: str, kind: str) -> None:
@@ -307,18 +366,18 @@ def check_path(path: str, kind: str) -> None:
     if not (p / "zarr.json").exists():
         raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "
                               "give a new path or an existing store")
-    protocol = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("protocol")
+    try:
+        protocol = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("protocol")
+    except json.JSONDecodeError as e:
+        raise damaged_metadata(path, "zarr.json", e) from None
     if (protocol is None) != (kind == "study"):
         found = f"the {protocol} protocol's store" if protocol else "a study store"
         raise FileExistsError(f"the store path {path!r} holds {found}, not a {kind} store; give a new path")
 
 
 def exists(path: str) -> bool:
-    try:
-        Store(path, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return False
-    return True
+    """True when `path` holds a study store whose creation finished (an unfinished one is created again)."""
+    return creation_state(path) == "ready"
 
 
 def _committed(names: np.ndarray) -> list[str]:
@@ -333,8 +392,17 @@ def open_group(path: str, mode: str, what: str) -> zarr.Group:
     ignore_zarr_notes()
     try:
         return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise FileNotFoundError(f"no {what} at {path!r}") from e
+    except json.JSONDecodeError as e:
+        raise damaged_metadata(path, "zarr.json", e) from None
+
+
+def damaged_metadata(path: str, name: str, e: Exception) -> StoreStateError:
+    """The error for a metadata file that is not the JSON zarr wrote (truncated, or edited by hand)."""
+    where = f"{path.rstrip('/')}/{name}"
+    return StoreStateError(f"the store's metadata file {where!r} is damaged ({e}); the chunks are untouched: restore "
+                           "that file from a copy of the store, or start a new --store")
 
 
 class _Arrays:
@@ -354,7 +422,14 @@ class _Arrays:
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            try:
+                self._arrays[name] = self._group[name]
+            except json.JSONDecodeError as e:
+                raise damaged_metadata(self._path, f"{name}/zarr.json", e) from None
+            except KeyError:
+                raise StoreStateError(f"the store {self._path!r} has no array {name!r}: it was not written by this "
+                                      "package, or its folder was deleted by hand; `saliency-atlas status "
+                                      f"{self._path}` says what it holds") from None
         return self._arrays[name]
 
     def __contains__(self, name: str) -> bool:
@@ -376,6 +451,12 @@ class Store:
         # Not the consolidated metadata: it is refreshed only after a change of layout
         # (see grow), and block work must always see the arrays as they are.
         self.group = _Arrays(open_group(path, mode, "study store"), path)
+        attrs = self.group.attrs
+        if "protocol" in attrs:
+            raise StoreStateError(f"{path!r} holds the {attrs['protocol']} protocol's store, not a study store; "
+                                  f"`saliency-atlas status {path}` shows it")
+        if attrs.get("created") is False or ("created" not in attrs and not all(n in self.group for n in CORE_ARRAYS)):
+            raise unfinished_error(path)
 
     # ------------------------------------------------------------------ identity
 
@@ -554,8 +635,8 @@ class Store:
         """The sample slice of ``block``, checked to cover whole chunks of every sample variable."""
         n = self.n_samples
         s = block_slice(block, n, self.block_size)
-        for v in SCHEMA:
-            if "sample" in v.dims and v.name in self.group:
+        for v in SCHEMA:  # the variables block writes fill (clusters are written whole rows at a time)
+            if "sample" in v.dims and v.guard and v.name in self.group:
                 arr = self.group[v.name]
                 chunk = (arr.shards or arr.chunks)[v.dims.index("sample")]  # the unit a writer rewrites
                 # xarray does not check numpy-backed region writes: a misaligned write could race
@@ -700,7 +781,10 @@ class Store:
         g = self.group
         for v in (VARIABLES[name] for name in names if name not in g):
             shape = tuple(int(g[d].shape[0]) for d in v.dims)
-            g.create_array(v.name, shape=shape, chunks=(1, *shape[1:]), dtype=v.dtype, fill_value=v.fill,
+            # chunked like the blocks along samples, as every variable is (a block's writer never shares a chunk)
+            chunks = tuple(1 if d == "xai_method" else self.block_size if d == "sample" else n
+                           for d, n in zip(v.dims, shape))
+            g.create_array(v.name, shape=shape, chunks=chunks, dtype=v.dtype, fill_value=v.fill,
                            dimension_names=v.dims)
         self.group = _Arrays(g._group, self.path)  # what exists has changed
 
@@ -724,6 +808,20 @@ class Store:
         s = block_slice(block, self.n_samples, self.block_size)
         return {name: self.group[name][s] for name in names}
 
+    def ingested_samples(self) -> np.ndarray:
+        """Per sample, True when its block's inputs and predictions are written."""
+        n, b = self.n_samples, self.block_size
+        return np.repeat(self.group["ingested"][:], b)[:n]
+
+    def require_ingested(self) -> np.ndarray:
+        """The positions of the ingested samples; refused in one line when there are none yet."""
+        found = np.flatnonzero(self.ingested_samples())
+        if not found.size:
+            raise StoreStateError(f"the store {self.path!r} has no ingested samples yet (its study stopped before the "
+                                  "first block was read): rerun the study command that made it to resume "
+                                  f"(`saliency-atlas status {self.path}` shows how far it got)")
+        return found
+
     def pending(self, method: str | None = None) -> list[int]:
         """Blocks still to compute: for ``method``, or blocks not yet ingested when None."""
         flags = self.group["ingested"][:] if method is None else self.group["done"][self._method_index(method)]
@@ -740,6 +838,15 @@ class Store:
             if found.size:
                 out[m] = {int(c): int(n) for c, n in zip(found, counts)}
         return out
+
+    def empty_masks(self) -> int | None:
+        """How many ingested samples have an empty ground-truth mask (None: the study has no masks), read a
+        block at a time."""
+        if "mask" not in self.group:
+            return None
+        n, b, arr = self.n_samples, self.block_size, self.group["mask"]
+        return sum(int((~arr[block_slice(k, n, b)].any(axis=(1, 2))).sum())
+                   for k in np.flatnonzero(self.group["ingested"][:]))
 
     def _scored(self) -> np.ndarray | None:
         return self.group["scored"][:] if "scored" in self.group else None
@@ -763,6 +870,7 @@ class Store:
             "ingested": int(g["ingested"][:].sum()),
             "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
             "failures": self.failure_counts(),
+            "empty_masks": self.empty_masks(),
             "params": a["params"],
             "scored": ({k: {m: int(scored[i, j].sum()) for i, m in enumerate(self.methods())}
                         for j, k in enumerate(self.metrics())} if (scored := self._scored()) is not None else {}),

@@ -93,7 +93,7 @@ def true_classes(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
     label, prediction = ds.label.values, ds.prediction.values
     known = (label >= 0) & (label < len(model_classes))
     names = np.array([model_classes[k] if ok else "(unknown)" for k, ok in zip(label, known)], dtype=object)
-    correct = np.where(known, prediction == label, np.nan)
+    correct = np.where(known & (prediction >= 0), prediction == label, np.nan)  # -1: not predicted (ingested) yet
     order = [c for c in model_classes if c in set(names)] + (["(unknown)"] if not known.all() else [])
     return names, correct, order
 

@@ -35,6 +35,10 @@ def _check(ds: xr.Dataset, method: str, params: dict[str, Any]) -> dict[str, Any
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown clustering parameters {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
+    done = ds.done.sel(xai_method=method).values
+    if not done.any():
+        raise ValueError(f"{method} has no finished maps in this store yet (0 of {done.size} blocks done): rerun the "
+                         "study that made it, then cluster")
     full = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     side = min(ds.sizes["y"], ds.sizes["x"])
     if not isinstance(full["size"], int) or not 1 <= full["size"] <= side:
@@ -74,10 +78,22 @@ def compute(store: str, method: str, **params: Any) -> dict[str, Any]:
     return record
 
 
-def ensure(store: str, method: str, recompute: bool = False, **params: Any) -> dict[str, Any]:
-    """The stored clusters' record when they match `params` and the store as it is now, else `compute`."""
+def _check_classes(ds: xr.Dataset, only: Sequence[str] | None) -> list[str]:
+    """The true classes to show: `only`, each checked to be one of the study's, or all of them."""
+    _, _, order = true_classes(ds)
+    unknown = sorted(set(only or []) - set(order))
+    if unknown:
+        raise ValueError(f"--class {', '.join(unknown)} is not a class of this study; it has {', '.join(order)}")
+    return list(only or order)
+
+
+def ensure(store: str, method: str, recompute: bool = False, only: Sequence[str] | None = None,
+           **params: Any) -> dict[str, Any]:
+    """The stored clusters' record when they match `params` and the store as it is now, else `compute`
+    (`only`: the classes the caller will show, checked before any work)."""
     ds = storage.open_dataset(store)
     full = _check(ds, method, params)
+    _check_classes(ds, only)
     stored = storage.Store(store, mode="r").cluster_params().get(method)
     if "failure" in ds:  # usable maps from the small failure codes, not by reading every map
         usable = int((ds.failure.sel(xai_method=method) == 0).sum())
@@ -96,17 +112,15 @@ def summarize(store: str, method: str, only: Sequence[str] | None = None) -> dic
     ds = storage.open_dataset(store)
     if method not in storage.Store(store, mode="r").cluster_params():
         raise ValueError(f"{method} has no clusters in {store} yet: run `saliency-atlas clusters {store} --method {method}`")
-    classes, correct, order = true_classes(ds)
-    unknown = sorted(set(only or []) - set(order))
-    if unknown:
-        raise ValueError(f"--class {', '.join(unknown)} is not a class of this study; it has {', '.join(order)}")
+    classes, correct, _ = true_classes(ds)
+    shown = _check_classes(ds, only)
     labels = ds.cluster.sel(xai_method=method).values
     ids = ds.sample_id.values
     model_classes = [str(c) for c in ds["class"].values]
     gaps = ds.eigengap.sel(xai_method=method).values
     scores = ds.score.sel(xai_method=method).compute() if "score" in ds else None
     out: dict[str, list[dict[str, Any]]] = {}
-    for name in (only or order):
+    for name in shown:
         gap = float(gaps[model_classes.index(name)]) if name in model_classes else float("nan")
         rows = []
         for k in sorted(set(labels[(classes == name) & (labels >= 0)].tolist())):

@@ -89,6 +89,8 @@ def plot_scores(ds: xr.Dataset, out: str) -> str | None:
 
 def plot_evaluation(ds: xr.Dataset, prefix: str) -> list[str]:
     """Both figures, ``PREFIX.curves.png`` (when there is a curve metric) and ``PREFIX.scores.png``."""
+    if "score" not in ds or not ds.sizes.get("metric"):  # a study without metrics
+        return []
     made = [plot_curves(ds, f"{prefix}.curves.png"), plot_scores(ds, f"{prefix}.scores.png")]
     return [p for p in made if p]
 

@@ -151,8 +151,6 @@ def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str,
         drawn = clusters_drawn.get(method) or render_clusters(store, method, os.path.join(tmp, f"{method}.png"))
         out.append((f"SpRAy clusters of {method}", file_uri(drawn)))
     for path in protocols:
-        if not storage.is_result_store(path):
-            raise ValueError(f"--protocol {path!r} is not a protocol store (sanity, invariance, manipulate, roar)")
         protocol = storage.ResultStore(path, mode="r").status()["protocol"]
         out.append((f"{protocol}: {path}", file_uri(PLOTS[protocol](path, os.path.join(tmp, f"{protocol}.png")))))
     return out
@@ -237,8 +235,12 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
     its cluster figure when the caller has drawn it already (the audit)."""
     if max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {max_samples}")
+    for path in protocols:  # checked before any work
+        if not storage.is_result_store(path):
+            raise ValueError(f"--protocol {path!r} is not a protocol store (sanity, invariance, manipulate, roar)")
     ds = storage.open_dataset(store)
-    samples = _shown(ds.sizes["sample"], max_samples)
+    ingested = storage.Store(store, mode="r").require_ingested()  # a study stopped early: what it has read
+    samples = [int(ingested[i]) for i in _shown(len(ingested), max_samples)]
     grid, offer = sample_grid(ds, samples, shared_scale)
     with tempfile.TemporaryDirectory() as tmp:
         figures = "".join(f"<div class='figure'><h3>{html.escape(h)}</h3><img src='{u}' alt='{html.escape(h)}'></div>"
@@ -247,13 +249,14 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
     warning = accuracy_warning(store)
     _, correct, _ = true_classes(ds)
     known = correct[np.isfinite(correct)]
-    identity = (f"{ds.sizes['sample']} samples, {len(offer['methods'])} maps each; "
+    partly = f" ({len(ingested)} ingested so far)" if len(ingested) < ds.sizes["sample"] else ""
+    identity = (f"{ds.sizes['sample']} samples{partly}, {len(offer['methods'])} maps each; "
                 + (f"accuracy {100 * known.mean():.2f}%; " if known.size else "")
                 + html.escape(footer) + (f"<br><b>{html.escape(warning)}</b>" if warning else ""))
     option = lambda values: "".join(f"<option>{html.escape(v)}</option>" for v in values)  # noqa: E731
     page = PAGE.format(
         title=html.escape(title), identity=identity, metrics=metrics_table(ds), figures=figures or "<p>none</p>",
-        grid_note=(f"{len(samples)} of {ds.sizes['sample']} samples (spread evenly over the study). Under each map: "
+        grid_note=(f"{len(samples)} of {len(ingested)} samples (spread evenly over the study). Under each map: "
                    "the value range of its colours (raw values, not min-max scaled; signed maps diverge around 0 "
                    "in red and blue) and its scores."),
         class_options=option(offer["classes"]), metric_options=option(offer["metrics"]),

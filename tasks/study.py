@@ -59,6 +59,10 @@ class StudySpec:
     masks: str | None = option(None, "ground-truth masks of a folder dataset: a folder MASKS/<class>/<image "
                                      "stem>.png (non-zero = object) or a CSV of boxes file,y0,x0,y1,x1 in the "
                                      "image's pixels; default: IMAGE.mask.png beside an image, when present")
+    strict: bool = option(False, "refuse masks with problems (rows of a boxes file outside their image or naming "
+                                 "files the dataset does not have) instead of warning", flag="--strict",
+                          switch_on=True, switch="refuse masks with problems (boxes outside their image, rows naming "
+                                                 "missing files) instead of warning")
     samples: int | None = option(256, "how many samples of the dataset (None / 'all': every sample)",
                                  type="samples")
     store: str = option("runs/shapes.zarr", "Zarr store path or fsspec URL; an existing store of the same "
@@ -245,9 +249,7 @@ class StudyPlan:
 def spec_of_store(store: str, **changes: Any) -> StudySpec:
     """The options of the study that made `store` (model, data, methods and their parameters, layout),
     with `changes` (e.g. more metrics): what `saliency-atlas evaluate` runs, so only new work is done."""
-    if not storage.exists(store):
-        raise FileNotFoundError(f"no study store at {store!r}")
-    s = storage.Store(store, mode="r")
+    s = storage.Store(store, mode="r")  # no store, or an unfinished one: one line that says so
     a = s.attrs
     params = {m: dict(p) for m, p in a["params"].items()}
     layers = {p.pop("layer") for p in params.values() if "layer" in p}
@@ -326,6 +328,8 @@ def plan(spec: StudySpec) -> StudyPlan:
     if len(dataset) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     check_metrics(spec, model, pre.size, dataset.has_masks)
+    if spec.strict and dataset.mask_problems:
+        raise ValueError(dataset.mask_problems[0] + "; fix the rows, or run without --strict to warn and go on")
     classes = model.classes or (dataset.classes if len(dataset.classes) == n_classes else None)
     classes = classes or [f"class_{i}" for i in range(n_classes)]
     stored = storage.Store(spec.store, mode="r").sample_ids() if exists else []
@@ -464,6 +468,7 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
         "samples": n,
         "blocks": storage.n_blocks(n, spec.block_size),
         "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
+        "mask_problems": list(p.dataset.mask_problems),
         "todo_ingest": s.pending(),
         "todo": attribution_units(spec, {m: s.pending(m) for m in spec.studied}),
         "todo_scores": sorted([(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],

@@ -57,6 +57,7 @@ class Dataset(Protocol):
     classes: list[str]
     has_masks: bool
     skipped: list[tuple[str, str]]   # (relative path, reason) of unreadable files
+    mask_problems: list[str]         # what is wrong with the given masks (one line per kind), or []
 
     def __len__(self) -> int: ...
     def ids(self, start: int, stop: int) -> list[str]: ...

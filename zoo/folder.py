@@ -48,11 +48,35 @@ class _Masks:
     without one gets an empty mask, which the localisation metrics leave out and count."""
 
     def __init__(self, root: Path, given: str | os.PathLike | None) -> None:
-        self.root, self.given = root, given is not None
+        self.root, self.given, self.given_path = root, given is not None, given
         self.folder = Path(given) if given is not None and Path(given).is_dir() else None
         self.boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+        self.lines: dict[str, list[int]] = {}  # per file, the CSV lines of its boxes
         if given is not None and self.folder is None:
-            self.boxes = _read_boxes(Path(given))
+            self.boxes, self.lines = _read_boxes(Path(given))
+
+    def problems(self, files: list[str], root: Path) -> list[str]:
+        """What the boxes file says that cannot be right: rows naming files the dataset does not have, and
+        boxes outside their image (their masks come out empty or clipped). One line per kind, with the rows."""
+        if not self.boxes:
+            return []
+        known, missing, outside = set(files), [], []
+        for rel, boxes in self.boxes.items():
+            if rel not in known:
+                missing += [f"{rel} (line {n})" for n in self.lines[rel]]
+                continue
+            with Image.open(root / rel) as img:
+                w, h = img.size
+            outside += [f"{rel} (line {n}: {list(b)} in a {h}x{w} image)" for n, b in zip(self.lines[rel], boxes)
+                        if b[2] > h or b[3] > w]
+        out = []
+        for rows, what in ((missing, "name files that are not readable images of the dataset"),
+                           (outside, "have boxes outside their image (y1 > height or x1 > width: the mask is clipped, "
+                                     "empty when the whole box is outside)")):
+            if rows:
+                shown = "; ".join(rows[:5]) + (f"; and {len(rows) - 5} more" if len(rows) > 5 else "")
+                out.append(f"boxes file {str(self.given_path)!r}: {len(rows)} row(s) {what}: {shown}")
+        return out
 
     def sibling(self, image: Path) -> Path | None:
         candidate = image.with_name(image.stem + ".mask.png")
@@ -85,12 +109,14 @@ class _Masks:
         return path.read_bytes() if path is not None else repr(self.boxes.get(rel, [])).encode()
 
 
-def _read_boxes(path: Path) -> dict[str, list[tuple[float, float, float, float]]]:
+def _read_boxes(path: Path) -> tuple[dict[str, list[tuple[float, float, float, float]]], dict[str, list[int]]]:
+    """Per file, its boxes and the lines they are on."""
     import csv
 
     if not path.is_file():
         raise ValueError(f"masks {str(path)!r} is neither a folder of masks nor a CSV file of boxes")
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    lines: dict[str, list[int]] = {}
     with open(path, newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row or row[0].strip().lower() in ("file", "#"):
@@ -104,7 +130,27 @@ def _read_boxes(path: Path) -> dict[str, list[tuple[float, float, float, float]]
                 raise ValueError(f"boxes file {str(path)!r}, line {n}: expected file,y0,x0,y1,x1 with y0 < y1 and "
                                  f"x0 < x1, got {row}")
             boxes.setdefault(row[0].strip(), []).append((y0, x0, y1, x1))
-    return boxes
+            lines.setdefault(row[0].strip(), []).append(n)
+    return boxes, lines
+
+
+def _not_a_file(path: Path) -> str | None:
+    """None for a regular file (or a link to one), else what the entry is instead."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except (RuntimeError, OSError) as e:
+        if path.is_symlink():
+            return "a symbolic link that leads nowhere or in a loop, not an image file"
+        return f"not readable ({type(e).__name__}: {e})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder (images are read one level deep: DIR/<class>/<image>)"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    what = next((text for test, text in kinds if test(mode)), "a special file")
+    return what if "folder" in what else f"{what}, not an image file"
 
 
 KEEP_DECODED_BYTES = 256 * 2**20  # of decoded pixels the check keeps for each file's first load
@@ -147,23 +193,34 @@ class FolderDataset:
         if not self.classes:
             raise ValueError(f"dataset folder {self.name!r} has no class sub-folders; put the images "
                              "of each class in their own sub-folder: DIR/<class>/<image>")
-        # every candidate file, in order: class by class, files sorted within a class
-        self._candidates = [(f"{c}/{f.name}", k) for k, c in enumerate(self.classes)
-                            for f in sorted((self.root / c).iterdir(), key=lambda p: p.name)
-                            if self._inside(f).is_file() and not f.name.startswith(".") and not _is_mask(f)]
+        # every candidate file, in order: class by class, files sorted within a class; other entries
+        # (folders, links that lead nowhere or in a loop, pipes, sockets, devices) are named and skipped
+        self._candidates, odd = [], []
+        for k, c in enumerate(self.classes):
+            for f in sorted((self.root / c).iterdir(), key=lambda p: p.name):
+                if f.name.startswith(".") or _is_mask(f):
+                    continue
+                why = _not_a_file(self._inside(f))
+                if why is None:
+                    self._candidates.append((f"{c}/{f.name}", k))
+                else:
+                    odd.append((f"{c}/{f.name}", why))
         self._reasons: dict[str, str | None] = {}  # relative path -> None (readable) or reason
         self._kept: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # path -> (stat key, pixels), until loaded
         self._keep = KEEP_DECODED_BYTES // (3 * size[0] * size[1] * 4)  # candidates whose pixels the check keeps
         self._files, seen = self._readable(limit)
         self.keep_decoded([rel for rel, _ in self._files])  # not those checked past the limit
-        self.skipped: list[tuple[str, str]] = [(rel, r) for rel, _ in self._candidates[:seen]
-                                               if (r := self._reasons[rel]) is not None]
+        self.skipped: list[tuple[str, str]] = odd + [(rel, r) for rel, _ in self._candidates[:seen]
+                                                     if (r := self._reasons[rel]) is not None]
         if not self._files:
             raise ValueError(f"dataset folder {self.name!r} has no readable images "
                              f"({len(self._candidates)} files in {len(self.classes)} class sub-folders, "
                              f"{len(self.skipped)} unreadable); add image files PIL can open "
                              "(PNG, JPEG, ...) under DIR/<class>/")
         self._fingerprint: str | None = None
+        # rows of a boxes file that name no readable file, or fall outside their image (`_Masks.problems`)
+        self.mask_problems = self.masks.problems([rel for rel, _ in self._candidates if self._reasons.get(rel) is None],
+                                                 self.root)
         self.has_masks = self.masks.given or any(self.masks.sibling(self.root / rel) for rel, _ in self._files)
 
     def _readable(self, limit: int | None) -> tuple[list[tuple[str, int]], int]:
@@ -186,7 +243,11 @@ class FolderDataset:
 
     def _inside(self, path: Path) -> Path:
         """`path`, refused when it is a symbolic link that leads outside the dataset folder."""
-        if path.is_symlink() and not path.resolve().is_relative_to(self.root.resolve()):
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError):  # a loop of links: `_not_a_file` names it
+            return path
+        if path.is_symlink() and not target.is_relative_to(self.root.resolve()):
             raise ValueError(f"dataset folder {self.name!r}: {path.relative_to(self.root).as_posix()!r} is a symbolic "
                              f"link to {str(path.resolve())!r}, outside the folder; a dataset may not reach outside "
                              "its folder: copy the file in, or remove the link")

@@ -138,6 +138,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, model_arg
     card = model_card(weights) if weights is not None else {}
     model.card = card
     model.preprocess = _preprocessing(preprocess, card, input_size, mean, std)
+    _check_channels(model, name, card, mean, std)
     model.classes = _class_names(classes if classes is not None else card.get("classes"), own_classes, model)
     model.arch = name
     if name == "shapes-cnn":
@@ -252,6 +253,26 @@ def _preprocessing(default: Preprocess, card: Mapping[str, Any], input_size: Seq
     if len(m) != len(s) or not m or any(v <= 0 for v in s):
         raise ValueError(f"mean and std must have one value per channel and std > 0, got mean {m} and std {s}")
     return Preprocess(size=(size[0], size[1]), mean=tuple(float(v) for v in m), std=tuple(float(v) for v in s))
+
+
+def _check_channels(model: nn.Module, name: str, card: Mapping[str, Any], mean: Sequence[float] | None,
+                    std: Sequence[float] | None) -> None:
+    """The preprocessing's channels against the model's first convolution, before any pass."""
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    channels = len(model.preprocess.mean)
+    if first is None or first[1].in_channels == channels:
+        return
+    try:  # the first convolution registered may not be the first to run: ask the model itself
+        with torch.no_grad():
+            model(torch.zeros(1, channels, *model.preprocess.size))
+        return
+    except RuntimeError:
+        pass
+    given = ("--mean/--std" if mean is not None or std is not None else
+             f"model card {card['path']!r}" if "mean" in card or "std" in card else "the architecture's default")
+    raise ValueError(f"{given} gives mean {list(model.preprocess.mean)} and std {list(model.preprocess.std)}: "
+                     f"{channels} channel(s), but model {name!r} takes {first[1].in_channels} input channels (its first "
+                     f"convolution {first[0]!r}); give one mean and one std value per input channel")
 
 
 def _class_names(given: str | os.PathLike | Sequence[str] | None, default: list[str] | None,

@@ -224,6 +224,7 @@ class ShapesDataset:
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
     has_masks: bool = True
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    mask_problems: list[str] = field(default_factory=list)  # the built-in masks are drawn with the shapes
 
     def __post_init__(self) -> None:
         sample_rng(self.seed, self.split, 0)  # validates seed and split
