@@ -626,8 +626,7 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
 def cmd_aggregate(args: argparse.Namespace) -> None:
     import storage
 
-    if not storage.exists(args.store):
-        raise FileNotFoundError(f"no study store at {args.store!r}")
+    storage.Store(args.store, mode="r")  # no store, an unfinished one, a protocol's: one line that says which
     out = args.out or storage.default_out(args.store)
     agg = storage.aggregate(args.store, out, by=args.by)
     print(f"aggregate: {out}  ({int(agg.map_count_all.sum())} maps of {agg.attrs['samples']} samples x "

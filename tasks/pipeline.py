@@ -24,13 +24,10 @@ from typing import Any, Callable
 
 DEPTH = 2  # units loaded ahead, and units waiting to be written
 
-# Set when the run was asked to stop (SIGTERM, Ctrl-C: `flows.study.compute_blocks`): each task's units
-# stop before the next compute; the unit being written finishes, so every flag set has its whole block.
+# Set when the run was asked to stop (SIGTERM, Ctrl-C: `flows.study.compute_blocks`): a task returns the
+# receipts of the units it finished, before computing the next; the units being written finish, so every
+# flag set has its whole block, and the units left keep no claim.
 STOP = threading.Event()
-
-
-class Stopped(RuntimeError):
-    """The run was asked to stop; the units not yet computed are left for the next run."""
 
 
 @dataclass
@@ -61,8 +58,8 @@ def overlapped(items: list[Any], prepare: Callable[[Any], Unit], depth: int = DE
         writes: deque[Future[Any]] = deque()
         try:
             for i in range(len(items)):
-                if STOP.is_set():
-                    raise Stopped(f"stopped before unit {i + 1} of {len(items)}: the run was asked to stop")
+                if STOP.is_set():  # the units left are not computed (the caller is stopping the run)
+                    break
                 unit = loads.popleft().result()
                 if i + depth < len(items):
                     loads.append(_submit(loader, prepare, items[i + depth]))

@@ -54,7 +54,34 @@ def ctx(prefect_api, tmp_path_factory):
     (root / "unreadable" / "circle" / "a.png").write_bytes(b"")
     (root / "flat").mkdir()
     (root / "flat" / "a.png").write_bytes((root / "outside.png").read_bytes())
+    shutil.copy(shapes_weights, root / "carded.pt")  # a model card whose mean and std have two values
+    (root / "carded.json").write_text(json.dumps({"mean": [0.5, 0.5], "std": [0.25, 0.25]}))
+    first = sorted((root / "images" / "circle").iterdir())[0].name
+    (root / "boxes.csv").write_text(f"file,y0,x0,y1,x1\ncircle/{first},80,80,90,90\ncircle/gone.png,0,0,8,8\n")
+    for name, damage in STATES.items():  # copies of the store in the states a command can leave it in
+        shutil.copytree(store, root / name)
+        damage(root / name)
     return {"root": root, "store": store, "weights": shapes_weights}
+
+
+def _unfinished(path: Path) -> None:
+    import zarr
+
+    zarr.open_group(str(path), mode="r+", use_consolidated=False).attrs["created"] = False
+
+
+def _not_ingested(path: Path) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    g["ingested"][:], g["done"][:] = False, False
+
+
+# (store copy, how it is left): a creation killed before the layout was whole, no block read yet, metadata
+# files truncated (the root's and one array's)
+STATES = {"unfinished.zarr": _unfinished, "not-ingested.zarr": _not_ingested,
+          "damaged.zarr": lambda p: (p / "zarr.json").write_text("{\n"),
+          "damaged-array.zarr": lambda p: (p / "done" / "zarr.json").write_text("")}
 
 
 def new(ctx, name="new.zarr") -> str:
@@ -108,6 +135,41 @@ CASES = [
     ("evaluate-a-file", ["evaluate", "{root}/afile", "--metrics", "deletion"], "no study store"),
     ("figure-of-a-missing-store", ["figure", "{root}/none.zarr"], "no study store"),
     ("figure-sample-out-of-range", ["figure", "{store}", "--samples", "99", "--out", "{root}/f.png"], "99"),
+    # every command on every store state: each names the state and what to run
+    ("status-of-an-unfinished-creation", ["status", "{root}/unfinished.zarr"],
+     "was interrupted while it was being created (killed before its layout was complete; nothing was computed in "
+     "it): rerun the `saliency-atlas study` command"),
+    ("evaluate-an-unfinished-creation", ["evaluate", "{root}/unfinished.zarr", "--metrics", "sparseness"],
+     "interrupted while it was being created"),
+    ("report-of-an-unfinished-creation", ["report", "{root}/unfinished.zarr", "--out", "{root}/r"],
+     "interrupted while it was being created"),
+    ("report-before-any-block-is-ingested", ["report", "{root}/not-ingested.zarr", "--out", "{root}/r"],
+     "has no ingested samples yet"),
+    ("clusters-before-any-map", ["clusters", "{root}/not-ingested.zarr", "--method", "saliency"],
+     "saliency has no finished maps in this store yet"),
+    ("status-of-a-damaged-root-metadata-file", ["status", "{root}/damaged.zarr"],
+     "damaged.zarr/zarr.json' is damaged (Expecting"),
+    ("study-on-a-damaged-root-metadata-file", S + ["--store", "{root}/damaged.zarr"], "damaged.zarr/zarr.json' is damaged"),
+    ("status-of-a-damaged-array-metadata-file", ["status", "{root}/damaged-array.zarr"],
+     "damaged-array.zarr/done/zarr.json' is damaged"),
+    ("evaluate-of-a-protocol-store", ["evaluate", "{root}/protocol.zarr", "--metrics", "sparseness"],
+     "holds the sanity protocol's store, not a study store"),
+    # every argument checked before the first write
+    ("compare-names-a-method-not-in-the-study", ["evaluate", "{store}", "--metrics", "sparseness", "--compare",
+                                                 "saliency:nosuch"], "--compare names nosuch, not among the store's"),
+    ("clusters-of-a-class-not-in-the-study", ["clusters", "{store}", "--method", "saliency", "--class", "nosuch"],
+     "--class nosuch is not a class of this study"),
+    ("report-with-a-protocol-that-is-not-one", ["report", "{store}", "--out", "{root}/r", "--protocol", "{root}/afile"],
+     "is not a protocol store"),
+    # a user's values checked against the model before any pass
+    ("model-card-mean-of-two-values-for-three-channels", S + ["--weights", "{root}/carded.pt", "--store", "{new}"],
+     "carded.json' gives mean [0.5, 0.5] and std [0.25, 0.25]: 2 channel(s), but model 'shapes-cnn' takes 3 input"),
+    ("mean-of-two-values-for-three-channels", S + ["--mean", "0.5,0.5", "--std", "0.2,0.2", "--store", "{new}"],
+     "--mean/--std gives mean [0.5, 0.5]"),
+    # data problems said, and refused with --strict
+    ("boxes-outside-their-image-with-strict", S + ["--dataset", "{root}/images", "--masks", "{root}/boxes.csv",
+                                                   "--strict", "--store", "{new}"],
+     "1 row(s) name files that are not readable images of the dataset: circle/gone.png (line 3)"),
     ("occlusion-window-too-large", S + ["--methods", "occlusion", "--param", "occlusion.window=1000",
                                         "--store", "{new}"], "window"),
 ]
@@ -131,11 +193,13 @@ def one_line_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_loses_nothing(ctx, capsys, case, argv, expected):
-    before = tree_digest(ctx["store"])
+    stores = [ctx["store"], *(ctx["root"] / name for name in STATES)]
+    before = [tree_digest(p) for p in stores]
     line = one_line_error(capsys, fill(argv, ctx))
     assert expected in line, line
-    assert tree_digest(ctx["store"]) == before, "the existing store changed"
+    assert [tree_digest(p) for p in stores] == before, "an existing store changed"
     assert not Path(new(ctx)).exists(), "nothing is written for a bad argument"
+    assert not (ctx["root"] / "r").exists(), "no report is written for a bad argument"
 
 
 def bad_value(method: str) -> tuple[str, object] | None:

@@ -3,6 +3,7 @@ died, a Dask worker killed mid-block. Each ends with a store bit-identical to an
 and no finished block computed twice."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -154,3 +155,61 @@ def test_a_dask_worker_killed_mid_block_is_recomputed_elsewhere(reference, tmp_p
     assert sum(summary["computed_blocks"].values()) == 4 * 2
     assert digests(store) == digests(reference)
     assert np.asarray(xr.open_zarr(store).done.values).all()
+
+
+# --------------------------------------------------------------------------- kills during creation, SIGTERM, Ctrl-C
+
+
+@pytest.mark.slow
+def test_a_creation_killed_midway_is_named_by_every_command_and_recreated_by_the_same_study(reference, tmp_path,
+                                                                                           capsys):
+    from flows.cli import main
+
+    store = str(tmp_path / "creating.zarr")
+    killed_run(CLI, store, "sample_id", 1, half=False)  # the root's metadata is written, the arrays not all
+    assert storage.creation_state(store) == "unfinished"
+    for argv in (["status", store], ["report", store], ["evaluate", store, "--metrics", "sparseness"],
+                 ["clusters", store, "--method", "saliency"], ["aggregate", store], ["figure", store]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was interrupted while it was being created" in err, (argv, err)
+    summary = study(store=store, **ARGS)  # the same study: created again, then computed
+    assert summary["ingested_blocks"] == 4
+    assert digests(store) == digests(reference)
+
+
+def _sent(signum: int, store: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """The study's command line in a session of its own, sent `signum` once its first block is written."""
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", *CLI, "--store", store], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None:
+        if storage.exists(store) and storage.Store(store, mode="r").status()["ingested"]:
+            break
+        time.sleep(0.05)
+    run.send_signal(signum)
+    _, err = run.communicate(timeout=300)
+    return run, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_the_study_cleanly_and_the_same_command_resumes(reference, tmp_path, signum):
+    """Without an API to report to, the study starts Prefect's temporary server: the signal must stop it too
+    (SIGTERM used to leave it running), and every process the run started, before the command exits."""
+    store = str(tmp_path / "stopped.zarr")
+    env = {k: v for k, v in api_env().items() if k != "PREFECT_API_URL"}
+    run, err = _sent(signum, store, env)
+    assert run.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1] if "Stopping temporary server" not in err.strip().splitlines()[-1] else \
+        err.strip().splitlines()[-2]
+    assert re.search(r"saliency-atlas: stopped by (SIGTERM|Ctrl-C).*every finished block is kept in .*"
+                     r"blocks ingested; maps saliency \d+/4, gradcam \d+/4\): run the same command again", last), last
+    with contextlib.suppress(ProcessLookupError):  # nothing of its session is left: no server, no worker
+        os.killpg(run.pid, 0)
+        raise AssertionError("the stopped study left processes running")
+    summary = study(store=store, **ARGS)
+    assert digests(store) == digests(reference)
+    assert sum(summary["computed_blocks"].values()) < 4 * 2 or summary["ingested_blocks"] < 4

@@ -157,3 +157,23 @@ def test_each_thread_catches_its_own_warnings_and_the_last_out_restores_the_hook
     assert lists == {0: ["from 0"], 1: ["from 1"]} and shown == ["from a third thread"]
     assert restored is before, "the hook that was there before the first scope is back"
     assert list(warnings.filters) == filters
+
+
+def test_a_stop_request_ends_a_task_after_its_unit_in_flight_with_every_claim_given_back():
+    """SIGTERM or Ctrl-C set `STOP` while unit 1 computes: unit 1 is still written (a flag set has its whole
+    block), units 2.. are not computed, and no claim is left held."""
+    from tasks.pipeline import STOP
+
+    Claim.held = set()
+
+    def compute(i):
+        if i == 1:
+            STOP.set()
+        return i
+
+    try:
+        receipts = overlapped(list(range(6)), units(6, compute))
+    finally:
+        STOP.clear()
+    assert receipts == [0, 1]
+    assert Claim.held == set()
