@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, check_path, ignore_zarr_notes, open_group
+from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, StoreStateError, check_path, ignore_zarr_notes, open_group, remove
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,17 @@ class ResultStore:
         identity = json.loads(json.dumps(identity, sort_keys=True))
         if (Path(path) / "zarr.json").exists():
             store = cls(path)
-            store.check(protocol, identity)
-            return store, False
+            if store.group.attrs.get("created") is not False:
+                store.check(protocol, identity)
+                return store, False
+            remove(path)  # a creation killed before its layout was whole: nothing was computed in it
         ds, encoding = _layout(coords, parts)
         ds.attrs.update(protocol=protocol, schema_version=SCHEMA_VERSION, identity=json.dumps(identity, sort_keys=True),
-                        parts=json.dumps([{"name": p.name, "units": p.units, "variables": p.variables} for p in parts]))
+                        parts=json.dumps([{"name": p.name, "units": p.units, "variables": p.variables} for p in parts]),
+                        created=False)
         ignore_zarr_notes()
         ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+        open_group(path, "r+", "protocol store").attrs["created"] = True
         return cls(path), True
 
     @property
@@ -130,6 +134,10 @@ class ResultStore:
 
     def status(self) -> dict[str, Any]:
         """The protocol, what it was run on, and per part the units done out of all."""
+        if self.group.attrs.get("created") is False:
+            raise StoreStateError(f"the {self.group.attrs.get('protocol')} protocol's store {self.path!r} was interrupted "
+                                  "while it was being created (nothing was computed in it): rerun the protocol's "
+                                  "command, which creates it again")
         done = {name: np.asarray(self.group[f"done_{name}"][...]) for name in self.parts}
         return {"path": self.path, "protocol": self.group.attrs["protocol"], "identity": self.identity,
                 "parts": {name: (int(d.sum()), int(d.size)) for name, d in done.items()}}

@@ -335,6 +335,11 @@ def test_odd_image_files_are_converted_or_skipped_and_named(ctx, prefect_api, tm
     (cls / "empty.png").write_bytes(b"")
     (cls / "notes.png").write_text("not an image")
     Image.new("1", (15000, 12500)).save(cls / "huge.png")  # 187.5 M pixels: over PIL's 2 x 89 M limit
+    os.mkfifo(cls / "pipe.png")  # reading a named pipe would wait forever
+    (cls / "dangling.png").symlink_to(cls / "gone.png")
+    (cls / "loop-a.png").symlink_to(cls / "loop-b.png")
+    (cls / "loop-b.png").symlink_to(cls / "loop-a.png")
+    (cls / "nested").mkdir()
     store = str(tmp_path / "odd.zarr")
     assert main(["study", "--dataset", str(root), "--samples", "all", "--block-size", "4", "--methods",
                  "saliency", "--store", store, "--figure", "none"]) == 0
@@ -342,7 +347,26 @@ def test_odd_image_files_are_converted_or_skipped_and_named(ctx, prefect_api, tm
     ids = list(storage.open_dataset(store).sample_id.values)
     for name in ("rgba.png", "deep.png", "gray.png"):
         assert any(i.endswith(name) for i in ids), name
-    skipped = next(line for line in out.splitlines() if line.startswith("skipped 3 unreadable file(s)"))
-    for name in ("empty.png", "notes.png", "huge.png (DecompressionBombError"):
+    skipped = next(line for line in out.splitlines() if line.startswith("skipped 8 unreadable file(s)"))
+    for name in ("empty.png", "notes.png", "huge.png (DecompressionBombError", "pipe.png (a named pipe, not an image",
+                 "dangling.png (a symbolic link that leads nowhere or in a loop", "loop-a.png (a symbolic link",
+                 "loop-b.png (a symbolic link", "nested (a folder (images are read one level deep"):
         assert name in skipped, skipped
     assert len(ids) == 4 + 3
+
+
+def test_boxes_outside_their_image_or_naming_missing_files_are_said_and_counted(ctx, prefect_api, capsys):
+    """Not silently empty masks: the study warns with the rows (before any work), and status counts the samples
+    whose mask is empty."""
+    store = new(ctx, "boxes.zarr")
+    assert main(S + ["--dataset", str(ctx["root"] / "images"), "--masks", str(ctx["root"] / "boxes.csv"),
+                     "--store", store]) == 0
+    out = capsys.readouterr().out
+    warnings_ = [line for line in out.splitlines() if line.startswith("warning: boxes file")]
+    assert len(warnings_) == 2, out
+    assert "1 row(s) name files that are not readable images of the dataset: circle/gone.png (line 3)" in warnings_[0]
+    assert "1 row(s) have boxes outside their image" in warnings_[1] and "(line 2: [80.0, 80.0, 90.0, 90.0] in a " \
+        "64x64 image)" in warnings_[1]
+    assert out.index("warning: boxes file") < out.index("store:")  # said before the work
+    assert main(["status", store]) == 0
+    assert "masks    8 of the ingested samples have an empty mask" in capsys.readouterr().out

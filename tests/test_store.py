@@ -1,5 +1,6 @@
 """The store: schema, block logic, write order, compatibility checks."""
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -323,3 +324,31 @@ def test_fsspec_memory_url():
     storage.Store(path).write_attribution("saliency", 0, np.ones((4, 8, 8)))
     assert storage.exists(path) and storage.Store(path).pending("saliency") == [1, 2]
     assert float(xr.open_zarr(path).attribution.sel(xai_method="saliency").isel(sample=0).mean()) == 1.0
+
+
+def test_a_store_whose_consolidated_metadata_was_dropped_still_opens(tmp_path):
+    """A run killed between a change of the layout (attributes written array by array) and the consolidation
+    that follows leaves a root without consolidated metadata: readers fall back to the arrays' own."""
+    import zarr
+
+    path = str(tmp_path / "s.zarr")
+    storage.create(path, template())
+    g = zarr.open_group(path, mode="r+", use_consolidated=False)
+    g.attrs["note"] = "written without consolidating"  # drops the consolidated metadata from the root
+    assert "consolidated_metadata" not in json.loads((tmp_path / "s.zarr" / "zarr.json").read_text()) or \
+        json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["consolidated_metadata"] is None
+    ds = storage.open_dataset(path)
+    assert ds.attrs["note"] == "written without consolidating" and "attribution" in ds
+
+
+def test_a_protocol_store_killed_during_creation_is_created_again(tmp_path):
+    import zarr
+
+    path = str(tmp_path / "p.zarr")
+    parts = [storage.Part("p", ("unit",), {"v": (("unit",), "float32")})]
+    storage.ResultStore.open_or_create(path, "sanity", {"model": "x"}, {"unit": [0, 1]}, parts)
+    zarr.open_group(path, mode="r+", use_consolidated=False).attrs["created"] = False  # as a kill leaves it
+    with pytest.raises(storage.StoreStateError, match="interrupted while it was being created"):
+        storage.ResultStore(path, mode="r").status()
+    store, created = storage.ResultStore.open_or_create(path, "sanity", {"model": "x"}, {"unit": [0, 1]}, parts)
+    assert created and store.status()["parts"] == {"p": (0, 2)}
