@@ -667,7 +667,13 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
         return f"{e} {text[0].upper()}{text[1:]}."
     if isinstance(e, FileNotFoundError) and "no study store" in str(e) and \
             getattr(args, "command", "") in ("evaluate", "status", "figure", "aggregate", "clusters", "report"):
+        try:  # a file, or a folder of other things: say so, not "make one there" (the study would refuse it)
+            storage.check_path(args.store, "study")
+        except (FileExistsError, ValueError) as found:
+            return f"{found}".replace("give a new path or an existing store", "give the path of a study store")
         return f"{e}: make one with `saliency-atlas study --store {args.store}`"
+    if isinstance(e, ImportError):  # an fsspec URL whose backend is not installed
+        return f"{e} (the store {getattr(args, 'store', None)!r} is at a URL whose fsspec backend is not installed here)"
     if isinstance(e, OSError) and e.errno in DISK_ERRORS:
         store = getattr(args, "store", None)
         return (f"{DISK_ERRORS[e.errno]} while writing {e.filename or store!r}; every block finished before "
@@ -765,7 +771,7 @@ def run_command(args: argparse.Namespace) -> int:
             cmd_aggregate(args)
         elif args.command in PROTOCOLS:
             cmd_protocol(args)
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
         if os.environ.get("SALIENCY_ATLAS_DEBUG"):
             raise  # the full traceback, for bug reports
         print(f"saliency-atlas: error: {error_line(e, args)}", file=sys.stderr)

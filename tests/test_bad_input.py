@@ -130,9 +130,10 @@ CASES = [
      "is a symbolic link to"),
     ("no-readable-image", S + ["--dataset", "{root}/unreadable", "--store", "{new}"], "has no readable images"),
     ("no-class-folders", S + ["--dataset", "{root}/flat", "--store", "{new}"], "has no class sub-folders"),
-    ("status-of-a-foreign-folder", ["status", "{root}/foreign"], "no study store"),
+    ("status-of-a-foreign-folder", ["status", "{root}/foreign"],
+     "is a folder with other content, not a Zarr store; give the path of a study store"),
     ("verify-a-protocol-store", ["status", "{root}/protocol.zarr", "--verify"], "--verify checks study stores"),
-    ("evaluate-a-file", ["evaluate", "{root}/afile", "--metrics", "deletion"], "no study store"),
+    ("evaluate-a-file", ["evaluate", "{root}/afile", "--metrics", "deletion"], "is a file, not a Zarr store"),
     ("figure-of-a-missing-store", ["figure", "{root}/none.zarr"], "no study store"),
     ("figure-sample-out-of-range", ["figure", "{store}", "--samples", "99", "--out", "{root}/f.png"], "99"),
     # every command on every store state: each names the state and what to run
@@ -370,3 +371,13 @@ def test_boxes_outside_their_image_or_naming_missing_files_are_said_and_counted(
     assert out.index("warning: boxes file") < out.index("store:")  # said before the work
     assert main(["status", store]) == 0
     assert "masks    8 of the ingested samples have an empty mask" in capsys.readouterr().out
+
+
+def test_a_store_url_whose_backend_is_missing_is_one_line(capsys):
+    """`gcs://` needs gcsfs, which the project does not install: fsspec's ImportError becomes the one line."""
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here: the URL would be tried for real")
+    line = one_line_error(capsys, ["status", "gcs://bucket/study.zarr"])
+    assert "install gcsfs" in line and "fsspec backend is not installed here" in line, line

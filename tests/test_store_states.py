@@ -32,14 +32,15 @@ from helpers import KILLER
 SEQUENCES = 3  # in CI
 NIGHTLY = int(os.environ.get("SALIENCY_ATLAS_STATE_SEQUENCES", "0"))
 STEPS = 7
-METHODS = ["saliency", "gradcam", "input_x_gradient"]
+METHODS = ["saliency", "gradcam", "input_x_gradient", "contrastive_gradcam"]  # the last: the contrast variable
 METRICS = ["pointing_game", "sparseness", "deletion"]
 SAMPLES = [8, 12, 16]  # with blocks of 8: a short last block, grown later
 # per command, the arrays whose Nth write a SIGKILL lands on: creation (sample_id), ingestion, maps, scores,
 # growth (xai_method, metric)
 KILL_AT = {"study": ["sample_id", "ingested", "image", "attribution", "done", "score", "scored", "xai_method"],
            "evaluate": ["score", "score_status", "curve", "scored", "metric"]}
-COMPARED = ("attribution", "failure", "image", "label", "prediction", "target", "logits", "score", "score_status", "curve")
+COMPARED = ("attribution", "failure", "image", "label", "prediction", "target", "contrast", "logits", "score",
+            "score_status", "curve")
 DELETION = ["--metric-param", "deletion.steps=4"]
 RUN = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -54,12 +55,13 @@ class Sequence:
     methods: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    layout: list[str] = field(default_factory=list)  # fixed at creation: with or without the model inputs
     kills: int = 0
     terms: int = 0
 
     def study_argv(self) -> list[str]:
         argv = ["study", "--samples", str(self.samples), "--block-size", "8", "--methods", ",".join(self.methods),
-                "--no-baselines", "--device", "cpu", "--figure", "none", "--store", self.store]
+                "--no-baselines", "--device", "cpu", "--figure", "none", "--store", self.store, *self.layout]
         if self.metrics:
             argv += ["--metrics", ",".join(self.metrics), *DELETION * ("deletion" in self.metrics)]
         return argv
@@ -169,11 +171,11 @@ REFERENCES: dict[tuple, str] = {}
 
 def reference(seq: Sequence, root) -> xr.Dataset:
     """The end state reached in one uninterrupted run of the final study (made once per final request)."""
-    key = (seq.samples, tuple(sorted(seq.methods)), tuple(sorted(seq.metrics)))
+    key = (seq.samples, tuple(sorted(seq.methods)), tuple(sorted(seq.metrics)), tuple(seq.layout))
     if key not in REFERENCES:
         path = str(root / f"reference-{len(REFERENCES)}.zarr")
         ref = Sequence(store=path, out=str(root), samples=seq.samples, methods=list(seq.methods),
-                       metrics=list(seq.metrics))
+                       metrics=list(seq.metrics), layout=seq.layout)
         assert main(ref.study_argv()) == 0
         REFERENCES[key] = path
     return xr.open_zarr(REFERENCES[key])
@@ -197,7 +199,7 @@ def assert_same_end_state(store: str, ref: xr.Dataset, seq: Sequence) -> None:
 
 def run_sequence(seed: int, tmp_path, capsys) -> Sequence:
     rng = random.Random(seed)
-    seq = Sequence(store=str(tmp_path / "store.zarr"), out=str(tmp_path))
+    seq = Sequence(store=str(tmp_path / "store.zarr"), out=str(tmp_path), layout=rng.choice([[], ["--no-images"]]))
     for _ in range(STEPS):
         argv = next_command(rng, seq)
         if argv[0] in ("study", "evaluate") and rng.random() < 0.45:
@@ -222,8 +224,8 @@ def run_sequence(seed: int, tmp_path, capsys) -> Sequence:
 
 def report(seed: int, seq: Sequence) -> None:
     with_signals = sum("SIG" in line for line in seq.log)
-    print(f"\nsequence {seed}: {STEPS} steps + the final rerun, {with_signals} with a signal "
-          f"({seq.kills} SIGKILL, {seq.terms} SIGTERM):\n  " + "\n  ".join(seq.log))
+    print(f"\nsequence {seed} ({' '.join(seq.layout) or 'with images'}): {STEPS} steps + the final rerun, "
+          f"{with_signals} with a signal ({seq.kills} SIGKILL, {seq.terms} SIGTERM):\n  " + "\n  ".join(seq.log))
 
 
 @pytest.mark.slow
