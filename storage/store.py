@@ -285,6 +285,7 @@ def create(path: str, t: Template) -> Store:
     ds.attrs.update(t.attrs)
     ds.attrs.update(
         schema_version=SCHEMA_VERSION, block_size=t.block_size, image_shape=list(t.image_shape),
+        dataset_fingerprint_samples=len(t.sample_ids),
         compression=t.compression, images_stored=t.keep_images, created=False,
         params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
         **(_evaluation_attrs(t) if t.metrics else {}),
@@ -477,6 +478,12 @@ class Store:
     def sample_ids(self) -> list[str]:
         return self.group.names("sample_id")
 
+    def fingerprinted_ids(self) -> list[str]:
+        """The samples the stored dataset fingerprint covers: all committed ones, or fewer when a growth was
+        killed after committing its new names and before recording their fingerprint."""
+        ids = self.sample_ids()
+        return ids[: int(self.group.attrs.get("dataset_fingerprint_samples", len(ids)))]
+
     def methods(self) -> list[str]:
         return self.group.names("xai_method")
 
@@ -592,7 +599,9 @@ class Store:
             g.attrs.update(_evaluation_attrs(t))
             g.attrs["metric_params"] = json.dumps(params, sort_keys=True)
             self._extend_names("metric", old_metrics + new_metrics)
-        g.attrs["dataset_fingerprint"] = t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint"))
+        # after the names: until here the fingerprint covers the samples it counts, which are still committed
+        g.attrs.update(dataset_fingerprint=t.attrs.get("dataset_fingerprint", g.attrs.get("dataset_fingerprint")),
+                       dataset_fingerprint_samples=n_new)
         if "failure_codes" in t.attrs:
             g.attrs["failure_codes"] = t.attrs["failure_codes"]
         zarr.consolidate_metadata(self.path, zarr_format=3)

@@ -334,7 +334,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     classes = classes or [f"class_{i}" for i in range(n_classes)]
     stored = storage.Store(spec.store, mode="r").sample_ids() if exists else []
     known = set(stored)
-    digest = stored_digest(spec, dataset, stored) if exists else None  # refuses another dataset first
+    digest = stored_digest(spec, dataset) if exists else None  # refuses another dataset first
     ids = stored + [i for i in dataset.ids(0, len(dataset)) if i not in known]  # growth appends
     template = storage.Template(
         sample_ids=ids, classes=list(classes), methods=spec.studied, image_shape=(len(pre.mean), *pre.size),
@@ -389,15 +389,16 @@ def check_writable(store: str) -> None:
                          "store path you can write to")
 
 
-def stored_digest(spec: StudySpec, dataset: zoo.Dataset, stored: list[str]) -> str:
-    """The digest of the store's samples as `dataset` has them now. A run that names another dataset
+def stored_digest(spec: StudySpec, dataset: zoo.Dataset) -> str:
+    """The digest of the store's samples (those its fingerprint covers) as `dataset` has them now. A run that
+    names another dataset
     than the one the store was made from, and does not hold the same samples (a copied folder does),
     is refused as such, not as a corrupt file of the new one."""
     s = storage.Store(spec.store, mode="r")
     made_from = s.attrs.get("dataset")
     same = made_from == spec.dataset or os.path.realpath(str(made_from)) == os.path.realpath(spec.dataset)
     try:
-        digest = dataset.digest(stored)
+        digest = dataset.digest(s.fingerprinted_ids())
     except ValueError:
         if same:
             raise

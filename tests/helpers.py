@@ -176,8 +176,8 @@ KILLER = textwrap.dedent("""
                 k = key if isinstance(key, tuple) else (key,)
                 axis = next((i for i, s in enumerate(k) if isinstance(s, slice)), None)  # samples: value's axis 0
                 if half and axis is not None:
-                    s = k[axis]
-                    cut = slice(s.start, s.start + (s.stop - s.start) // 2)
+                    start, stop, _ = k[axis].indices(self.shape[axis])
+                    cut = slice(start, start + (stop - start) // 2)
                     original(self, (*k[:axis], cut, *k[axis + 1:]), value[: cut.stop - cut.start])
                 os.kill(os.getpid(), signal.SIGKILL)
         return original(self, key, value)

@@ -213,3 +213,16 @@ def test_a_signal_stops_the_study_cleanly_and_the_same_command_resumes(reference
     summary = study(store=store, **ARGS)
     assert digests(store) == digests(reference)
     assert sum(summary["computed_blocks"].values()) < 4 * 2 or summary["ingested_blocks"] < 4
+
+
+@pytest.mark.slow
+def test_a_growth_killed_after_its_new_names_and_before_their_fingerprint_resumes(reference, tmp_path):
+    """The sample names are committed before the dataset fingerprint that covers them is recorded: a kill in
+    between left the fingerprint of fewer samples than the store names, and every later run was refused as
+    'the stored samples changed'. The fingerprint records how many samples it covers."""
+    store = str(tmp_path / "grown.zarr")
+    study(store=store, **{**ARGS, "samples": 12, "methods": ["saliency"], "metrics": [], "metric_params": {}})
+    killed_run(CLI, store, "xai_method", 1, half=True)  # after `sample_id` grew, halfway through the methods
+    assert len(storage.Store(store, mode="r").sample_ids()) == 32
+    study(store=store, **ARGS)
+    assert digests(store) == digests(reference)

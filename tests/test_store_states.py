@@ -2,7 +2,7 @@
 
 A seeded generator drives random sequences of the real commands (study: new, grown, more methods, more
 metrics; evaluate; clusters; report; status; status --verify; aggregate; figure) on one small store, some
-of them in a child process killed with SIGKILL at a random write or sent SIGTERM at a random moment.
+of them in a child process that sends itself SIGKILL or SIGTERM at a random write.
 After every step: the command succeeded, or failed with one line and no traceback, or died of the signal
 it was sent (a SIGTERM'd command says how to resume); `status --verify` passes, names what to recompute,
 or says in one line which state the store is in; and the next command goes on from there. At the end the
@@ -35,14 +35,12 @@ STEPS = 7
 METHODS = ["saliency", "gradcam", "input_x_gradient", "contrastive_gradcam"]  # the last: the contrast variable
 METRICS = ["pointing_game", "sparseness", "deletion"]
 SAMPLES = [8, 12, 16]  # with blocks of 8: a short last block, grown later
-# per command, the arrays whose Nth write a SIGKILL lands on: creation (sample_id), ingestion, maps, scores,
-# growth (xai_method, metric)
-KILL_AT = {"study": ["sample_id", "ingested", "image", "attribution", "done", "score", "scored", "xai_method"],
-           "evaluate": ["score", "score_status", "curve", "scored", "metric"]}
 COMPARED = ("attribution", "failure", "image", "label", "prediction", "target", "contrast", "logits", "score",
             "score_status", "curve")
 DELETION = ["--metric-param", "deletion.steps=4"]
-RUN = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+# the same child, but it sends itself SIGTERM at that write and goes on: the handler stops the run from there
+TERMINATOR = KILLER.replace("os.kill(os.getpid(), signal.SIGKILL)", "os.kill(os.getpid(), signal.SIGTERM)")
+assert TERMINATOR != KILLER
 
 
 @dataclass
@@ -56,6 +54,7 @@ class Sequence:
     metrics: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     layout: list[str] = field(default_factory=list)  # fixed at creation: with or without the model inputs
+    complete: bool = True  # the store holds all that was asked (False after an interrupted command)
     kills: int = 0
     terms: int = 0
 
@@ -67,29 +66,42 @@ class Sequence:
         return argv
 
 
-def next_command(rng: random.Random, seq: Sequence) -> list[str]:
-    """A random command a user could run next, growing what is asked of the store now and then."""
+def next_command(rng: random.Random, seq: Sequence) -> tuple[list[str], list[str]]:
+    """A random command a user could run next, growing what is asked of the store now and then; with the
+    arrays the command will write (where a signal can land; none when it has nothing new to do)."""
     kind = rng.choice(["study", "study", "evaluate", "clusters", "report", "status", "aggregate", "figure"])
     if kind == "study" or not seq.methods:
+        before = (seq.samples, len(seq.methods), len(seq.metrics))
         seq.samples = max(seq.samples, rng.choice(SAMPLES))
         new = [m for m in METHODS if m not in seq.methods]
         if new and (not seq.methods or rng.random() < 0.5):
             seq.methods.append(rng.choice(new))
         if rng.random() < 0.3 and len(seq.metrics) < len(METRICS):
             seq.metrics.append(next(m for m in METRICS if m not in seq.metrics))
-        return seq.study_argv()
+        grew = [now > then for now, then in zip((seq.samples, len(seq.methods), len(seq.metrics)), before)]
+        return seq.study_argv(), writes(seq, *(grew if seq.complete else (True, True, True)))
     if kind == "evaluate":
         left = [m for m in METRICS if m not in seq.metrics]
         metric = rng.choice(left or seq.metrics or METRICS)
-        if metric not in seq.metrics:
+        new_metric = metric not in seq.metrics
+        if new_metric:
             seq.metrics.append(metric)
-        return ["evaluate", seq.store, "--metrics", metric, *DELETION * (metric == "deletion"), "--no-baselines",
-                "--device", "cpu", "--plot", "none", "--json"]
+        return (["evaluate", seq.store, "--metrics", metric, *DELETION * (metric == "deletion"), "--no-baselines",
+                 "--device", "cpu", "--plot", "none", "--json"], writes(seq, False, False, new_metric))
     return {"clusters": ["clusters", seq.store, "--method", rng.choice(seq.methods), "--figure", "none", "--json"],
             "report": ["report", seq.store, "--out", f"{seq.out}/report", "--max-samples", "4"],
             "status": ["status", seq.store],
             "aggregate": ["aggregate", seq.store, "--out", f"{seq.out}/agg.zarr"],
-            "figure": ["figure", seq.store, "--samples", "0,1", "--out", f"{seq.out}/figure.png"]}[kind]
+            "figure": ["figure", seq.store, "--samples", "0,1", "--out", f"{seq.out}/figure.png"]}[kind], []
+
+
+def writes(seq: Sequence, samples: bool, methods: bool, metrics: bool) -> list[str]:
+    """The arrays a command writes when the store gains samples, methods or metrics (the moments a signal can
+    land on): creation and growth (`sample_id`, `xai_method`, `metric`), ingestion, maps and scores."""
+    scored = ["score", "score_status", "scored", *["curve"] * ("deletion" in seq.metrics)] if seq.metrics else []
+    out = ["sample_id", "ingested", *["image"] * (not seq.layout), "attribution", "done", *scored] if samples else []
+    out += ["xai_method", "attribution", "done", *scored] if methods else []
+    return sorted(set(out + (["metric", *scored] if metrics else [])))
 
 
 def api_env() -> dict[str, str]:
@@ -98,26 +110,19 @@ def api_env() -> dict[str, str]:
     return dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONWARNINGS="ignore")
 
 
-def in_child(argv: list[str], rng: random.Random, seq: Sequence) -> tuple[int, str]:
-    """`argv` in a child process of its own session, killed with SIGKILL at a random write or sent SIGTERM
-    after a random delay; returns its exit code and stderr, once no process of its session is left."""
+def in_child(argv: list[str], targets: list[str], rng: random.Random, seq: Sequence) -> tuple[int, str]:
+    """`argv` in a child process of its own session that SIGKILLs itself at a random write (whole or half-way
+    through it), or sends itself SIGTERM there (as `timeout` or systemd would, mid-work); returns its exit code
+    and stderr, once no process of its session is left."""
+    array, nth = rng.choice(targets), rng.randint(1, 2)
     if rng.random() < 0.6:
-        array, nth = rng.choice(KILL_AT[argv[0]]), rng.randint(1, 4)
-        cmd, what = [sys.executable, "-c", KILLER, array, str(nth), "half" if rng.random() < 0.5 else "whole", *argv], \
-            f"SIGKILL at write {nth} of {array}"
+        script, how, what = KILLER, "half" if rng.random() < 0.5 else "whole", f"SIGKILL at write {nth} of {array}"
         seq.kills += 1
     else:
-        cmd, what = [sys.executable, "-c", RUN, *argv], None
-    child = subprocess.Popen(cmd, env=api_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    if what is None:
-        delay = rng.uniform(6, 16)
-        what = f"SIGTERM after {delay:.1f} s"
+        script, how, what = TERMINATOR, "whole", f"SIGTERM at write {nth} of {array}"
         seq.terms += 1
-        try:
-            child.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            child.send_signal(signal.SIGTERM)
+    child = subprocess.Popen([sys.executable, "-c", script, array, str(nth), how, *argv], env=api_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _, err = child.communicate(timeout=600)
     for _ in range(100):  # nothing the command started outlives it (a temporary server, Dask workers)
         try:
@@ -138,11 +143,11 @@ def said(err: str) -> str:
 
 
 def check_outcome(code: int, err: str, argv: list[str]) -> None:
-    """Succeeded; or failed with one line naming the problem; or died of the signal it was sent (SIGTERM:
-    after saying how to resume, unless it came before the command line had even started)."""
+    """Succeeded; or failed with one line naming the problem; or died of the SIGKILL it sent itself; or stopped
+    on its SIGTERM, saying how far it got and how to resume."""
     assert "Traceback" not in err, f"{argv}: {err[-3000:]}"
     lines = [line for line in err.strip().splitlines() if line.startswith("saliency-atlas:")]
-    if code in (0, -signal.SIGKILL, -signal.SIGTERM):
+    if code in (0, -signal.SIGKILL):
         return
     if code == 128 + signal.SIGTERM:
         assert lines and "run the same command again" in lines[-1], err[-2000:]
@@ -201,14 +206,16 @@ def run_sequence(seed: int, tmp_path, capsys) -> Sequence:
     rng = random.Random(seed)
     seq = Sequence(store=str(tmp_path / "store.zarr"), out=str(tmp_path), layout=rng.choice([[], ["--no-images"]]))
     for _ in range(STEPS):
-        argv = next_command(rng, seq)
-        if argv[0] in ("study", "evaluate") and rng.random() < 0.45:
-            code, err = in_child(argv, rng, seq)
+        argv, targets = next_command(rng, seq)
+        if targets and rng.random() < 0.6:
+            code, err = in_child(argv, targets, rng, seq)
+            seq.complete = seq.complete and code == 0
         else:
             capsys.readouterr()
             code = main(argv)
             err = capsys.readouterr().err
             seq.log.append(f"{argv[0]} -> {code}{said(err)}")
+            seq.complete = seq.complete or (argv[0] == "study" and code == 0)
         check_outcome(code, err, argv)
         verify(capsys, seq)
     assert main(seq.study_argv()) == 0, capsys.readouterr().err  # the user reruns the study
