@@ -122,6 +122,14 @@ def _param(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
+def fold_params(pairs: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    """Parsed OWNER.NAME=VALUE pairs (`_param`) as {OWNER: {NAME: VALUE}}, a later pair winning."""
+    folded: dict[str, dict[str, Any]] = {}
+    for owner, key, value in pairs:
+        folded.setdefault(owner, {})[key] = value
+    return folded
+
+
 def _kv(text: str) -> tuple[str, Any]:
     """NAME=VALUE, the value read as JSON when it parses."""
     key, sep, raw = text.partition("=")
@@ -200,11 +208,8 @@ def spec_from_args(cls: type, options: dict[str, dataclasses.Field], args: argpa
     to the store path with .png ('none': no figure)."""
     values = {name: getattr(args, name) for name in options}
     for name, f in options.items():
-        if f.metadata["cli"].get("type") == "param":  # NAME.KEY=VALUE pairs -> {NAME: {KEY: VALUE}}
-            folded: dict[str, dict[str, Any]] = {}
-            for owner, key, value in values[name]:
-                folded.setdefault(owner, {})[key] = value
-            values[name] = folded
+        if f.metadata["cli"].get("type") == "param":
+            values[name] = fold_params(values[name])
         elif f.metadata["cli"].get("type") == "kv":
             values[name] = dict(values[name])
     figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
@@ -492,10 +497,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from flows.study import study
     from tasks import finished, plan, spec_of_store
 
-    folded: dict[str, dict[str, Any]] = {}
-    for owner, key, value in args.metric_params:
-        folded.setdefault(owner, {})[key] = value
-    spec = spec_of_store(args.store, metrics=args.metrics, metric_params=folded, baselines=args.baselines,
+    spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
+                         baselines=args.baselines,
                          device=args.device, workers=args.workers)
     p = plan(spec)  # validates the metrics and their parameters before any work
     unknown = sorted({m for pair in args.compare or [] for m in pair} - set(spec.studied))

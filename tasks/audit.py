@@ -98,7 +98,8 @@ def true_classes(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return names, correct, order
 
 
-def _mean(values: np.ndarray) -> float | None:
+def finite_mean(values: np.ndarray) -> float | None:
+    """The mean of the finite values, to 4 decimals (None when there is none)."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return round(float(values.mean()), 4) if values.size else None
@@ -118,11 +119,11 @@ def audit_rows(scores: xr.DataArray, classes: np.ndarray, correct: np.ndarray | 
             sel = np.ones(len(classes), bool) if cls == ALL else classes == cls
             row: dict[str, Any] = {
                 "xai_method": method, "class": cls, "samples": int(sel.sum()),
-                "accuracy": None if correct is None else _mean(correct[sel]),
+                "accuracy": None if correct is None else finite_mean(correct[sel]),
                 "maps_scored": int(np.isfinite(values[sel]).all(1).sum()),
                 "maps_failed": int(failed[sel].sum()),
             }
-            row.update({metric: _mean(values[sel, k]) for k, metric in enumerate(metrics)})
+            row.update({metric: finite_mean(values[sel, k]) for k, metric in enumerate(metrics)})
             rows.append(row)
     return rows
 
@@ -176,7 +177,7 @@ def measure(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any
         "measures": list(metrics),
         "figure_why": why,
         "samples": int(ds.sizes["sample"]),
-        "accuracy": _mean(correct),
+        "accuracy": finite_mean(correct),
         "accuracy_warning": accuracy_warning(store),
         "figure_samples": figure_samples,
         "figure_sample_ids": [str(ds.sample_id.values[i]) for i in figure_samples],

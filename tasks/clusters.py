@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 import storage
 from xai_methods import spray
 
-from .audit import true_classes
+from .audit import finite_mean, true_classes
 from .figure import _display_image, heatmap_style, plt, save
 
 DEFAULTS: dict[str, Any] = {"size": 16, "neighbours": 10, "max_clusters": 8, "clusters": None, "seed": 0}
@@ -130,16 +130,11 @@ def summarize(store: str, method: str, only: Sequence[str] | None = None) -> dic
                 "cluster": int(k), "size": int(members.size), "sample_ids": [str(i) for i in ids[members]],
                 "accuracy": None if np.isnan(right).all() else round(float(np.nanmean(right)), 4),
                 "scores": {} if scores is None else {
-                    str(metric): _finite_mean(scores.sel(metric=metric).values[members]) for metric in scores.metric.values},
+                    str(metric): finite_mean(scores.sel(metric=metric).values[members]) for metric in scores.metric.values},
                 "eigengap": None if np.isnan(gap) else round(gap, 4),
             })
         out[name] = rows
     return out
-
-
-def _finite_mean(values: np.ndarray) -> float | None:
-    values = values[np.isfinite(values)]
-    return round(float(values.mean()), 4) if values.size else None
 
 
 def _nearest(small: np.ndarray, members: np.ndarray, count: int) -> np.ndarray:

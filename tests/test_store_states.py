@@ -251,3 +251,20 @@ if NIGHTLY:  # defined only when asked for: an empty parameter set would show as
         seq = run_sequence(seed, tmp_path, capsys)
         with capsys.disabled():
             report(seed, seq)
+
+
+def test_the_report_of_a_study_without_metrics_and_of_one_partly_ingested(prefect_api, tmp_path, capsys):
+    """Two states the report met badly: a finished study without metrics (a traceback: no `metric`), and a
+    study stopped after its first block was read (it showed the unread samples' predictions)."""
+    import zarr
+
+    store = str(tmp_path / "plain.zarr")
+    assert main(["study", "--samples", "16", "--block-size", "8", "--methods", "saliency", "--device", "cpu",
+                 "--figure", "none", "--store", store]) == 0
+    assert main(["report", store, "--out", str(tmp_path / "a")]) == 0
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert "No scores yet" in page and page.count("<tr class='sample'") == 16
+    zarr.open_group(store, mode="r+", use_consolidated=False)["ingested"][1] = False  # as a stop leaves it
+    assert main(["report", store, "--out", str(tmp_path / "b")]) == 0
+    page = (tmp_path / "b" / "index.html").read_text()
+    assert page.count("<tr class='sample'") == 8 and "16 samples (8 ingested so far)" in page
