@@ -494,12 +494,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import dataclasses as dc
 
     import storage
-    from flows.study import study
+    from flows.study import study, task_runner
     from tasks import finished, plan, spec_of_store
 
     spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
                          baselines=args.baselines,
                          device=args.device, workers=args.workers)
+    task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --device
     p = plan(spec)  # validates the metrics and their parameters before any work
     unknown = sorted({m for pair in args.compare or [] for m in pair} - set(spec.studied))
     if unknown:

@@ -210,6 +210,7 @@ def study(**options: Any) -> dict[str, Any]:
     """
     log, started = get_run_logger(), time.perf_counter()
     spec = StudySpec(**options)
+    runner = task_runner(spec.workers, spec.dask_address, spec.device)  # checked before the store is touched
     plan = prepare_store(spec)
     for skipped in plan["skipped_files"]:
         log.warning("skipped unreadable file %s", skipped)
@@ -225,7 +226,6 @@ def study(**options: Any) -> dict[str, Any]:
     total = plan["blocks"] * (1 + len(methods) * (1 + len(spec.metrics)))
     pending = len(todo_ingest) + len(todo) + len(todo_scores)
     log.info("%d of %d block tasks already done; %d to compute", total - pending, total, pending)
-    runner = task_runner(spec.workers, spec.dask_address, spec.device)
     with reported_here():
         blocks = compute_blocks(runner, spec, todo_ingest, todo, todo_scores, total, total - pending)
     receipts = blocks["receipts"]

@@ -160,6 +160,8 @@ CASES = [
                                                  "saliency:nosuch"], "--compare names nosuch, not among the store's"),
     ("clusters-of-a-class-not-in-the-study", ["clusters", "{store}", "--method", "saliency", "--class", "nosuch"],
      "--class nosuch is not a class of this study"),
+    ("evaluate-with-zero-workers", ["evaluate", "{store}", "--metrics", "sparseness", "--workers", "0"],
+     "workers must be >= 1"),
     ("report-with-a-protocol-that-is-not-one", ["report", "{store}", "--out", "{root}/r", "--protocol", "{root}/afile"],
      "is not a protocol store"),
     # a user's values checked against the model before any pass
