@@ -1,0 +1,117 @@
+"""`evaluate` and `metrics`: score a study's maps, and what can score them."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from .options import _names, _pairs, _param, fold_params
+
+
+EVALUATE_EXAMPLES = """\
+examples:
+  saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,relevance_mass,deletion,insertion
+  saliency-atlas evaluate runs/shapes.zarr --metrics deletion --metric-param deletion.steps=16 --json
+  saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game --compare gradcam:saliency --by label
+
+Metrics that need ground truth (pointing_game, relevance_mass, relevance_rank, outside_mask_share)
+use the store's `mask`; region_share needs --metric-param region_share.region=[y0,x0,y1,x1].
+"""
+
+def cmd_metrics() -> None:
+    from xai_methods import metrics as xmet
+
+    rows = [("name", "family", "needs", "better", "passes/image (64x64)", "what it is")]
+    for name in xmet.available():
+        s = xmet.spec(name)
+        needs = "+".join(n for n, on in (("mask", s.needs_mask), ("model", s.needs_model), ("method", s.needs_method))
+                         if on) or "-"
+        cost = "-" if not s.needs_model else str(s.cost(dict(s.defaults), (64, 64)))
+        rows.append((name, s.family, needs, "higher" if s.higher_is_better else "lower", cost, s.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+
+def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The first two methods against each other, and every method against random_map."""
+    real = [m for m in methods if m not in ("random_map", "centre_map", "edge_map")]
+    pairs = [(real[0], real[1])] if len(real) > 1 else []
+    return pairs + [(m, "random_map") for m in real if "random_map" in methods]
+
+def print_score_table(ds: Any, by: str | None, pairs: list[tuple[str, str]]) -> None:
+    import storage
+    from xai_methods import metrics as xmet
+
+    rows = storage.score_table(ds, by=by)
+    width = max(len(r["xai_method"]) for r in rows)
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        better = "higher" if xmet.spec(metric).higher_is_better else "lower"
+        print(f"{metric} ({better} is better; mean [95% bootstrap interval], images scored)")
+        for r in (r for r in rows if r["metric"] == metric):
+            cls = "" if r["class"] == "all" else f" {r['class']}"
+            undefined = sum(r["undefined"].values())
+            note = f", {undefined} undefined {dict(r['undefined'])}" if undefined else ""
+            print(f"  {(r['xai_method'] + cls).ljust(width + 10)} {r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}]"
+                  f"  n={r['n']}{note}")
+    for c in storage.comparisons(ds, pairs):
+        print(storage.describe_comparison(c))
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses as dc
+
+    import storage
+    from flows.study import study, task_runner
+    from tasks import finished, plan, spec_of_store
+
+    spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
+                         baselines=args.baselines,
+                         device=args.device, workers=args.workers)
+    task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --device
+    p = plan(spec)  # validates the metrics and their parameters before any work
+    unknown = sorted({m for pair in args.compare or [] for m in pair} - set(spec.studied))
+    if unknown:
+        raise ValueError(f"--compare names {', '.join(unknown)}, not among the store's methods; valid: "
+                         + ", ".join(spec.studied))
+    if not finished(p, spec.store):
+        study(**dc.asdict(spec))
+    ds = storage.open_dataset(args.store)
+    if args.json:
+        print(json.dumps(storage.means(ds.sel(metric=list(args.metrics)))))
+        return
+    print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
+    if (args.plot or "").lower() != "none":
+        from tasks.evaluation_plot import plot_evaluation
+
+        prefix = args.plot or os.path.splitext(args.store.rstrip("/"))[0]
+        for path in plot_evaluation(ds, prefix):
+            print(f"figure:  {path}")
+
+
+def add_parsers(sub: Any) -> None:
+    ev = sub.add_parser("evaluate", help="score a study's maps with evaluation metrics (adds only what is new)",
+                        description="Score every stored map of a study with each metric, as resumable block tasks "
+                                    "(the model passes are the metric's own; maps are read from the store), then "
+                                    "print the mean and a 95%% bootstrap interval per method and metric, the "
+                                    "baseline maps beside the methods, and paired comparisons.",
+                        epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("store")
+    ev.add_argument("--metrics", type=_names, required=True, help="comma-separated metrics (see `saliency-atlas metrics`)")
+    ev.add_argument("--metric-param", dest="metric_params", type=_param, action="append", default=[],
+                    metavar="METRIC.NAME=VALUE", help="a metric parameter, e.g. deletion.steps=16 (repeatable)")
+    ev.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="do not add the baseline maps (random_map, centre_map, edge_map) to the store")
+    ev.add_argument("--compare", type=_pairs, default=None, metavar="A:B[,C:D]",
+                    help="paired comparisons to print (default: the first two methods, and each method against "
+                         "random_map)")
+    ev.add_argument("--by", choices=("label", "prediction"), default=None, help="also one row per class")
+    ev.add_argument("--json", action="store_true", help="print {metric: {xai_method: mean}} only")
+    ev.add_argument("--plot", default=None, metavar="PREFIX",
+                    help="curve and score-distribution figures PREFIX.curves.png, PREFIX.scores.png "
+                         "(default: the store path; 'none' for no figure)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ev.add_argument("--workers", type=int, default=None, help="score on a local Dask cluster of N processes")
+
+    ev.set_defaults(func=cmd_evaluate)
+    sub.add_parser("metrics", help="list the evaluation metrics, their family and cost").set_defaults(
+        func=lambda args: cmd_metrics())
