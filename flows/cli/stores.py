@@ -143,20 +143,25 @@ def cmd_figure(args: argparse.Namespace) -> None:
     print(render(args.store, args.out, args.samples, methods, shared_scale=args.shared_scale))
 
 
+def store_command(sub: Any, name: str, func: Any, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """The parser of a command on one study store: its `store` argument, and `func` to run it."""
+    p = sub.add_parser(name, help=help, **kwargs)
+    p.add_argument("store", help="the study store: a path or an fsspec URL")
+    p.set_defaults(func=func)
+    return p
+
+
 def add_parsers(sub: Any) -> None:
-    st = sub.add_parser("status", help="blocks done per method, and the store's identity",
+    st = store_command(sub, "status", lambda args: cmd_status(args.store, args.verify),
+                       "blocks done per method, and the store's identity",
                         description="Blocks done per method, failed maps, scores, and the store's identity. "
                                     "--verify reads every finished block back and checks it against the "
                                     "checksum recorded with its flag; a damaged block (a chunk file truncated, "
                                     "deleted or overwritten) is named and marked not done, so that rerunning the "
                                     "study recomputes exactly those blocks. Exit status 1 when any was found.")
-    st.add_argument("store")
-    st.set_defaults(func=lambda args: cmd_status(args.store, args.verify))
     st.add_argument("--verify", action="store_true", help="check every finished block against its checksum")
 
-    f = sub.add_parser("figure", help="draw inputs and heatmaps of chosen samples")
-    f.add_argument("store")
-    f.set_defaults(func=cmd_figure)
+    f = store_command(sub, "figure", cmd_figure, "draw inputs and heatmaps of chosen samples")
     f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")
     f.add_argument("--methods", default=None, help="comma-separated subset of the store's methods (default: all)")
     f.add_argument("--out", default="figure.png", help="output file (.png, .pdf, .svg)")
@@ -165,15 +170,13 @@ def add_parsers(sub: Any) -> None:
 
     add_clusters_parser(sub)
 
-    r = sub.add_parser("report", help="one self-contained HTML page to browse a study (no server, no network)",
+    r = store_command(sub, "report", cmd_report, "one self-contained HTML page to browse a study (no server, no network)",
                        description="Writes DIR/index.html with everything inline: per method a grid of samples "
                        "with their maps, filtered by class, correct or incorrect prediction and a metric's range; "
                        "the metrics table with bootstrap intervals, the baseline maps beside the methods; the "
                        "deletion/insertion curves; the clusters stored by `clusters`; the figures of protocol "
                        "stores given with --protocol. Open it in any browser.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("store")
-    r.set_defaults(func=cmd_report)
     r.add_argument("--out", default=None, help="output folder (default: the store path with .report)")
     r.add_argument("--max-samples", type=int, default=200,
                    help="samples shown in the grid (spread evenly over the study; the tables use all)")
@@ -181,16 +184,15 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--protocol", action="append", default=[], metavar="STORE",
                    help="a sanity / invariance / manipulate / roar store whose figure the report includes (repeatable)")
 
-    ag = sub.add_parser("aggregate", help="mean/std maps per class and per correct/incorrect prediction (Dask, out of core)")
-    ag.add_argument("store")
-    ag.set_defaults(func=cmd_aggregate)
+    ag = store_command(sub, "aggregate", cmd_aggregate,
+                       "mean/std maps per class and per correct/incorrect prediction (Dask, out of core)")
     ag.add_argument("--out", default=None, help="aggregate Zarr store (default: the study path with .agg.zarr)")
     ag.add_argument("--plot", default=None, metavar="PNG", help="also draw the mean maps (and correct vs incorrect) to this file")
     ag.add_argument("--by", choices=("label", "prediction"), default="label", help="group classes by the true label or the prediction")
 
 
 def add_clusters_parser(sub: Any) -> None:
-    c = sub.add_parser("clusters", help="the strategies of a model: SpRAy clusters of one method's maps per class",
+    c = store_command(sub, "clusters", cmd_clusters, "the strategies of a model: SpRAy clusters of one method's maps per class",
                        description="Spectral relevance analysis (Lapuschkin et al. 2019): per true class, the "
                        "method's maps are downsampled, compared by shape in a k-nearest-neighbour graph and "
                        "clustered in its spectral embedding; the eigengap says how many groups the class "
@@ -198,8 +200,6 @@ def add_clusters_parser(sub: Any) -> None:
                        "watermark, a background). The clusters are stored in the study (`cluster`, "
                        "`eigengap`) and reused while the store and the parameters stay the same.",
                        epilog=CLUSTER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("store")
-    c.set_defaults(func=cmd_clusters)
     c.add_argument("--method", required=True, help="one of the store's methods")
     c.add_argument("--class", dest="classes", default=None, help="comma-separated true classes to show (default: all)")
     c.add_argument("--clusters", type=int, default=None, help="a fixed number of clusters (default: the eigengap's choice)")
