@@ -108,3 +108,10 @@ def test_study_status_figure_and_refusal(prefect_api, capsys, tmp_path):
     assert code == 2 and "missing.pt" in err
     code, _, err = run(capsys, *args[:-4], "--param", "occlusion.window=8", "--param", "occlusion.stride=8")
     assert code == 2 and "parameters of occlusion differ" in err
+
+
+def test_a_listing_piped_into_head_ends_quietly():
+    """`saliency-atlas methods | head -1`: the closed pipe is not an error."""
+    r = subprocess.run(f"{sys.executable} -m flows.cli methods | head -1", shell=True, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.stdout.startswith("name") and r.stderr.strip() == "", r.stderr
