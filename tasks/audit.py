@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 import storage  # noqa: E402
 
 from .figure import render, save  # noqa: E402
+from .study import BASELINE_MAPS as BASELINES  # noqa: E402 - shown beside the methods; no limit applies to them
 from .study import accuracy_warning  # noqa: E402
 
 #: the audit's own measures -> (the flow parameter that limits them, what they measure, in words)
@@ -41,7 +42,6 @@ ARTIFACT_KEYS = {
     "report": "dataset-audit-atlas",
 }
 ALL = "all"  # the class column of the rows that aggregate every class
-BASELINES = ("random_map", "centre_map", "edge_map")  # shown beside the methods; no limit applies to them
 
 
 def default_report_dir(store: str) -> str:

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from xai_methods import metrics as xmet  # noqa: E402
 
 from .figure import save  # noqa: E402
+from .study import BASELINE_MAPS  # noqa: E402
 
 
 def _methods(ds: xr.Dataset) -> list[str]:
@@ -45,7 +46,7 @@ def plot_curves(ds: xr.Dataset, out: str) -> str | None:
             rows = curves[m][np.isfinite(curves[m]).all(1)]
             if not len(rows):
                 continue
-            style = "--" if method in ("random_map", "centre_map", "edge_map") else "-"
+            style = "--" if method in BASELINE_MAPS else "-"
             ax.plot(x, rows.mean(0), style, label=f"{method} (n={len(rows)})", linewidth=1.4)
             ax.fill_between(x, *np.percentile(rows, [25, 75], axis=0), alpha=0.15)
         ax.set_xlabel(label, fontsize=8)

@@ -148,7 +148,7 @@ def options_of(cls: type) -> dict[str, dataclasses.Field]:
 
 
 OPTIONS = options_of(StudySpec)
-BASELINE_MAPS = ("random_map", "centre_map", "edge_map")
+BASELINE_MAPS = tuple(xm.of_category("baseline"))  # random_map, centre_map, edge_map: chance levels
 TASK_SUPPLIED = ("method", "method_params", "layer", "contrast")
 
 

@@ -26,11 +26,11 @@ in-place flags, hooks). New methods register with ``xai_methods._registry.regist
 """
 
 from ._core import contrasts
-from ._registry import MethodSpec, attribute, available, check, spec
+from ._registry import MethodSpec, attribute, available, check, of_category, spec
 from .failures import FAILURES, failures, without_failures
 from . import baselines, cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
 from . import metrics  # noqa: E402,F401  (the evaluation metrics: xai_methods.metrics)
 from .shared import attribute_many  # noqa: E402
 
-__all__ = ["FAILURES", "MethodSpec", "attribute", "attribute_many", "available", "check", "contrasts", "failures", "metrics", "spec",
+__all__ = ["FAILURES", "MethodSpec", "attribute", "attribute_many", "available", "check", "contrasts", "failures", "metrics", "of_category", "spec",
            "without_failures"]

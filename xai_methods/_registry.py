@@ -116,6 +116,11 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def of_category(category: str) -> list[str]:
+    """The methods of one category, in the order they were registered (e.g. the baseline maps)."""
+    return [name for name, s in _REGISTRY.items() if s.category == category]
+
+
 def spec(name: str) -> MethodSpec:
     """The `MethodSpec` of method `name`."""
     try:

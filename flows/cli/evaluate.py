@@ -35,7 +35,9 @@ def cmd_metrics() -> None:
 
 def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
     """The first two methods against each other, and every method against random_map."""
-    real = [m for m in methods if m not in ("random_map", "centre_map", "edge_map")]
+    from tasks.study import BASELINE_MAPS
+
+    real = [m for m in methods if m not in BASELINE_MAPS]
     pairs = [(real[0], real[1])] if len(real) > 1 else []
     return pairs + [(m, "random_map") for m in real if "random_map" in methods]
 
