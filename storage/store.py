@@ -308,14 +308,18 @@ def creation_state(path: str) -> str:
         g = open_group(path, "r", "study store")
     except FileNotFoundError:
         return "absent"
-    attrs = g.attrs
-    if "protocol" in attrs or attrs.get("created") is True:
-        return "ready"
-    if attrs.get("created") is False:
-        return "unfinished"
-    local = "://" not in path  # a store made before the attribute: complete when its core arrays are there
-    there = (lambda n: os.path.isfile(os.path.join(path, n, "zarr.json"))) if local else (lambda n: n in g)
-    return "ready" if all(there(n) for n in CORE_ARRAYS) else "unfinished"
+    return "unfinished" if _unfinished(_Arrays(g, path)) else "ready"
+
+
+def _unfinished(group: _Arrays) -> bool:
+    """A study store whose creation was killed: `created` is False, or (a store made before the attribute)
+    a core array is missing. Protocol stores are never unfinished here."""
+    attrs = group.attrs
+    if "protocol" in attrs:
+        return False
+    if "created" in attrs:
+        return attrs["created"] is False
+    return not all(n in group for n in CORE_ARRAYS)
 
 
 def remove(path: str) -> None:
@@ -456,7 +460,7 @@ class Store:
         if "protocol" in attrs:
             raise StoreStateError(f"{path!r} holds the {attrs['protocol']} protocol's store, not a study store; "
                                   f"`saliency-atlas status {path}` shows it")
-        if attrs.get("created") is False or ("created" not in attrs and not all(n in self.group for n in CORE_ARRAYS)):
+        if _unfinished(self.group):
             raise unfinished_error(path)
 
     # ------------------------------------------------------------------ identity
