@@ -12,7 +12,7 @@ Prefect tasks, decoding, Zarr writes), split into the dataset check, per stage t
 writing inside the tasks (they overlap: a unit loads and writes while another computes), and Prefect's
 time outside the tasks. Each study round starts like a fresh command-line run: the folder is checked
 again (no dataset cached from the round before), and glibc's malloc retains freed memory as the command
-line sets it (`tasks.memory.retain_freed_memory`; --default-malloc leaves it as it is, for bare and study
+line sets it (`tasks.study.memory.retain_freed_memory`; --default-malloc leaves it as it is, for bare and study
 alike). With --scale-out, the same study also on a local Dask cluster of 2 processes and
 on an existing cluster started with `dask scheduler` / `dask worker` (2 single-threaded workers).
 """
@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 import xai_methods as xm  # noqa: E402
 import zoo  # noqa: E402
 from benchlib.report import publish  # noqa: E402
-from tasks.memory import retain_freed_memory  # noqa: E402
+from tasks.study.memory import retain_freed_memory  # noqa: E402
 
 METHODS = ["saliency", "input_x_gradient", "gradcam", "gradcam_pp", "guided_backprop", "occlusion"]
 PARAMS = {"occlusion": {"window": 16, "stride": 16}}
@@ -78,7 +78,7 @@ def bare(folder: Path, block: int) -> dict[str, float]:
 def run_study(folder: Path, store: str, block: int, **where) -> dict[str, float]:
     """The study as a fresh command-line run makes it: the folder checked (no dataset cached from before)."""
     from flows.study import study
-    from tasks.study import _load_dataset
+    from tasks.loading import _load_dataset
 
     _load_dataset.cache_clear()
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--scale-out", action="store_true", help="also 2 Dask processes, and an existing cluster")
     ap.add_argument("--out", default=None, help="append the markdown tables to this file")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc's malloc as it is (the command line retains freed memory; tasks.memory)")
+                    help="leave glibc's malloc as it is (the command line retains freed memory; tasks.study.memory)")
     args = ap.parse_args()
     if not args.default_malloc:  # as the command line does, before any thread starts
         retain_freed_memory()

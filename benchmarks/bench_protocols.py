@@ -5,7 +5,7 @@ Sanity workload: shapes-cnn, `--images` test images of `shapes` (64 x 64), `--me
 randomisation of its 11 layers from the logits down, CPU. Per randomised model and method:
 
 - floor: the maps of the randomised model, nothing else (the passes a sanity check cannot avoid);
-- ours: `tasks.sanity`'s step (the randomised copy, the maps, all four similarity measures), in-process;
+- ours: `tasks.protocols.sanity`'s step (the randomised copy, the maps, all four similarity measures), in-process;
 - ours, spearman only: the same with Quantus's one measure, for a like-for-like ratio;
 - Quantus MPRT: `quantus.MPRT(layer_order="top_down")` with the same explain function (ours),
   the same images and the original maps given (so it does not recompute them), Spearman only.

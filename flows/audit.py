@@ -26,10 +26,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 import tasks
 from flows.study import study
-from tasks.artifacts import publish_figure
-from tasks.clusters import cluster_task, render_clusters, strategy_rows, summarize
-from tasks.report import report_task
-from tasks.audit import (
+from tasks.drawing.artifacts import publish_figure
+from tasks.audit.clusters import cluster_task, render_clusters, strategy_rows, summarize
+from tasks.audit.report import report_task
+from tasks.audit.rows import (
     ARTIFACT_KEYS,
     BASELINES,
     audit_limits,

@@ -10,27 +10,24 @@ from .claims import claim, holders
 from .aggregate import aggregate, default_out, select, summarize
 from .results import Part, ResultStore, is_result_store
 from .scores import compare, comparisons, describe_comparison, interval, means, score_table
-from .store import (
+from .create import create
+from .group import check_path, creation_state, exists
+from .schema import (
     COMPRESSIONS,
     CORE_ARRAYS,
     SCHEMA,
     SCHEMA_VERSION,
     Difference,
-    Store,
     StoreLayoutError,
     StoreMismatch,
     StoreStateError,
     Template,
     Variable,
     block_slice,
-    check_path,
-    create,
-    creation_state,
-    exists,
     n_blocks,
-    open_dataset,
     schema_markdown,
 )
+from .store import Store, open_dataset
 
 __all__ = [
     "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch", "StoreStateError", "creation_state", "CORE_ARRAYS",

@@ -4,8 +4,11 @@ A protocol's work comes in *parts* (the unrandomised maps, one randomised layer,
 Each part has unit dimensions: one unit is one index along each of them, its variables are
 chunked 1 along those dimensions (so a unit's write is whole chunks and never races with
 another unit's writer), and a ``done_<part>`` flag over the unit dimensions is set only
-after the unit's variables are written. A rerun computes only units whose flag is unset, so
-a protocol resumes after a kill; the store is one Zarr v3 group read by ``xarray.open_zarr``.
+after the unit's variables are written, with their CRC-32 in ``checksum_<part>`` just before it
+(`verify` reads every finished unit back against it, for ``status --verify``). A rerun computes only
+units whose flag is unset, so a protocol resumes after a kill; a unit is computed under its claim
+(`claim`, as a study's blocks are), so two runs at once never compute one unit twice. The store is
+one Zarr v3 group read by ``xarray.open_zarr``.
 
 Opening a store made by another protocol, model, dataset or options is refused, naming what
 differs, and the store is left untouched.
@@ -22,7 +25,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .store import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, StoreStateError, check_path, ignore_zarr_notes, open_group, remove
+from .claims import claim
+from .group import check_path, ignore_zarr_notes, open_group, remove
+from .schema import SCHEMA_VERSION, Difference, StoreLayoutError, StoreMismatch, StoreStateError, checksum
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ def _layout(coords: dict[str, Sequence[Any]], parts: Sequence[Part]) -> tuple[xr
     sizes = {d: len(v) for d, v in coords.items()}
     data, encoding = {}, {}
     for part in parts:
-        for name, (dims, dtype) in {**part.variables, f"done_{part.name}": (part.units, "bool")}.items():
+        flags = {f"checksum_{part.name}": (part.units, "int64"), f"done_{part.name}": (part.units, "bool")}
+        for name, (dims, dtype) in {**part.variables, **flags}.items():
             missing = [d for d in dims if d not in sizes]
             if missing or tuple(dims[:len(part.units)]) != part.units:
                 raise ValueError(f"variable {name} of part {part.name}: dims {dims} must start with {part.units} "
@@ -120,17 +126,53 @@ class ResultStore:
         p = self.parts[part]
         if set(values) != set(p.variables):
             raise KeyError(f"part {part} writes {sorted(p.variables)}, got {sorted(values)}")
-        for name, value in values.items():
+        written = []
+        for name in sorted(values):
             arr = self.group[name]
             # xarray does not check numpy-backed writes; not an assert, so it holds under python -O
             if any(c != 1 for c in arr.chunks[:len(unit)]):
                 raise StoreLayoutError(f"{name} is not chunked 1 along {p.units}: a unit write would not be whole chunks")
             expected = arr.shape[len(unit):]
-            value = np.asarray(value, dtype=arr.dtype)
+            value = np.asarray(values[name], dtype=arr.dtype)
             if value.shape != expected:
                 raise ValueError(f"{name} of unit {unit} has shape {value.shape}, expected {expected}")
             arr[unit] = value
+            written.append(value)
+        if f"checksum_{part}" in self.group:  # a store made before checksums has none
+            self.group[f"checksum_{part}"][unit] = checksum(*written)
         self.group[f"done_{part}"][unit] = True
+
+    def claim(self, unit: str, wait: bool = True) -> Any:
+        """Hold the claim on `unit` (a name, e.g. "step-0-3") while it is computed: True inside the block,
+        or, with `wait` False, False at once when another run holds it (`storage.claims`)."""
+        return claim(self.path, unit, wait)
+
+    def _unit_checksum(self, part: str, unit: tuple[int, ...]) -> int:
+        return checksum(*(np.asarray(self.group[name][unit]) for name in sorted(self.parts[part].variables)))
+
+    def verify(self) -> list[dict[str, Any]]:
+        """Every finished unit read back and checked against the checksum recorded with its flag: one entry
+        per damaged unit (a chunk truncated, deleted or overwritten), naming its part, unit and why."""
+        damaged = []
+        for part in self.parts:
+            if f"checksum_{part}" not in self.group:
+                continue  # made before checksums were recorded
+            sums = np.asarray(self.group[f"checksum_{part}"][...])
+            for unit in map(tuple, np.argwhere(np.asarray(self.group[f"done_{part}"][...]))):
+                unit = tuple(int(i) for i in unit)
+                try:
+                    found, why = self._unit_checksum(part, unit), ""
+                except Exception as e:  # a truncated chunk fails to decompress
+                    found, why = None, f"unreadable ({type(e).__name__}: {e})"
+                if found != int(sums[unit]):
+                    damaged.append({"kind": "protocol", "part": part, "unit": list(unit),
+                                    "why": why or f"checksum {found} differs from the recorded {int(sums[unit])}"})
+        return damaged
+
+    def mark_damaged(self, damaged: list[dict[str, Any]]) -> None:
+        """Unset the flags of damaged units, so the next run of the protocol recomputes exactly them."""
+        for d in damaged:
+            self.group[f"done_{d['part']}"][tuple(d["unit"])] = False
 
     def status(self) -> dict[str, Any]:
         """The protocol, what it was run on, and per part the units done out of all."""

@@ -1,348 +1,29 @@
 """The study store: one Zarr v3 group that ``xarray.open_zarr`` reads.
 
-The schema is one table, `SCHEMA`: each variable's dimensions, dtype, fill value, the
-flag that guards it and the condition under which a study has it. `create`, `Store.grow`,
-the writers and the documentation (`schema_markdown`) all read it, so a new variable is
-one row plus its writer.
-
-The template (metadata, coordinates and the small flag arrays) is written once by
-`create`; afterwards tasks fill whole blocks of samples through a `Store` handle. A block
-is a chunk-aligned range of samples, so concurrent writers never touch the same chunk;
-flags have one chunk each for the same reason. A flag is set only after its block's
-data is written, so a killed run leaves at worst a block whose flag is False, which the
-next run recomputes (deterministically, hence bit-identical).
+The template (metadata, coordinates and the small flag arrays) is written once by `create`;
+afterwards tasks fill whole blocks of samples through a `Store` handle. A block is a chunk-aligned
+range of samples, so concurrent writers never touch the same chunk; flags have one chunk each for
+the same reason. A flag is set only after its block's data is written (with its checksum, just
+before: `integrity`), so a killed run leaves at worst a block whose flag is False, which the next
+run recomputes (deterministically, hence bit-identical).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import warnings
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dask.array as da
+
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
-SCHEMA_VERSION = 3  # 2: the contrast variable; 3: one blur and torch.optim changed some methods' maps
+from .group import _Arrays, _committed, _unfinished, ignore_zarr_notes, open_group, unfinished_error
+from .integrity import Checksums
+from .schema import (SAMPLE_VARIABLES, SCHEMA, SCHEMA_VERSION, VARIABLES, Difference, StoreLayoutError, StoreMismatch,
+                     StoreStateError, Template, Variable, _evaluation_attrs, _layout, _normal, block_slice, n_blocks)
 
-COMPRESSIONS = {  # zstd at level 1: on the built-in study's maps and inputs, within 0.02 of level 3's ratio, 1.1-2.2x faster
-    "zstd": lambda: [ZstdCodec(level=1)],
-    "blosc": lambda: [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")],
-    "none": lambda: [],
-}
-
-
-@dataclass(frozen=True)
-class Variable:
-    """One row of the schema."""
-
-    name: str
-    dims: tuple[str, ...]
-    dtype: str  # "maps": the store's map dtype (float32 or float16)
-    fill: Any
-    guard: str | None  # the flag set once a block of it is written
-    when: str | None = None  # the Template field that must be true for a study to have it
-    doc: str = ""
-
-    @property
-    def large(self) -> bool:
-        """Image-sized: compressed, and sharded when chunks are smaller than blocks."""
-        return "y" in self.dims
-
-
-SCHEMA: tuple[Variable, ...] = (
-    Variable("attribution", ("xai_method", "sample", "y", "x"), "maps", np.nan, "done",
-             doc="the maps; NaN where not computed"),
-    Variable("failure", ("xai_method", "sample"), "int8", -1, "done",
-             doc="why a map is NaN: 0 a usable map, >0 a failure (codes in the attribute `failure_codes`), -1 not computed"),
-    Variable("image", ("sample", "channel", "y", "x"), "float32", np.nan, "ingested", when="keep_images",
-             doc="the exact model input"),
-    Variable("mask", ("sample", "y", "x"), "bool", False, "ingested", when="has_masks",
-             doc="ground-truth object, when the dataset has one"),
-    Variable("label", ("sample",), "int64", -1, "ingested", doc="true class (index of `class`), -1 if unknown"),
-    Variable("prediction", ("sample",), "int64", -1, "ingested", doc="the model's top-1 class"),
-    Variable("target", ("sample",), "int64", -1, "ingested", doc="the class explained (the prediction)"),
-    Variable("contrast", ("sample",), "int64", -1, "ingested", doc="the foil of contrastive methods"),
-    Variable("logits", ("sample", "class"), "float32", np.nan, "ingested", doc="the model's output"),
-    Variable("score", ("xai_method", "sample", "metric"), "float32", np.nan, "scored", when="metrics",
-             doc="per-image evaluation; NaN where not computed or undefined"),
-    Variable("score_status", ("xai_method", "sample", "metric"), "int8", -1, "scored", when="metrics",
-             doc="why a score is what it is (codes in the attribute `score_status_codes`; -1: not computed)"),
-    Variable("curve", ("xai_method", "metric", "sample", "step"), "float32", np.nan, "scored", when="curve_points",
-             doc="deletion / insertion / ROAD curves (NaN past a metric's own points)"),
-    Variable("cluster", ("xai_method", "sample"), "int16", -1, None, when="clustered",
-             doc="the sample's SpRAy cluster within its true class (`clusters`; -1: not clustered, or a failed map)"),
-    Variable("eigengap", ("xai_method", "class"), "float32", np.nan, None, when="clustered",
-             doc="per class, the gap after the chosen number of clusters in the affinity graph's spectrum"),
-    Variable("done", ("xai_method", "block"), "bool", False, None, doc="block b of method m is written"),
-    Variable("ingested", ("block",), "bool", False, None, doc="block b's inputs and predictions are written"),
-    Variable("checksum", ("xai_method", "block"), "int64", -1, None,
-             doc="CRC-32 of block b's maps and failure codes as written, set just before `done` (`status --verify`)"),
-    Variable("ingested_checksum", ("block",), "int64", -1, None,
-             doc="CRC-32 of block b's sample variables as written, set just before `ingested`"),
-    Variable("scored", ("xai_method", "metric", "block"), "bool", False, None, when="metrics",
-             doc="block b of method m is scored by the metric"),
-)
-VARIABLES = {v.name: v for v in SCHEMA}
-SAMPLE_VARIABLES = tuple(v.name for v in SCHEMA if v.guard == "ingested")
-
-
-def schema_markdown() -> str:
-    """The schema as a markdown table (docs/architecture.md holds this text; a test keeps them equal)."""
-    rows = ["| variable | dims | dtype | fill | its flag | present when | what |", "|---|---|---|---|---|---|---|"]
-    for v in SCHEMA:
-        dtype = "float32 or float16" if v.dtype == "maps" else v.dtype
-        rows.append(f"| `{v.name}` | ({', '.join(v.dims)}) | {dtype} | {v.fill} | {v.guard or '-'} | "
-                    f"{v.when or 'always'} | {v.doc} |")
-    return "\n".join(rows)
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One way a run differs from the store it names."""
-
-    what: str  # "schema_version", "model", "dataset", "contrast", "samples", "block_size", "image_shape",
-    #            "preprocessing", "classes", "params"
-    stored: Any
-    requested: Any
-    detail: str = ""  # e.g. the method whose parameters differ
-
-    def describe(self) -> str:
-        if self.what == "samples":
-            return (f"the store has {self.stored} samples and this run asks for {self.requested} others; a run may "
-                    "add samples after the stored ones but not drop or reorder them")
-        if self.what == "dataset_name":
-            return f"the store was made from dataset {self.stored!r} and this run names dataset {self.requested!r}"
-        if self.what == "preprocessing":
-            return (f"the model's input {self.detail} differs: the store was made with {self.stored} and this run "
-                    f"uses {self.requested}")
-        if self.what in ("params", "metric_params"):
-            return f"parameters of {self.detail} differ: the store has {self.stored}, this run {self.requested}"
-        tail = " — the stored samples changed" if self.what == "dataset" else ""
-        return f"{self.what.replace('_', ' ')} differs: the store has {self.stored!r}, this run {self.requested!r}{tail}"
-
-
-class StoreMismatch(ValueError):
-    """The store at a path was made for another model, dataset, parameters or layout; nothing was changed."""
-
-    def __init__(self, path: str, differences: list[Difference]) -> None:
-        self.path, self.differences = path, differences
-        super().__init__(f"refusing to reuse the store {path!r}: "
-                         + "; ".join(d.describe() for d in differences) + ". Nothing was changed.")
-
-
-class StoreLayoutError(ValueError):
-    """A write that does not cover whole chunks (it could race with a neighbouring block's writer)."""
-
-
-class StoreStateError(ValueError):
-    """A store in a state the command cannot work on; the message names the state and what to run."""
-
-
-# The arrays every study store has had since the first schema: a store without one of them was
-# killed while `create` laid it out (nothing is computed before the layout is complete).
-CORE_ARRAYS = ("sample", "sample_id", "xai_method", "class", "attribution", "done", "ingested")
-
-
-_ZARR_NOTES = (r"The data type \(.*\) does not have a Zarr V3 specification",
-               r"Consolidated metadata is currently not part in the Zarr format 3 specification")
-
-
-def ignore_zarr_notes() -> None:
-    """Zarr notes that string dtypes and consolidated metadata are not yet in the v3 spec; both are
-    what xarray itself writes and reads, so here they are noise. Ignored for the process, not in a
-    scope (`warnings.catch_warnings` is not thread-safe, and stores are opened in the loader and the
-    writer threads while a block computes: `tasks.pipeline`); called where stores are opened, since
-    a caller's scope may have dropped the filters. A filter is added only when missing: each change
-    of the filters makes every warning already shown once show again."""
-    present = {f[1].pattern for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
-    for note in _ZARR_NOTES:
-        if note not in present:
-            warnings.filterwarnings("ignore", message=note)
-
-
-@dataclass(frozen=True)
-class Template:
-    """Everything needed to lay out a new study store, or to check an existing one."""
-
-    sample_ids: list[str]
-    classes: list[str]
-    methods: list[str]
-    image_shape: tuple[int, int, int]  # (C, H, W) of the model input
-    block_size: int
-    has_masks: bool
-    params: dict[str, dict[str, Any]]  # per method, its full parameters (JSON-serialisable)
-    attrs: dict[str, Any] = field(default_factory=dict)  # fingerprints, model/dataset names...
-    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: what a missing key means
-    dtype: str = "float32"  # of the maps: "float32" or "float16"
-    compression: str = "zstd"  # of maps, images and masks: "zstd", "blosc" (zstd + bit shuffle) or "none"
-    chunk_samples: int | None = None  # samples per chunk; below block_size, a block is one shard of chunks
-    keep_images: bool = True  # False: store only sample ids; inputs are recomputed from the dataset
-    metrics: list[str] = field(default_factory=list)  # evaluation metrics (the `metric` coordinate)
-    metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric, its full parameters
-    metric_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a missing stored key means
-    curve_points: int = 0  # the `step` length: the most points of a curve metric (0: no curve metric)
-    status_codes: dict[int, str] = field(default_factory=dict)  # score_status code -> meaning
-    clustered: bool = False  # a new store has no clusters; `Store.write_clusters` adds them
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
-        if self.chunk_samples is not None and (self.chunk_samples < 1 or self.block_size % self.chunk_samples):
-            raise ValueError(f"chunk_samples must divide block_size {self.block_size}, got {self.chunk_samples}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be distinct, got {self.methods}")
-        if not self.sample_ids:
-            raise ValueError("a study needs at least one sample")
-
-    def variables(self) -> list[Variable]:
-        return [v for v in SCHEMA if v.when is None or getattr(self, v.when)]
-
-    def sizes(self) -> dict[str, int]:
-        c, h, w = self.image_shape
-        n = len(self.sample_ids)
-        return {"xai_method": len(self.methods), "sample": n, "block": n_blocks(n, self.block_size),
-                "channel": c, "y": h, "x": w, "class": len(self.classes), "metric": len(self.metrics),
-                "step": self.curve_points}
-
-
-def checksum(*arrays: np.ndarray) -> int:
-    """CRC-32 of the arrays' bytes (a corruption check, not a security one)."""
-    crc = 0
-    for a in arrays:  # the buffer itself, not a copy of it (`tobytes`): the same bytes
-        crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8), crc)
-    return crc
-
-
-def n_blocks(n_samples: int, block_size: int) -> int:
-    return -(-n_samples // block_size)
-
-
-def block_slice(block: int, n_samples: int, block_size: int) -> slice:
-    """The samples of ``block``; the last block may be short."""
-    start = block * block_size
-    if not 0 <= start < n_samples:
-        raise IndexError(f"block {block} is outside 0..{n_blocks(n_samples, block_size) - 1}")
-    return slice(start, min(start + block_size, n_samples))
-
-
-def _normal(params: Any) -> Any:
-    """Parameters as JSON reads them back (tuples become lists), for comparison with a stored record."""
-    return json.loads(json.dumps(params, sort_keys=True))
-
-
-def _layout(t: Template, variables: list[Variable]) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
-    """The lazy template of `variables` (nothing computed) and its Zarr encoding: sample-indexed
-    variables chunked by block, block-indexed flags one per chunk, everything else whole."""
-    sizes, b = t.sizes(), t.block_size
-    chunk_of = {"sample": b, "xai_method": 1, "block": 1, "metric": 1}
-    data, encoding = {}, {}
-    for v in variables:
-        shape = tuple(sizes[d] for d in v.dims)
-        chunks = tuple(chunk_of.get(d, sizes[d]) for d in v.dims)
-        dtype = t.dtype if v.dtype == "maps" else v.dtype
-        data[v.name] = (v.dims, da.full(shape, v.fill, dtype=dtype, chunks=chunks))
-        enc: dict[str, Any] = {"chunks": chunks}
-        if v.large:
-            enc["compressors"] = COMPRESSIONS[t.compression]()
-            if t.chunk_samples is not None and t.chunk_samples < b:
-                # A block is one shard, so a block write still touches only its own object.
-                axis = v.dims.index("sample")
-                enc["shards"] = chunks
-                enc["chunks"] = tuple(t.chunk_samples if i == axis else c for i, c in enumerate(chunks))
-        encoding[v.name] = enc
-    coords: dict[str, Any] = {}
-    if t.metrics:
-        coords["metric"] = np.array(t.metrics, dtype=object)
-    if t.curve_points:
-        coords["step"] = np.arange(t.curve_points)
-    return xr.Dataset(data, coords=coords), encoding
-
-
-def _evaluation_attrs(t: Template) -> dict[str, Any]:
-    return {"metric_params": json.dumps({m: t.metric_params.get(m, {}) for m in t.metrics}, sort_keys=True),
-            "score_status_codes": json.dumps({str(k): v for k, v in sorted(t.status_codes.items())})}
-
-
-def create(path: str, t: Template) -> Store:
-    """Write the template of a new study at ``path`` and open it. ``path`` must not exist yet, or hold the
-    remains of a creation that was killed (nothing was computed there): they are removed first. The
-    attribute ``created`` is False until the whole layout is written, so a killed creation is recognised."""
-    if creation_state(path) == "unfinished":
-        remove(path)
-    ds, encoding = _layout(t, t.variables())
-    ds.attrs.update(t.attrs)
-    ds.attrs.update(
-        schema_version=SCHEMA_VERSION, block_size=t.block_size, image_shape=list(t.image_shape),
-        dataset_fingerprint_samples=len(t.sample_ids),
-        compression=t.compression, images_stored=t.keep_images, created=False,
-        params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
-        **(_evaluation_attrs(t) if t.metrics else {}),
-    )
-    ds = ds.assign_coords(
-        xai_method=np.array(t.methods, dtype=object), sample=np.arange(len(t.sample_ids)),
-        sample_id=("sample", np.array(t.sample_ids, dtype=object)), **{"class": np.array(t.classes, dtype=object)},
-    )
-    ignore_zarr_notes()
-    ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
-    open_group(path, "r+", "study store").attrs["created"] = True
-    zarr.consolidate_metadata(path, zarr_format=3)
-    return Store(path)
-
-
-def creation_state(path: str) -> str:
-    """"absent" (nothing there), "unfinished" (a creation that was killed before its layout was complete:
-    nothing was computed in it) or "ready". Protocol stores are "ready" here (`check_path` tells kinds apart)."""
-    try:
-        g = open_group(path, "r", "study store")
-    except FileNotFoundError:
-        return "absent"
-    return "unfinished" if _unfinished(_Arrays(g, path)) else "ready"
-
-
-def _unfinished(group: _Arrays) -> bool:
-    """A study store whose creation was killed: `created` is False, or (a store made before the attribute)
-    a core array is missing. Protocol stores are never unfinished here."""
-    attrs = group.attrs
-    if "protocol" in attrs:
-        return False
-    if "created" in attrs:
-        return attrs["created"] is False
-    return not all(n in group for n in CORE_ARRAYS)
-
-
-def remove(path: str) -> None:
-    """Delete the store at `path` (a local folder or an fsspec URL)."""
-    if "://" in path:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        fs.rm(root, recursive=True)
-    else:
-        shutil.rmtree(path)
-
-
-def unfinished_error(path: str) -> StoreStateError:
-    from .claims import holders
-
-    creator = next((c for c in holders(path) if c["unit"] == "store"), None)
-    if creator is not None:
-        return StoreStateError(f"the store {path!r} is being created by another run right now (pid {creator.get('pid')} "
-                               f"on {creator.get('host')}); wait for it, then run this command again")
-    return StoreStateError(f"the store {path!r} was interrupted while it was being created (killed before its layout "
-                           "was complete; nothing was computed in it): rerun the `saliency-atlas study` command that "
-                           "made it, which creates it again")
 
 
 def open_dataset(path: str) -> xr.Dataset:
@@ -357,98 +38,7 @@ def open_dataset(path: str) -> xr.Dataset:
         return xr.open_zarr(path, consolidated=False)
 
 
-def check_path(path: str, kind: str) -> None:
-    """Refuse, before anything is written, a store path that holds something else: a file, a folder
-    with other content, or the other kind of store (`kind`: "study" or "protocol")."""
-    if "://" in path:  # an fsspec URL: the store's own metadata decides
-        return
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise FileExistsError(f"the store path {path!r} is a file, not a Zarr store; give a new path "
-                              "or an existing store")
-    if not p.is_dir() or not os.listdir(p):
-        return
-    if not (p / "zarr.json").exists():
-        raise FileExistsError(f"the store path {path!r} is a folder with other content, not a Zarr store; "
-                              "give a new path or an existing store")
-    try:
-        protocol = json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("protocol")
-    except json.JSONDecodeError as e:
-        raise damaged_metadata(path, "zarr.json", e) from None
-    if (protocol is None) != (kind == "study"):
-        found = f"the {protocol} protocol's store" if protocol else "a study store"
-        raise FileExistsError(f"the store path {path!r} holds {found}, not a {kind} store; give a new path")
-
-
-def exists(path: str) -> bool:
-    """True when `path` holds a study store whose creation finished (an unfinished one is created again)."""
-    return creation_state(path) == "ready"
-
-
-def _committed(names: np.ndarray) -> list[str]:
-    # Coordinates are extended last when a store grows, and empty names are slots
-    # of a growth that did not finish: they are not part of the store yet.
-    return [str(x) for x in names if str(x)]
-
-
-def open_group(path: str, mode: str, what: str) -> zarr.Group:
-    """The Zarr v3 group at `path`, read without consolidated metadata (block work must see the
-    arrays as they are); FileNotFoundError naming `what` is missing."""
-    ignore_zarr_notes()
-    try:
-        return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
-        raise FileNotFoundError(f"no {what} at {path!r}") from e
-    except json.JSONDecodeError as e:
-        raise damaged_metadata(path, "zarr.json", e) from None
-
-
-def damaged_metadata(path: str, name: str, e: Exception) -> StoreStateError:
-    """The error for a metadata file that is not the JSON zarr wrote (truncated, or edited by hand)."""
-    where = f"{path.rstrip('/')}/{name}"
-    return StoreStateError(f"the store's metadata file {where!r} is damaged ({e}); the chunks are untouched: restore "
-                           "that file from a copy of the store, or start a new --store")
-
-
-class _Arrays:
-    """A Zarr group whose arrays are opened once: each ``group[name]`` of a zarr v3 group reads and
-    parses the array's metadata from the store, several times per block otherwise. A Store lives for
-    one unit of work; its layout changes only through `Store.grow` and `_add_*`, which reopen it.
-    Membership (`in`) and the string coordinates' names are remembered too."""
-
-    def __init__(self, group: zarr.Group, path: str) -> None:
-        self._group, self._arrays, self._known, self._names, self._path = group, {}, {}, {}, path
-
-    def names(self, coord: str) -> list[str]:
-        """The committed names of a string coordinate, read once (`Store._extend_names` rereads)."""
-        if coord not in self._names:
-            self._names[coord] = _committed(self[coord][:])
-        return list(self._names[coord])
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._arrays:
-            try:
-                self._arrays[name] = self._group[name]
-            except json.JSONDecodeError as e:
-                raise damaged_metadata(self._path, f"{name}/zarr.json", e) from None
-            except KeyError:
-                raise StoreStateError(f"the store {self._path!r} has no array {name!r}: it was not written by this "
-                                      "package, or its folder was deleted by hand; `saliency-atlas status "
-                                      f"{self._path}` says what it holds") from None
-        return self._arrays[name]
-
-    def __contains__(self, name: str) -> bool:
-        if name not in self._known:  # a local store: one stat, not a metadata read through zarr
-            local = "://" not in self._path
-            self._known[name] = (os.path.isfile(os.path.join(self._path, name, "zarr.json")) if local
-                                 else name in self._group)
-        return self._known[name]
-
-    def __getattr__(self, name: str) -> Any:  # attrs, create_array, ...: the group's own
-        return getattr(self._group, name)
-
-
-class Store:
+class Store(Checksums):
     """A study store opened once: identity, flags, block reads and writes, growth."""
 
     def __init__(self, path: str, mode: str = "r+") -> None:
@@ -677,17 +267,6 @@ class Store:
         self._record(("ingested_checksum", block), self._sample_checksum(block, written))
         self.group["ingested"][block] = True
 
-    def _record(self, where: tuple[Any, ...], checksum: int) -> None:
-        name, *index = where
-        if name in self.group:  # a store made before checksums were recorded gains them in `grow`
-            self.group[name][tuple(index)] = checksum
-
-    def _sample_checksum(self, block: int, written: dict[str, np.ndarray] | None = None) -> int:
-        """The CRC-32 of a block's sample variables as the store holds them: those just `written` (cast to
-        their arrays' dtypes) from memory, as the codecs are lossless, and the others read back."""
-        s, written = block_slice(block, self.n_samples, self.block_size), written or {}
-        return checksum(*(written[v] if v in written else self.group[v][s] for v in SAMPLE_VARIABLES if v in self.group))
-
     def write_attribution(self, method: str, block: int, maps: np.ndarray, failure: np.ndarray | None = None) -> None:
         """Write one whole block of maps for ``method`` and, per sample, its failure code (0: a usable
         map; a failed sample's map must be NaN); ``done`` is set only afterwards."""
@@ -707,47 +286,6 @@ class Store:
         self._record(("checksum", m, block), self._map_checksum(m, block, (maps, failure)))
         self.group["done"][m, block] = True
 
-    def _map_checksum(self, m: int, block: int, written: tuple[np.ndarray, np.ndarray] | None = None) -> int:
-        """The CRC-32 of a block's maps and failure codes: those just `written` (as stored), or read back."""
-        s, has_failure = block_slice(block, self.n_samples, self.block_size), "failure" in self.group
-        maps, failure = written or (self.group["attribution"][m, s], self.group["failure"][m, s] if has_failure else None)
-        return checksum(maps, *([failure] if has_failure else []))
-
-    def verify(self) -> list[dict[str, Any]]:
-        """Every finished block read back and checked against the checksum recorded with its flag: one
-        entry per damaged block (a chunk truncated, deleted or overwritten), naming it and why."""
-        damaged = []
-
-        def check(kind: str, method: str | None, block: int, recorded: int, now: Callable[[], int]) -> None:
-            if recorded < 0:
-                return  # finished before checksums were recorded: nothing to compare with
-            try:
-                found, why = now(), ""
-            except Exception as e:  # a truncated chunk fails to decompress
-                found, why = None, f"unreadable ({type(e).__name__}: {e})"
-            if found != recorded:
-                damaged.append({"kind": kind, "xai_method": method, "block": block,
-                                "why": why or f"checksum {found} differs from the recorded {recorded}"})
-
-        g = self.group
-        if "ingested_checksum" in g:
-            for b in np.flatnonzero(g["ingested"][:]):
-                check("samples", None, int(b), int(g["ingested_checksum"][b]), lambda b=int(b): self._sample_checksum(b))
-        if "checksum" in g:
-            sums, done = g["checksum"][:], g["done"][:]
-            for m, name in enumerate(self.methods()):
-                for b in np.flatnonzero(done[m]):
-                    check("maps", name, int(b), int(sums[m, b]), lambda m=m, b=int(b): self._map_checksum(m, b))
-        return damaged
-
-    def mark_damaged(self, damaged: list[dict[str, Any]]) -> None:
-        """Unset the flags of damaged blocks, so the next run recomputes exactly them (deterministically)."""
-        for d in damaged:
-            if d["kind"] == "samples":
-                self.group["ingested"][d["block"]] = False
-            else:
-                self.group["done"][self._method_index(d["xai_method"]), d["block"]] = False
-
     def write_scores(self, method: str, metric: str, block: int, value: np.ndarray, status: np.ndarray,
                      curve: np.ndarray | None = None) -> None:
         """Write one whole block of `metric`'s scores (and curves) of `method`; `scored` is set afterwards."""
@@ -758,10 +296,16 @@ class Store:
         k, n = metrics.index(metric), s.stop - s.start
         if value.shape != (n,) or status.shape != (n,):
             raise ValueError(f"scores of {method}/{metric} block {block} have shape {value.shape}, expected ({n},)")
-        self.group["score"][m, s, k] = value.astype(np.float32)
-        self.group["score_status"][m, s, k] = status.astype(np.int8)
-        if curve is not None:
-            self.group["curve"][m, k, s, : curve.shape[1]] = curve.astype(np.float32)
+        value, status = value.astype(np.float32), status.astype(np.int8)
+        self.group["score"][m, s, k], self.group["score_status"][m, s, k] = value, status
+        written = [value, status]
+        if "curve" in self.group:
+            full = np.full((n, self.group["curve"].shape[-1]), np.nan, np.float32)
+            if curve is not None:
+                full[:, : curve.shape[1]] = curve
+                self.group["curve"][m, k, s, : curve.shape[1]] = full[:, : curve.shape[1]]
+            written.append(full)
+        self._record(("score_checksum", m, k, block), self._score_checksum(m, k, block, tuple(written)))
         self.group["scored"][m, k, block] = True
 
     # ------------------------------------------------------------------ clusters (whole rows)

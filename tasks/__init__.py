@@ -1,10 +1,22 @@
-"""Prefect tasks: small idempotent units that read and write the study store."""
+"""Prefect tasks and the pure functions under them, in rooms that say what they hold:
+
+- `tasks.study`: a study's options, plan, units of work (ingest, attribute, score), pipeline and memory;
+- `tasks.protocols`: the reliability protocols (sanity, invariance, manipulation, roar) and their table;
+- `tasks.audit`: the audit's rows and limits, SpRAy clusters, the HTML report;
+- `tasks.drawing`: figures, the evaluation and aggregate plots, Prefect artifacts;
+- `tasks.spec` and `tasks.loading`: the options every run shares, and the model, data and device they name.
+
+The names notebooks use are exported here as before (``from tasks import StudySpec, sanity, report``).
+"""
 from ._unshadow import own_package
 
 own_package("storage")  # first: a Dask worker's spill folder "storage" must not stand in for it
 
-from .figure import render, render_figure
-from .study import (
+from .audit import clusters, report  # noqa: E402
+from .drawing import figure  # noqa: E402
+from .drawing.figure import render, render_figure  # noqa: E402
+from .protocols import invariance, manipulation, roar, sanity  # noqa: E402
+from .study import (  # noqa: E402
     OPTIONS,
     StudyPlan,
     StudySpec,
@@ -16,6 +28,8 @@ from .study import (
     finished,
     ingest_block,
     load_model,
+    memory,
+    pipeline,
     plan,
     prepare_store,
     resolve_device,
@@ -23,7 +37,8 @@ from .study import (
 )
 
 __all__ = [
-    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "evaluate_block", "finished",
-    "ingest_block",
-    "load_model", "plan", "prepare_store", "render", "render_figure", "resolve_device", "spec_of_store",
+    "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "clusters",
+    "evaluate_block", "figure", "finished", "ingest_block", "invariance", "load_model", "manipulation", "memory",
+    "pipeline", "plan", "prepare_store", "render", "render_figure", "report", "resolve_device", "roar", "sanity",
+    "spec_of_store",
 ]

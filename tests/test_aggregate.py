@@ -13,7 +13,7 @@ import zarr
 
 import storage
 from flows.cli import main
-from tasks.aggregate_plot import correct_path, plot_means
+from tasks.drawing.aggregate import correct_path, plot_means
 
 CLASSES = ["a", "b", "c"]
 METHODS = ["saliency", "gradcam", "occlusion"]

@@ -161,7 +161,7 @@ def test_the_clusters_of_the_class_separate_the_watermarked_images(watermarked, 
 
 
 def test_the_audit_view_points_at_the_watermark_cluster(watermarked):
-    from tasks.clusters import ensure, strategy_rows, summarize
+    from tasks.audit.clusters import ensure, strategy_rows, summarize
 
     ensure(watermarked, "gradcam")
     (row,) = [r for r in strategy_rows(summarize(watermarked, "gradcam"), "gradcam", "region_share")
@@ -249,7 +249,7 @@ def test_the_report_shows_every_image_and_its_filters_work(watermarked, tmp_path
 
 
 def test_signed_methods_diverge_and_scales_can_be_shared():
-    from tasks.figure import heatmap_style
+    from tasks.drawing.figure import heatmap_style
 
     positive = np.linspace(0, 1, 100).reshape(10, 10)
     assert heatmap_style("gradcam", positive).cmap == "inferno" and heatmap_style("gradcam", positive).low == 0
@@ -267,7 +267,7 @@ def test_signed_methods_diverge_and_scales_can_be_shared():
 def test_the_figure_has_colour_bars_and_a_shared_scale(watermarked, tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from tasks.figure import render
+    from tasks.drawing.figure import render
 
     bars = []
     original = matplotlib.figure.Figure.colorbar

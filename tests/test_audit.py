@@ -13,7 +13,7 @@ import helpers
 import storage
 import zoo
 from flows.audit import dataset_audit
-from tasks.audit import ARTIFACT_KEYS, audit_limits, check_region, threshold_violations, true_classes
+from tasks.audit.rows import ARTIFACT_KEYS, audit_limits, check_region, threshold_violations, true_classes
 
 METHODS = ["gradcam", "saliency"]
 

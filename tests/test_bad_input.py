@@ -132,7 +132,6 @@ CASES = [
     ("no-class-folders", S + ["--dataset", "{root}/flat", "--store", "{new}"], "has no class sub-folders"),
     ("status-of-a-foreign-folder", ["status", "{root}/foreign"],
      "is a folder with other content, not a Zarr store; give the path of a study store"),
-    ("verify-a-protocol-store", ["status", "{root}/protocol.zarr", "--verify"], "--verify checks study stores"),
     ("evaluate-a-file", ["evaluate", "{root}/afile", "--metrics", "deletion"], "is a file, not a Zarr store"),
     ("figure-of-a-missing-store", ["figure", "{root}/none.zarr"], "no study store"),
     ("figure-sample-out-of-range", ["figure", "{store}", "--samples", "99", "--out", "{root}/f.png"], "99"),
@@ -230,7 +229,7 @@ def test_a_bad_parameter_of_every_method_is_caught_before_any_store_exists(ctx, 
 
 
 def test_a_model_whose_output_is_not_batch_by_classes_is_refused(ctx, capsys, monkeypatch):
-    import tasks.study as ts
+    import tasks.loading as ts
 
     class Dense(torch.nn.Module):  # a segmentation-style output: (B, classes, H, W)
         preprocess, classes, arch = zoo.load_model("shapes-cnn").preprocess, None, "dense"

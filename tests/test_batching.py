@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 from flows.study import study
-from tasks.study import MAX_TASK_SECONDS, units_per_task
+from flows.sizing import MAX_TASK_SECONDS, units_per_task
 
 
 @pytest.mark.parametrize("overhead, per_unit, remaining, workers, expected", [
@@ -50,7 +50,7 @@ def test_a_batched_study_stores_the_same_bits(prefect_api, tmp_path, monkeypatch
 
 
 def test_io_seconds_sums_the_loading_and_writing_of_every_receipt():
-    from tasks.study import io_seconds
+    from flows.sizing import io_seconds
 
     one = {"block": 0, "load_seconds": 0.25, "write_seconds": 0.5}  # an ingest unit: one receipt
     shared = [{"xai_method": m, "load_seconds": 0.125, "write_seconds": 0.25} for m in ("saliency", "gradcam")]
@@ -112,13 +112,13 @@ def test_a_task_lists_a_folder_once_however_many_units_it_holds(prefect_api, tmp
     """Each unit loads its samples by id, so a task lists the folder once (`listed_once`); before, each
     ingest unit listed every file twice, which made a large folder's ingestion quadratic in its size."""
     import flows.study
-    import tasks.study
+    import tasks.loading
     from test_resume import shapes_folder
 
     root = tmp_path / "data"
     shapes_folder(root, 24)
-    listed, real = [], tasks.study._listing
-    monkeypatch.setattr(tasks.study, "_listing", lambda name: listed.append(name) or real(name))
+    listed, real = [], tasks.loading._listing
+    monkeypatch.setattr(tasks.loading, "_listing", lambda name: listed.append(name) or real(name))
     monkeypatch.setattr(flows.study, "units_per_task", lambda *a: 100)
     counts = []
     for n in (12, 24):  # 3 blocks: the two measuring tasks and a task of one unit; 6 blocks: ... of four
@@ -129,10 +129,10 @@ def test_a_task_lists_a_folder_once_however_many_units_it_holds(prefect_api, tmp
     assert counts[0] == counts[1], counts  # three more units in the last task, no more listings
 
     listed.clear()
-    with tasks.study.listed_once():
-        a, b = (tasks.study.load_dataset(str(root), None, (64, 64)) for _ in range(2))
+    with tasks.loading.listed_once():
+        a, b = (tasks.loading.load_dataset(str(root), None, (64, 64)) for _ in range(2))
     assert a is b and listed == [str(root)]
     shapes_folder(tmp_path / "extra", 1)  # outside the scope, a change in the folder is seen at once
     new = next((tmp_path / "extra").rglob("*.png"))
     new.rename(root / new.parent.name / "new.png")
-    assert len(tasks.study.load_dataset(str(root), None, (64, 64))) == len(a) + 1
+    assert len(tasks.loading.load_dataset(str(root), None, (64, 64))) == len(a) + 1

@@ -75,7 +75,7 @@ def test_the_audit_form_explains_every_parameter(monkeypatch):
 def test_the_audit_parameters_make_sense():
     """The region lies inside the built-in model's input and the limits are shares."""
     import zoo
-    from tasks.audit import audit_limits, check_region
+    from tasks.audit.rows import audit_limits, check_region
 
     p = DEPLOYMENTS["nightly"]["parameters"]
     size = zoo.load_model(p["model"], weights=p["weights"]).preprocess.size

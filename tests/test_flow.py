@@ -169,8 +169,9 @@ def test_a_methods_warning_is_logged_with_its_block_and_the_hook_is_restored(tmp
     import warnings
 
     import tasks.study as ts
+    from tasks.study import units
 
-    real = ts.xm.attribute_many
+    real = units.xm.attribute_many
 
     def warning_many(methods, model, images, **kw):
         warnings.warn_explicit(f"{len(images)} images looked odd", UserWarning, "m", 1)
@@ -179,8 +180,8 @@ def test_a_methods_warning_is_logged_with_its_block_and_the_hook_is_restored(tmp
     spec = ts.StudySpec(samples=16, store=str(tmp_path / "w.zarr"), block_size=8, methods=["saliency"], device="cpu")
     ts.prepare_store(spec)
     hook = warnings.showwarning
-    monkeypatch.setattr(ts.xm, "attribute_many", warning_many)
-    with caplog.at_level("WARNING", logger=ts.__name__):
+    monkeypatch.setattr(units.xm, "attribute_many", warning_many)
+    with caplog.at_level("WARNING", logger="tasks.loading"):
         ts.run_units(spec, "ingest", [(0,), (1,)], wait=True)
         ts.run_units(spec, "attribute", [(["saliency"], 0), (["saliency"], 1)], wait=True)
     assert [r.getMessage() for r in caplog.records] == ["saliency, block 0: 8 images looked odd",

@@ -1,4 +1,4 @@
-"""The study's batch (tasks.memory): images per model pass inside a block, given or from the GPU's free memory,
+"""The study's batch (tasks.study.memory): images per model pass inside a block, given or from the GPU's free memory,
 halved when a pass runs out of memory; the maps of a block in passes equal those of the whole block; a unit's
 inputs on the device (no copy on a CPU, beside the compute on a GPU)."""
 import argparse
@@ -14,7 +14,7 @@ import xarray as xr
 
 from flows.study import study
 from tasks import memory
-from tasks.memory import MALLOC_TUNABLES, fitting, images_per_pass, in_passes, to_device
+from tasks.study.memory import MALLOC_TUNABLES, fitting, images_per_pass, in_passes, to_device
 
 MB = 2**20
 
@@ -118,7 +118,7 @@ FAULTS = """
 import resource, sys
 import torch  # numpy would ask for huge pages itself
 if sys.argv[1] == "retain":
-    from tasks.memory import retain_freed_memory
+    from tasks.study.memory import retain_freed_memory
     assert retain_freed_memory()
 for _ in range(2):
     torch.ones(96 * 2**20 // 4)  # the first passes map their memory in, whatever the allocator

@@ -91,7 +91,7 @@ def test_the_dataset_is_loaded_once_per_process(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zoo, "load_dataset", counting)
-    tasks.study._load_dataset.cache_clear()
+    tasks.loading._load_dataset.cache_clear()
     s = spec(tmp_path, keep_images=False)
     tasks.prepare_store.fn(s)
     for block in (0, 1):

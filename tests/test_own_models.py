@@ -173,7 +173,7 @@ def test_masks_from_files_and_from_boxes_reach_the_store_and_the_evaluation(pref
 def test_figures_say_what_they_show():
     import xarray as xr
 
-    from tasks.figure import captions
+    from tasks.drawing.figure import captions
 
     attrs = {"model": "resnet18", "dataset": "digits", "image_shape": [3, 112, 112], "image_mean": [0.5] * 3,
              "image_std": [0.25] * 3}

@@ -1,4 +1,4 @@
-"""Overlapped block work (`tasks.pipeline`): loading ahead and writing behind the compute, bounded, in
+"""Overlapped block work (`tasks.study.pipeline`): loading ahead and writing behind the compute, bounded, in
 order, giving every claim back on an error, with Prefect's logger in its threads."""
 import contextlib
 import threading
@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from tasks.pipeline import Unit, caught_warnings, overlapped
+from tasks.study.pipeline import Unit, caught_warnings, overlapped
 
 WAIT = 20  # seconds an event may take before the test fails instead of hanging
 
@@ -162,7 +162,7 @@ def test_each_thread_catches_its_own_warnings_and_the_last_out_restores_the_hook
 def test_a_stop_request_ends_a_task_after_its_unit_in_flight_with_every_claim_given_back():
     """SIGTERM or Ctrl-C set `STOP` while unit 1 computes: unit 1 is still written (a flag set has its whole
     block), units 2.. are not computed, and no claim is left held."""
-    from tasks.pipeline import STOP
+    from tasks.study.pipeline import STOP
 
     Claim.held = set()
 

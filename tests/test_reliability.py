@@ -141,7 +141,7 @@ def test_a_study_records_failed_maps_and_every_reader_leaves_them_out(prefect_ap
     (NaN map, a code), counted by `status` and the audit's table, and never scored."""
     from flows.cli import main
     from flows.study import study
-    from tasks.audit import audit_rows, true_classes
+    from tasks.audit.rows import audit_rows, true_classes
 
     real = xm.attribute_many
 

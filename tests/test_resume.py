@@ -61,7 +61,7 @@ def shapes_folder(root, n: int):
 def test_a_resumed_folder_study_keeps_decoded_pixels_only_for_what_it_ingests(prefect_api, tmp_path):
     """The folder's check keeps decoded pixels for the first load; a run with nothing (or part) to ingest
     does not hold the others in its cached dataset."""
-    from tasks.study import _load_dataset, load_dataset
+    from tasks.loading import _load_dataset, load_dataset
 
     root, store = tmp_path / "data", str(tmp_path / "folder.zarr")
     shapes_folder(root, 10)

@@ -10,12 +10,11 @@ from typing import Any, Sequence
 
 from .errors import error_line
 from .options import _batch, add_study_options, flag_of, fold_params, spec_from_args
-from .protocols import PROTOCOLS
 from .study import study_spec
 
 # what scripts and tests import from here (the modules own them)
 __all__ = ["main", "build_parser", "run_command", "error_line", "study_spec", "spec_from_args", "add_study_options",
-           "flag_of", "fold_params", "_batch", "PROTOCOLS", "Terminated"]
+           "flag_of", "fold_params", "_batch", "Terminated"]
 
 EXAMPLES = """\
 examples:
@@ -90,8 +89,8 @@ def stopped_line(args: argparse.Namespace, e: KeyboardInterrupt) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("study", "evaluate", *PROTOCOLS):  # before the flow starts its threads
-        from tasks.memory import retain_freed_memory
+    if getattr(args, "computes", False):  # a command that runs a flow: before the flow starts its threads
+        from tasks.study.memory import retain_freed_memory
 
         retain_freed_memory()
     import signal

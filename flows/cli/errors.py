@@ -5,7 +5,6 @@ import argparse
 import errno
 
 from .options import flag_of
-from .protocols import PROTOCOLS
 
 
 # What a user can do about each way a run differs from its store (storage names the difference).
@@ -50,14 +49,11 @@ def error_line(e: Exception, args: argparse.Namespace) -> str:
                 "command to resume")
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
     from tasks import OPTIONS
+    from tasks.protocols import PROTOCOLS
+    from tasks.spec import options_of
 
     command = getattr(args, "command", "")
-    options = OPTIONS if command == "study" else {}
-    if command in PROTOCOLS:
-        from flows.protocols import SPECS
-        from tasks.study import options_of
-
-        options = options_of(SPECS[command])
+    options = options_of(PROTOCOLS[command].spec) if command in PROTOCOLS else OPTIONS if command == "study" else {}
     first = message.split(" ", 1)[0]
     if first in options:  # the option as this command spells it
         message = flag_of(first, options) + message[len(first):]

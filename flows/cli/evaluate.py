@@ -83,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
     if (args.plot or "").lower() != "none":
-        from tasks.evaluation_plot import plot_evaluation
+        from tasks.drawing.evaluation import plot_evaluation
 
         prefix = args.plot or os.path.splitext(args.store.rstrip("/"))[0]
         for path in plot_evaluation(ds, prefix):
@@ -114,6 +114,6 @@ def add_parsers(sub: Any) -> None:
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ev.add_argument("--workers", type=int, default=None, help="score on a local Dask cluster of N processes")
 
-    ev.set_defaults(func=cmd_evaluate)
+    ev.set_defaults(func=cmd_evaluate, computes=True)
     sub.add_parser("metrics", help="list the evaluation metrics, their family and cost").set_defaults(
         func=lambda args: cmd_metrics())

@@ -46,7 +46,7 @@ def cmd_clusters(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from tasks import report
-    from tasks.audit import default_report_dir
+    from tasks.audit.rows import default_report_dir
 
     out = args.out or default_report_dir(args.store)
     print(f"report:  {report.write(args.store, out, max_samples=args.max_samples, shared_scale=args.shared_scale, protocols=args.protocol)}")
@@ -62,30 +62,43 @@ def cmd_protocol_status(store: str) -> None:
     for part, (done, total) in st["parts"].items():
         print(f"  {part.ljust(12)} {done:>5}/{total} units done  [{('#' * round(20 * done / max(total, 1))).ljust(20)}]")
 
+def _damaged_line(d: dict[str, Any]) -> str:
+    if d["kind"] == "protocol":
+        return f"damaged  {d['part']} unit {tuple(d['unit'])}: {d['why']}"
+    what = {"samples": "inputs", "maps": f"{d['xai_method']} maps",
+            "scores": f"{d['xai_method']} scores of {d.get('metric')}"}[d["kind"]]
+    return f"damaged  block {d['block']} {what}: {d['why']}"
+
+
 def cmd_verify(store: str) -> int:
+    """Read every finished block (or protocol unit) back against its checksum; unset the damaged ones' flags."""
     import storage
 
-    s = storage.Store(store)
+    protocol = storage.is_result_store(store)
+    s = storage.ResultStore(store) if protocol else storage.Store(store)
+    st = s.status()
+    finished = (sum(done for done, _ in st["parts"].values()) if protocol else
+                st["ingested"] + sum(st["methods"].values()) + sum(sum(m.values()) for m in st["scored"].values()))
+    kind = "units" if protocol else "blocks"
     damaged = s.verify()
-    blocks = int(s.group["ingested"][:].sum() + s.group["done"][:].sum())
     for d in damaged:
-        what = "inputs" if d["kind"] == "samples" else f"{d['xai_method']} maps"
-        print(f"damaged  block {d['block']} {what}: {d['why']}")
+        print(_damaged_line(d))
     if not damaged:
-        print(f"verified {blocks} finished blocks: every one matches its checksum")
+        print(f"verified {finished} finished {kind}: every one matches its checksum")
         return 0
     s.mark_damaged(damaged)
-    print(f"verify   {len(damaged)} of {blocks} finished blocks damaged and marked not done; rerun the study "
-          "(the same command) to recompute exactly them")
+    again = f"the {st['protocol']} command" if protocol else "the study (the same command)"
+    print(f"verify   {len(damaged)} of {finished} finished {kind} damaged and marked not done; rerun {again} "
+          "to recompute exactly them")
     return 1
+
 
 def cmd_status(store: str, verify: bool = False) -> int | None:
     import storage
 
     if storage.is_result_store(store):
-        if verify:
-            raise ValueError(f"--verify checks study stores; {store!r} is a protocol store, which records no checksums")
-        return cmd_protocol_status(store)
+        cmd_protocol_status(store)
+        return cmd_verify(store) if verify else None
     st = storage.Store(store, mode="r").status()
     print(f"store    {st['path']}")
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
@@ -94,7 +107,7 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
     a = storage.Store(store, mode="r").attrs
     print(f"input    {'x'.join(map(str, a['image_shape'][1:]))}, mean {a.get('image_mean')}, std {a.get('image_std')}"
           + (f" (model card {a['model_card']})" if a.get("model_card") else ""))
-    from tasks.study import accuracy_warning
+    from tasks.study.accuracy import accuracy_warning
 
     if (warning := accuracy_warning(store)) is not None:
         print(f"warning  {warning}")
@@ -130,7 +143,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     print(f"aggregate: {out}  ({int(agg.map_count_all.sum())} maps of {agg.attrs['samples']} samples x "
           f"{agg.sizes['xai_method']} methods counted; open with xr.open_zarr)")
     if args.plot:
-        from tasks.aggregate_plot import plot_means
+        from tasks.drawing.aggregate import plot_means
 
         for path in plot_means(agg, args.plot):
             print(f"plot:      {path}")
@@ -153,13 +166,16 @@ def store_command(sub: Any, name: str, func: Any, help: str, **kwargs: Any) -> a
 
 def add_parsers(sub: Any) -> None:
     st = store_command(sub, "status", lambda args: cmd_status(args.store, args.verify),
-                       "blocks done per method, and the store's identity",
-                        description="Blocks done per method, failed maps, scores, and the store's identity. "
-                                    "--verify reads every finished block back and checks it against the "
-                                    "checksum recorded with its flag; a damaged block (a chunk file truncated, "
-                                    "deleted or overwritten) is named and marked not done, so that rerunning the "
-                                    "study recomputes exactly those blocks. Exit status 1 when any was found.")
-    st.add_argument("--verify", action="store_true", help="check every finished block against its checksum")
+                       "blocks done per method (units per part of a protocol store), and the store's identity",
+                       description="Blocks done per method, failed maps, scores, and the store's identity; of a "
+                                   "protocol store (sanity, invariance, manipulate, roar), its units done per part. "
+                                   "--verify reads every finished block (inputs, maps, scores) or protocol unit back "
+                                   "and checks it against the checksum recorded with its flag; a damaged one (a chunk "
+                                   "file truncated, deleted or overwritten) is named and marked not done, so that "
+                                   "rerunning the same command recomputes exactly those. Exit status 1 when any was "
+                                   "found.")
+    st.add_argument("--verify", action="store_true",
+                    help="check every finished block or protocol unit against its checksum")
 
     f = store_command(sub, "figure", cmd_figure, "draw inputs and heatmaps of chosen samples")
     f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")

@@ -86,5 +86,5 @@ def add_parsers(sub: Any) -> None:
                                    "of the `study` flow in the Prefect UI.",
                        epilog=STUDY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_options(s)
-    s.set_defaults(func=cmd_study)
+    s.set_defaults(func=cmd_study, computes=True)
 

@@ -26,8 +26,8 @@ from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities
 from zoo.training import accuracy, fit, train_test
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of, nanmean
-from .study import option
+from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, nanmean, open_results, opened
+from ..spec import option
 
 KINDS = ("cascading", "independent")
 SHOWN = 4  # samples whose randomised maps are kept for the figure
@@ -96,10 +96,23 @@ def layout(spec: SanitySpec) -> tuple[dict[str, Any], list[storage.Part], Any]:
     return coords, parts, inputs
 
 
-def open_store(spec: SanitySpec) -> tuple[storage.ResultStore, Any]:
+def open_store(spec: SanitySpec) -> Opened:
+    """Validate `spec`, create or reopen its store."""
     coords, parts, inputs = layout(spec)
-    store = open_results(spec, "sanity", inputs, coords, parts)
-    return store, inputs
+    return Opened(open_results(spec, "sanity", inputs, coords, parts), inputs)
+
+
+def stages(spec: SanitySpec, o: Opened) -> list[Stage]:
+    """The unrandomised maps, then each randomised model (cascading and independent, per layer: independent
+    units), then the label-randomised model and its maps."""
+    s = o.store
+    steps = sorted({(k, l) for _, k, l in s.pending("step")} | set(s.pending("change")))
+    out = [Stage("original maps", original_maps, s.pending("original")),
+           Stage("randomised models", randomized_step, steps)]
+    if spec.data_randomization:
+        out += [Stage("label-randomised model", label_randomized_model, [(0,)]),
+                Stage("label-randomised maps", label_randomized_maps, s.pending("label"))]
+    return out
 
 
 def _study_maps(spec: SanitySpec, method: str, inputs: Any) -> np.ndarray | None:
@@ -108,28 +121,30 @@ def _study_maps(spec: SanitySpec, method: str, inputs: Any) -> np.ndarray | None
     if spec.study is None:
         return None
     s = storage.Store(spec.study, mode="r")
-    a, n = s.attrs, len(inputs.ids)
+    n = len(inputs.ids)
     if method not in s.methods() or s.sample_ids()[:n] != inputs.ids:
         return None
-    if json.dumps(a["params"].get(method), sort_keys=True) != json.dumps(spec.method_params(method), sort_keys=True):
+    if json.dumps(s.attrs["params"].get(method), sort_keys=True) != json.dumps(spec.method_params(method), sort_keys=True):
         return None
-    maps = np.asarray(s.group["attribution"][s.methods().index(method), :n])
+    maps = np.concatenate([s.read_maps(method, b) for b in range(storage.n_blocks(n, s.block_size))])[:n]
     return maps if np.isfinite(maps).all() else None
 
 
 @task(cache_policy=NO_CACHE)
-def original_maps(spec: SanitySpec) -> dict[str, Any]:
-    """The maps of the unrandomised model (reused from the study when it has them)."""
-    store, inputs = open_store(spec)
-    methods = store.coord("xai_method")
-    reused = []
-    for (m,) in store.pending("original"):
-        maps = _study_maps(spec, methods[m], inputs)
-        reused += [methods[m]] if maps is not None else []
+def original_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> Receipt:
+    """One method's maps of the unrandomised model (reused from the study when it has them)."""
+    o, unit = opened(spec, open_store), tuple(unit)
+    (m,), name = unit, o.store.coord("xai_method")[unit[0]]
+    with o.store.claim(f"original-{m}", wait) as mine:
+        if not mine or unit not in o.store.pending("original"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        maps = _study_maps(spec, name, o.inputs)
+        reused = maps is not None
         if maps is None:
-            maps = maps_of(methods[m], inputs.model, inputs.images, inputs.target, spec)
-        store.write("original", (m,), original=maps)
-    return {"reused_from_study": reused}
+            maps = maps_of(name, o.inputs.model, o.inputs.images, o.inputs.target, spec)
+        o.store.write("original", unit, original=maps)
+    return Receipt(unit, f"{name}: unrandomised maps " + (f"reused from the study {spec.study}" if reused else
+                                                          "computed"), values={"reused": reused})
 
 
 def randomized_model(model: torch.nn.Module, layers: list[str], kind: str, index: int, seed: int) -> torch.nn.Module:
@@ -139,53 +154,68 @@ def randomized_model(model: torch.nn.Module, layers: list[str], kind: str, index
 
 
 @task(cache_policy=NO_CACHE)
-def randomized_step(spec: SanitySpec, kind: int, layer: int) -> dict[str, Any]:
+def randomized_step(spec: SanitySpec, unit: tuple[int, int], wait: bool = True) -> Receipt:
     """One randomised model: its output change, and every pending method's similarity to the original."""
-    t0 = time.perf_counter()
-    store, inputs = open_store(spec)
+    t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
+    (kind, layer), store, inputs = unit, o.store, o.inputs
     layers, methods = store.coord("layer"), store.coord("xai_method")
-    model = randomized_model(inputs.model, layers, KINDS[kind], layer, spec.seed)
-    with torch.no_grad():
-        before, after = inputs.model(inputs.images), model(inputs.images)
-    change = float((after - before).norm() / before.norm())
-    if (kind, layer) in store.pending("change"):
-        store.write("change", (kind, layer), output_change=np.float64(change))
-    todo = [m for m, k, l in store.pending("step") if (k, l) == (kind, layer)]
-    for m in todo:
-        maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
-        sim = similarities(store.read("original", (m,)), maps)
-        store.write("step", (m, kind, layer), similarity=sim, example=maps[:len(store.coord("shown"))])
-    return {"randomization": KINDS[kind], "layer": layers[layer], "output_change": change,
-            "methods": [methods[m] for m in todo], "seconds": time.perf_counter() - t0}
+    with store.claim(f"step-{kind}-{layer}", wait) as mine:
+        todo = [m for m, k, l in store.pending("step") if (k, l) == unit] if mine else []
+        if not mine or not todo and unit not in store.pending("change"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        model = randomized_model(inputs.model, layers, KINDS[kind], layer, spec.seed)
+        with torch.no_grad():
+            before, after = inputs.model(inputs.images), model(inputs.images)
+        change = float((after - before).norm() / before.norm())
+        if unit in store.pending("change"):
+            store.write("change", unit, output_change=np.float64(change))
+        for m in todo:
+            maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
+            sim = similarities(store.read("original", (m,)), maps)
+            store.write("step", (m, kind, layer), similarity=sim, example=maps[:len(store.coord("shown"))])
+    return Receipt(unit, f"{KINDS[kind]} {layers[layer]}: output changed by {change:.3g} (relative L2)",
+                   "warning" if change < 1e-6 else "info", {"output_change": change},
+                   seconds=time.perf_counter() - t0)
 
 
 @task(cache_policy=NO_CACHE)
-def label_randomized_model(spec: SanitySpec) -> dict[str, float]:
+def label_randomized_model(spec: SanitySpec, unit: tuple[int] = (0,), wait: bool = True) -> Receipt:
     """Retrain a re-initialised copy of the model on permuted labels (once; its weights are stored)."""
-    store, inputs = open_store(spec)
-    if store.pending("label_model"):
-        pre = inputs.model.preprocess
-        train, test = train_test(spec.dataset, pre.size, spec.train_samples, 500, seed=spec.seed)
-        permuted = np.random.default_rng(spec.seed).permutation(train.labels)
-        model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), spec.seed + 1)
-        fit(model, train.images, permuted, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed)
-        acc = [accuracy(model, train.images, permuted, pre), accuracy(model, test.images, test.labels, pre)]
-        store.write("label_model", (0,), label_weights=weights_vector(model), label_accuracy=np.array(acc))
-    train_acc, test_acc = store.read("label_accuracy", (0,))
+    o, unit = opened(spec, open_store), tuple(unit)
+    store, inputs = o.store, o.inputs
+    with store.claim("label_model", wait) as mine:
+        if not mine:
+            return Receipt(unit, deferred=True)
+        if store.pending("label_model"):
+            pre = inputs.model.preprocess
+            train, test = train_test(spec.dataset, pre.size, spec.train_samples, 500, seed=spec.seed)
+            permuted = np.random.default_rng(spec.seed).permutation(train.labels)
+            model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), spec.seed + 1)
+            fit(model, train.images, permuted, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed)
+            acc = [accuracy(model, train.images, permuted, pre), accuracy(model, test.images, test.labels, pre)]
+            store.write("label_model", (0,), label_weights=weights_vector(model), label_accuracy=np.array(acc))
+    train_acc, test_acc = (float(a) for a in store.read("label_accuracy", (0,)))
     with torch.no_grad():
-        classes = inputs.model(inputs.images[:1]).shape[1]
-    return {"train_accuracy": float(train_acc), "test_accuracy": float(test_acc), "chance": 1 / classes}
+        chance = 1 / int(inputs.model(inputs.images[:1]).shape[1])
+    return Receipt(unit, f"label-randomised model: train accuracy {train_acc:.3f} on its permuted labels, test "
+                         f"accuracy {test_acc:.3f} (chance {chance:.3f})" +
+                   ("" if test_acc < chance + 0.1 else " — NOT near chance"),
+                   values={"train_accuracy": train_acc, "test_accuracy": test_acc, "chance": chance})
 
 
 @task(cache_policy=NO_CACHE)
-def label_randomized_maps(spec: SanitySpec) -> None:
-    store, inputs = open_store(spec)
-    model = load_weights_vector(copy.deepcopy(inputs.model), store.read("label_weights", (0,)))
-    methods = store.coord("xai_method")
-    for (m,) in store.pending("label"):
-        maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
-        store.write("label", (m,), label_similarity=similarities(store.read("original", (m,)), maps),
+def label_randomized_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> Receipt:
+    """One method's maps of the label-randomised model, compared with the original ones."""
+    o, unit = opened(spec, open_store), tuple(unit)
+    store, (m,) = o.store, unit
+    with store.claim(f"label-{m}", wait) as mine:
+        if not mine or unit not in store.pending("label"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        model = load_weights_vector(copy.deepcopy(o.inputs.model), store.read("label_weights", (0,)))
+        maps = maps_of(store.coord("xai_method")[m], model, o.inputs.images, o.inputs.target, spec)
+        store.write("label", unit, label_similarity=similarities(store.read("original", unit), maps),
                     label_example=maps[:len(store.coord("shown"))])
+    return Receipt(unit, f"{store.coord('xai_method')[m]}: maps of the label-randomised model compared")
 
 
 def summary(path: str) -> dict[str, Any]:

@@ -1,14 +1,12 @@
 """Figures of the reliability protocols, drawn from their stores (so a finished store can be redrawn)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 import storage
 
-from .figure import plt, save
-from .protocol import nanmean
+from ..drawing.figure import plt, save
+from .common import nanmean
 
 
 def _show(ax: object, m: np.ndarray, title: str = "", top: float | None = None) -> None:
@@ -118,7 +116,3 @@ def plot_roar(path: str, out: str) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, out)
-
-
-PLOTS: dict[str, Callable[[str, str], str]] = {"sanity": plot_sanity, "invariance": plot_invariance,
-                                               "manipulate": plot_manipulation, "roar": plot_roar}

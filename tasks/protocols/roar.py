@@ -21,12 +21,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import storage
+from xai_methods._core import forward_logits
 from xai_methods import surgery
 from xai_methods.metrics.faithfulness import ranks
 from zoo.training import accuracy, fit, train_test
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of
-from .study import option
+from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, open_results, opened
+from ..spec import option
 
 RANDOM = "random"
 
@@ -44,7 +45,6 @@ class RoarSpec(ProtocolSpec):
     epochs: int = option(10, "epochs of each retrain (shapes-cnn from scratch needs about 600 steps: 2000 "
                               "images, 10 epochs, batches of 32 reach 99.8% test accuracy; 3 epochs stay at chance)")
     batch_size: int = option(32, "images per training step of each retrain")
-    workers: int | None = option(None, "run the retrains on a local Dask cluster of this many processes")
 
 
 def check(spec: RoarSpec) -> None:
@@ -63,7 +63,8 @@ def _data(dataset: str, size: tuple[int, int], train: int, test: int, seed: int)
     return train_test(dataset, size, train, test, seed)
 
 
-def open_store(spec: RoarSpec) -> tuple[storage.ResultStore, Any, Any]:
+def open_store(spec: RoarSpec) -> Opened:
+    """Validate `spec`, create or reopen its store; its `extra` is the (train, test) images."""
     check(spec)
     inputs = load_inputs(spec)
     check_methods(spec.methods, spec, inputs.model)
@@ -76,27 +77,33 @@ def open_store(spec: RoarSpec) -> tuple[storage.ResultStore, Any, Any]:
              storage.Part("retrain", ("xai_method", "fraction", "seed"), {
                  "accuracy": (("xai_method", "fraction", "seed"), "float64"),
                  "train_accuracy": (("xai_method", "fraction", "seed"), "float64")})]
-    store = open_results(spec, "roar", inputs, coords, parts)
-    return store, inputs, (train, test)
+    return Opened(open_results(spec, "roar", inputs, coords, parts), inputs, (train, test))
+
+
+def stages(spec: RoarSpec, o: Opened) -> list[Stage]:
+    """Each method's rankings, then every (method, fraction, seed) retrain: independent units."""
+    return [Stage("rankings", ranking_maps, o.store.pending("ranking")),
+            Stage("roar", retrain, o.store.pending("retrain"))]
 
 
 @task(cache_policy=NO_CACHE)
-def ranking_maps(spec: RoarSpec, m: int) -> dict[str, Any]:
+def ranking_maps(spec: RoarSpec, unit: tuple[int], wait: bool = True) -> Receipt:
     """One method's maps of every train and test image, from the trained model (the random ranking: uniform noise)."""
-    t0 = time.perf_counter()
-    store, inputs, (train, test) = open_store(spec)
-    name = store.coord("xai_method")[m]
-    images01 = np.concatenate([train.images, test.images])
-    if name == RANDOM:
-        gen = torch.Generator().manual_seed(spec.seed)
-        maps = torch.rand((len(images01), *images01.shape[2:]), generator=gen).numpy()
-    else:
-        x = inputs.model.preprocess(torch.from_numpy(images01)).to(inputs.images.device)
-        with torch.no_grad():
-            t = torch.cat([inputs.model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
-        maps = maps_of(name, inputs.model, x, t, spec)
-    store.write("ranking", (m,), ranking_map=maps)
-    return {"xai_method": name, "seconds": time.perf_counter() - t0}
+    t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
+    (train, test), name = o.extra, o.store.coord("xai_method")[unit[0]]
+    with o.store.claim(f"ranking-{unit[0]}", wait) as mine:
+        if not mine or unit not in o.store.pending("ranking"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        images01 = np.concatenate([train.images, test.images])
+        if name == RANDOM:
+            gen = torch.Generator().manual_seed(spec.seed)
+            maps = torch.rand((len(images01), *images01.shape[2:]), generator=gen).numpy()
+        else:
+            x = o.inputs.model.preprocess(torch.from_numpy(images01)).to(o.inputs.images.device)
+            maps = maps_of(name, o.inputs.model, x, forward_logits(o.inputs.model, x, 256).argmax(1).clone(), spec)
+        o.store.write("ranking", unit, ranking_map=maps)
+    seconds = time.perf_counter() - t0
+    return Receipt(unit, f"rankings of {name} computed in {seconds:.1f} s", seconds=seconds)
 
 
 def remove_top(images01: np.ndarray, maps: np.ndarray, fraction: float, fill: np.ndarray, seed: int) -> np.ndarray:
@@ -107,21 +114,27 @@ def remove_top(images01: np.ndarray, maps: np.ndarray, fraction: float, fill: np
 
 
 @task(cache_policy=NO_CACHE)
-def retrain(spec: RoarSpec, m: int, f: int, s: int) -> dict[str, Any]:
+def retrain(spec: RoarSpec, unit: tuple[int, int, int], wait: bool = True) -> Receipt:
     """Remove the top `fraction` of one method's ranking from every image, retrain from scratch, test."""
-    t0 = time.perf_counter()
-    store, inputs, (train, test) = open_store(spec)
-    name, fraction = store.coord("xai_method")[m], store.coord("fraction")[f]
-    maps = store.read("ranking_map", (m,))
-    fill = train.images.mean(axis=(0, 2, 3))
-    n = len(train.labels)
-    images = remove_top(np.concatenate([train.images, test.images]), maps, fraction, fill, seed=s)
-    model = surgery.randomized(inputs.model, surgery.execution_order(inputs.model, inputs.images), seed=1000 + s)
-    pre = inputs.model.preprocess
-    fit(model, images[:n], train.labels, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=s)
-    acc, train_acc = accuracy(model, images[n:], test.labels, pre), accuracy(model, images[:n], train.labels, pre)
-    store.write("retrain", (m, f, s), accuracy=np.float64(acc), train_accuracy=np.float64(train_acc))
-    return {"xai_method": name, "fraction": fraction, "seed": s, "accuracy": acc, "seconds": time.perf_counter() - t0}
+    t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
+    (m, f, s), (train, test) = unit, o.extra
+    name, fraction = o.store.coord("xai_method")[m], o.store.coord("fraction")[f]
+    with o.store.claim(f"retrain-{m}-{f}-{s}", wait) as mine:
+        if not mine or unit not in o.store.pending("retrain"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        maps = o.store.read("ranking_map", (m,))
+        fill = train.images.mean(axis=(0, 2, 3))
+        n = len(train.labels)
+        images = remove_top(np.concatenate([train.images, test.images]), maps, fraction, fill, seed=s)
+        model = surgery.randomized(o.inputs.model, surgery.execution_order(o.inputs.model, o.inputs.images),
+                                   seed=1000 + s)
+        pre = o.inputs.model.preprocess
+        fit(model, images[:n], train.labels, pre, epochs=spec.epochs, batch_size=spec.batch_size, seed=s)
+        acc, train_acc = accuracy(model, images[n:], test.labels, pre), accuracy(model, images[:n], train.labels, pre)
+        o.store.write("retrain", unit, accuracy=np.float64(acc), train_accuracy=np.float64(train_acc))
+    seconds = time.perf_counter() - t0
+    return Receipt(unit, f"{name} at {fraction:.2f}, seed {s}: test accuracy {acc:.3f} ({seconds:.0f} s)",
+                   values={"accuracy": acc}, seconds=seconds)
 
 
 def summary(path: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ kept beneath it. A link artifact to a local file shows the UI user nothing: the 
 open a path on the machine that ran the flow."""
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -13,6 +14,11 @@ from PIL import Image
 from prefect.artifacts import create_markdown_artifact
 
 MAX_BYTES = 1_500_000  # of the PNG before base64: the UI stays quick, the API's database small
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    """`data` as a data: URI of type `mime`, for a picture inlined in markdown or HTML."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def png_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
@@ -33,7 +39,6 @@ def png_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
 
 def figure_markdown(path: str, title: str, max_bytes: int = MAX_BYTES) -> str:
     """Markdown that shows the figure inline and names its file."""
-    from .report import data_uri
 
     where = os.path.abspath(path)
     if os.path.splitext(path)[1].lower() != ".png":

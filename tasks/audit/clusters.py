@@ -22,8 +22,8 @@ from prefect.cache_policies import NO_CACHE
 import storage
 from xai_methods import spray
 
-from .audit import finite_mean, true_classes
-from .figure import _display_image, heatmap_style, plt, save
+from .rows import finite_mean, true_classes
+from ..drawing.figure import _display_image, heatmap_style, plt, save
 
 DEFAULTS: dict[str, Any] = {"size": 16, "neighbours": 10, "max_clusters": 8, "clusters": None, "seed": 0}
 

@@ -13,7 +13,6 @@ be mailed, archived or opened from a CI artifact. The page has:
 """
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -29,15 +28,12 @@ from prefect.cache_policies import NO_CACHE
 
 import storage
 
-from .audit import BASELINES, true_classes
-from .figure import _display_image, captions, heatmap_style
-from .study import accuracy_warning
+from .rows import BASELINES, true_classes
+from ..drawing.artifacts import data_uri
+from ..drawing.figure import _display_image, captions, heatmap_style
+from ..study.accuracy import accuracy_warning
 
 TILE = 112  # pixels of a tile's longer side in the grid
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def file_uri(path: str) -> str:
@@ -143,8 +139,8 @@ def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str,
     """(heading, data URI) of the evaluation, cluster and protocol figures there are (a method's cluster
     figure from `clusters_drawn` when it is drawn already)."""
     from .clusters import render_clusters
-    from .evaluation_plot import plot_evaluation
-    from .protocol_plot import PLOTS
+    from ..drawing.evaluation import plot_evaluation
+    from ..protocols import PROTOCOLS
 
     out = [(os.path.basename(p), file_uri(p)) for p in plot_evaluation(ds, os.path.join(tmp, "evaluation"))]
     for method in storage.Store(store, mode="r").cluster_params():
@@ -152,7 +148,7 @@ def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str,
         out.append((f"SpRAy clusters of {method}", file_uri(drawn)))
     for path in protocols:
         protocol = storage.ResultStore(path, mode="r").status()["protocol"]
-        out.append((f"{protocol}: {path}", file_uri(PLOTS[protocol](path, os.path.join(tmp, f"{protocol}.png")))))
+        out.append((f"{protocol}: {path}", file_uri(PROTOCOLS[protocol].plot(path, os.path.join(tmp, f"{protocol}.png")))))
     return out
 
 

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from xai_methods import metrics as xmet  # noqa: E402
 
 from .figure import save  # noqa: E402
-from .study import BASELINE_MAPS  # noqa: E402
+from ..study.spec import BASELINE_MAPS  # noqa: E402
 
 
 def _methods(ds: xr.Dataset) -> list[str]:

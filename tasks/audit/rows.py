@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import storage  # noqa: E402
 
-from .figure import render, save  # noqa: E402
-from .study import BASELINE_MAPS as BASELINES  # noqa: E402 - shown beside the methods; no limit applies to them
-from .study import accuracy_warning  # noqa: E402
+from ..drawing.figure import render, save  # noqa: E402
+from ..study.spec import BASELINE_MAPS as BASELINES  # noqa: E402 - shown beside the methods; no limit applies to them
+from ..study.accuracy import accuracy_warning  # noqa: E402
 
 #: the audit's own measures -> (the flow parameter that limits them, what they measure, in words)
 MEASURES: dict[str, tuple[str, str]] = {
@@ -306,6 +306,6 @@ def samples_before(store: str) -> int:
 @task(cache_policy=NO_CACHE)
 def dataset_has_masks(dataset: str, model: str, weights: str | None) -> bool:
     """Whether the dataset carries ground-truth masks (the built-in one does; a folder of images does not)."""
-    from .study import load_dataset, load_model
+    from ..loading import load_dataset, load_model
 
     return load_dataset(dataset, None, load_model(model, weights, "cpu").preprocess.size).has_masks

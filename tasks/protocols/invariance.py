@@ -24,8 +24,8 @@ import storage
 import xai_methods as xm
 from xai_methods import surgery
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, open_results, maps_of
-from .study import option
+from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, open_results, opened
+from ..spec import option
 
 SHOWN = 4
 VARIANTS = ("original", "shifted")
@@ -48,9 +48,9 @@ def shift_of(model: torch.nn.Module, shift: float, device: torch.device) -> torc
     return (shift / std).view(1, -1, 1, 1)
 
 
-def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any, torch.nn.Module]:
-    """Validate `spec` (the first layer must compensate the shift), create or reopen the store;
-    also returns the shift-compensated copy of the model."""
+def open_store(spec: InvarianceSpec) -> Opened:
+    """Validate `spec` (the first layer must compensate the shift), create or reopen the store; its
+    `extra` is the shift-compensated copy of the model."""
     if spec.tolerance <= 0:
         raise ValueError(f"tolerance must be > 0, got {spec.tolerance}")
     inputs = load_inputs(spec)
@@ -63,25 +63,33 @@ def open_store(spec: InvarianceSpec) -> tuple[storage.ResultStore, Any, torch.nn
     parts = [storage.Part("maps", ("xai_method",), {
         "l1_change": (("xai_method", "sample"), "float64"), "l1_norm": (("xai_method", "sample"), "float64"),
         "example": (("xai_method", "variant", "shown", "y", "x"), "float32")})]
-    store = open_results(spec, "invariance", inputs, coords, parts)
-    return store, inputs, shifted
+    return Opened(open_results(spec, "invariance", inputs, coords, parts), inputs, shifted)
+
+
+def stages(spec: InvarianceSpec, o: Opened) -> list[Stage]:
+    """One unit per method."""
+    return [Stage("invariance", compare_method, o.store.pending("maps"))]
 
 
 @task(cache_policy=NO_CACHE)
-def compare_method(spec: InvarianceSpec, m: int) -> dict[str, Any]:
+def compare_method(spec: InvarianceSpec, unit: tuple[int], wait: bool = True) -> Receipt:
     """One method's maps on the model and on its shift-compensated copy (the copy's input is x + shift)."""
-    store, inputs, shifted = open_store(spec)
-    name = store.coord("xai_method")[m]
-    c = shift_of(inputs.model, spec.shift, inputs.images.device)
-    takes_baseline = "baseline" in xm.spec(name).defaults
-    extra = {"baseline": c} if takes_baseline and spec.baseline == "shifted" else {}
-    m1 = maps_of(name, inputs.model, inputs.images, inputs.target, spec)
-    m2 = maps_of(name, shifted, inputs.images + c, inputs.target, spec, **extra)
-    diff = np.abs(m2.astype(np.float64) - m1).reshape(len(m1), -1).sum(1)
-    norm = np.abs(m1.astype(np.float64)).reshape(len(m1), -1).sum(1)
-    k = len(store.coord("shown"))
-    store.write("maps", (m,), l1_change=diff, l1_norm=norm, example=np.stack([m1[:k], m2[:k]]))
-    return {"xai_method": name, "change": float(diff.sum() / norm.sum())}
+    o, unit = opened(spec, open_store), tuple(unit)
+    store, inputs, name = o.store, o.inputs, o.store.coord("xai_method")[unit[0]]
+    with store.claim(f"maps-{unit[0]}", wait) as mine:
+        if not mine or unit not in store.pending("maps"):
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        c = shift_of(inputs.model, spec.shift, inputs.images.device)
+        takes_baseline = "baseline" in xm.spec(name).defaults
+        extra = {"baseline": c} if takes_baseline and spec.baseline == "shifted" else {}
+        m1 = maps_of(name, inputs.model, inputs.images, inputs.target, spec)
+        m2 = maps_of(name, o.extra, inputs.images + c, inputs.target, spec, **extra)
+        diff = np.abs(m2.astype(np.float64) - m1).reshape(len(m1), -1).sum(1)
+        norm = np.abs(m1.astype(np.float64)).reshape(len(m1), -1).sum(1)
+        k = len(store.coord("shown"))
+        store.write("maps", unit, l1_change=diff, l1_norm=norm, example=np.stack([m1[:k], m2[:k]]))
+    change = float(diff.sum() / norm.sum())
+    return Receipt(unit, f"{name}: relative L1 change of the maps {change:.3g}", values={"change": change})
 
 
 def summary(path: str) -> dict[str, Any]:

@@ -1,14 +1,19 @@
-"""What the reliability protocols share: their common options, the images they explain, maps in batches.
+"""What the reliability protocols share: their common options, the images they explain, the store opened
+once per process, the stages and receipts of their flows, maps in batches.
 
-A protocol's options are a frozen dataclass of `option` fields, like `StudySpec`: the flow's
-signature (the Prefect form), the command line's flags and the validation derive from it.
+A protocol's options are a frozen dataclass of `option` fields deriving from `RunSpec`, like `StudySpec`:
+the flow's signature (the Prefect form), the command line's flags and the validation derive from it.
+A protocol's module gives `open_store` (validate, create or reopen: an `Opened`), `stages` (its units of
+work, in order) and `summary`; its row in `tasks.protocols.PROTOCOLS` names them.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+import threading
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -16,36 +21,29 @@ import torch
 import storage
 import xai_methods as xm
 import zoo
+from xai_methods._core import forward_logits
 
-from .study import load_dataset, model_of, option, resolve_device
+from ..loading import load_dataset, model_of, resolve_device
+from ..spec import RunSpec, option
 
 
 @dataclass(frozen=True)
-class ProtocolSpec:
-    """The options every protocol has: which model, which images, where the results go."""
+class ProtocolSpec(RunSpec):
+    """The options every protocol has beyond a run's: how many images, the seed, where the work runs
+    and the figure (each protocol adds its methods and store)."""
 
-    dataset: str = option("shapes", "built-in name (shapes) or a local folder of class sub-folders of images")
-    model: str = option("shapes-cnn", "built-in name (shapes-cnn) or a torchvision architecture name with weights")
-    weights: str | None = option(None, "local state-dict file of the model (loaded with weights_only=True)")
     samples: int = option(32, "how many images of the dataset (its first ones) are explained")
-    layer: str | None = option(None, "layer of layer methods (dotted module name); None: the last spatial layer")
-    params: dict[str, dict[str, Any]] = option({}, "per-method parameters, e.g. {\"occlusion\": {\"window\": 8}}",
-                                               flag="--param", type="param")
     seed: int = option(0, "seed of every random draw of the protocol (re-initialisations, permutations, training)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one)")
     figure: str | None = option(None, "figure to write (PNG); None: none (the command line defaults to the "
                                       "store path with .png; 'none' for no figure)")
-
-    def method_params(self, method: str) -> dict[str, Any]:
-        """The method's defaults merged with the user's, plus the layer for layer methods."""
-        p = {**xm.spec(method).defaults, **self.params.get(method, {})}
-        if xm.spec(method).needs_layer:
-            p["layer"] = self.layer
-        return p
+    workers: int | None = option(None, "run the protocol's units on a local Dask cluster of this many processes",
+                                 group="where")
+    dask_address: str | None = option(None, "run the protocol's units on an existing Dask cluster (tcp://HOST:PORT); "
+                                            "its workers need this package installed", group="where")
 
     def identity(self, model: torch.nn.Module, dataset: zoo.Dataset, ids: list[str]) -> dict[str, Any]:
         """What a stored result depends on: refusing to mix results of another model, data or options."""
-        skip = {"device", "figure", "workers", "store"}
+        skip = {"device", "figure", "workers", "dask_address", "store"}
         options = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**options, "model_fingerprint": zoo.model_fingerprint(model), "dataset_fingerprint": dataset.digest(ids),
                 "package_version": metadata.version("saliency-atlas")}
@@ -58,6 +56,69 @@ class Inputs(NamedTuple):
     labels: np.ndarray
     ids: list[str]
     dataset: zoo.Dataset
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A protocol's store, opened (created or checked) once per process and run, with what its tasks reuse:
+    the loaded `inputs`, and the protocol's own `extra` (invariance's shifted model, ROAR's train and test
+    images)."""
+
+    store: storage.ResultStore
+    inputs: Inputs
+    extra: Any = None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What one unit of a protocol's task did: `line` for the run's log (at `level`), `values` for its
+    caller; `deferred` when another run held the unit's claim (the flow comes back to it), `skipped` when
+    another run had finished it."""
+
+    unit: tuple[int, ...]
+    line: str = ""
+    level: str = "info"
+    values: dict[str, Any] = field(default_factory=dict)
+    deferred: bool = False
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a protocol's flow: `task(spec, unit, wait)` run for each of `units` (a stage starts when the
+    one before it has finished), its progress bar and log named `name`."""
+
+    name: str
+    task: Any  # a Prefect task: (spec, unit, wait) -> Receipt
+    units: list[tuple[int, ...]]
+
+
+_OPENED: dict[tuple, Opened] = {}
+_OPENING = threading.Lock()
+
+
+def _stamp(path: str | None) -> int | None:
+    """When the file at `path` last changed (None: no such local file): part of what an opened store is
+    kept by, so that a store made again, or weights trained again, at the same path are opened again."""
+    try:
+        return os.stat(os.path.join(path, "zarr.json") if path and os.path.isdir(path) else path).st_mtime_ns  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None
+
+
+def opened(spec: ProtocolSpec, open_store: Callable[[Any], Opened]) -> Opened:
+    """`open_store(spec)` once per process for as long as the spec, its store and its weights stay the same:
+    the flow opens it, and its tasks in this process (or each Dask worker, once) reuse the loaded inputs
+    instead of loading the model and the images, predicting and hashing again per task."""
+    key = (type(spec).__qualname__, repr(spec), _stamp(spec.store), _stamp(spec.weights))
+    with _OPENING:
+        if key not in _OPENED:
+            _OPENED.clear()  # one run's inputs at a time
+            _OPENED[key] = open_store(spec)
+            key = (*key[:2], _stamp(spec.store), key[3])  # the store may have been created just now
+            _OPENED[key] = _OPENED.popitem()[1]
+        return _OPENED[key]
 
 
 def open_results(spec: ProtocolSpec, protocol: str, inputs: Inputs, coords: dict[str, Any],
@@ -92,8 +153,7 @@ def load_inputs(spec: ProtocolSpec) -> Inputs:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     batch = data.load(0, len(data))
     images = model.preprocess(torch.from_numpy(batch.images)).to(device)
-    with torch.no_grad():
-        target = torch.cat([model(images[i:i + 64]).argmax(1) for i in range(0, len(images), 64)])
+    target = forward_logits(model, images, 64).argmax(1).clone()  # a normal tensor (inference ones cannot be saved)
     return Inputs(model, images, target, batch.labels, batch.ids, data)
 
 

@@ -25,8 +25,8 @@ import xai_methods as xm
 from xai_methods import manipulation as M
 from xai_methods.metrics.similarity import similarity
 
-from .protocol import ProtocolSpec, check_methods, load_inputs, open_results
-from .study import option
+from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, open_results, opened
+from ..spec import option
 
 TARGET_MAPS = ("other", "corner")
 STAGES = ("before", "after", "defended_before", "defended_after", "defended_transfer")
@@ -85,7 +85,7 @@ def check(spec: ManipulateSpec) -> None:
         raise ValueError(f"epsilon must be in (0, 1] (a pixel change in [0, 1] units), got {spec.epsilon}")
 
 
-def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
+def open_store(spec: ManipulateSpec) -> Opened:
     check(spec)
     inputs = load_inputs(spec)
     check_methods([spec.method], spec, inputs.model, M.DIFFERENTIABLE)
@@ -98,8 +98,12 @@ def open_store(spec: ManipulateSpec) -> tuple[storage.ResultStore, Any]:
         "fidelity": (("sample",), "float64"),
         "maps": (("sample", "map", "y", "x"), "float32"), "delta": (("sample", "channel", "y", "x"), "float32"),
         "image": (("sample", "channel", "y", "x"), "float32")})]
-    store = open_results(spec, "manipulate", inputs, coords, parts)
-    return store, inputs
+    return Opened(open_results(spec, "manipulate", inputs, coords, parts), inputs)
+
+
+def stages(spec: ManipulateSpec, o: Opened) -> list[Stage]:
+    """One unit: every pending image attacked together (the "other" target map needs them all)."""
+    return [Stage("manipulate", attack, [(0,)] if o.store.pending("attack") else [])]
 
 
 def _attack(spec: ManipulateSpec, inputs: Any, beta: float, explain: Any) -> dict[str, torch.Tensor]:
@@ -135,13 +139,20 @@ def _stages(plain: dict[str, torch.Tensor], defended: dict[str, torch.Tensor],
 
 
 @task(cache_policy=NO_CACHE)
-def attack(spec: ManipulateSpec) -> dict[str, Any]:
+def attack(spec: ManipulateSpec, unit: tuple[int] = (0,), wait: bool = True) -> Receipt:
     """Attack every pending image: the model's own map, then the defended (smoothed) map under its own
     attack; the smoothed map of the first attack's images (transfer); one unit written per image."""
-    store, inputs = open_store(spec)
-    todo = [i for (i,) in store.pending("attack")]
-    if not todo:
-        return {"attacked": 0}
+    o, unit = opened(spec, open_store), tuple(unit)
+    with o.store.claim("attack", wait) as mine:
+        todo = [i for (i,) in o.store.pending("attack")] if mine else []
+        if not todo:
+            return Receipt(unit, deferred=not mine, skipped=mine)
+        _attack_images(spec, o, todo)
+    return Receipt(unit, f"attacked {len(todo)} images", values={"attacked": len(todo)})
+
+
+def _attack_images(spec: ManipulateSpec, o: Opened, todo: list[int]) -> None:
+    store, inputs = o.store, o.inputs
     if spec.target_map == "other":  # each image's target is the next image's map: attack them all
         todo = list(range(len(inputs.ids)))
     sub = inputs._replace(images=inputs.images[todo], target=inputs.target[todo])
@@ -163,7 +174,6 @@ def attack(spec: ManipulateSpec) -> dict[str, Any]:
         store.write("attack", (i,), target_similarity=rows[:, 0], output_change=rows[:, 1], linf=rows[:, 2],
                     l2=rows[:, 3], fidelity=np.float64(fidelity[j]), maps=maps[j],
                     delta=undefended["delta"][j].cpu().numpy(), image=images01[j])
-    return {"attacked": len(todo)}
 
 
 def summary(path: str) -> dict[str, Any]:
