@@ -84,12 +84,18 @@ class ResultStore:
         """The store at `path` (created when absent); refused when it holds another protocol or identity."""
         check_path(path, "protocol")
         identity = json.loads(json.dumps(identity, sort_keys=True))
-        if (Path(path) / "zarr.json").exists():
-            store = cls(path)
-            if store.group.attrs.get("created") is not False:
-                store.check(protocol, identity)
-                return store, False
-            remove(path)  # a creation killed before its layout was whole: nothing was computed in it
+        with claim(path, "store"):  # one run creates it; another, started at once, then finds it made
+            if (Path(path) / "zarr.json").exists():
+                store = cls(path)
+                if store.group.attrs.get("created") is not False:
+                    store.check(protocol, identity)
+                    return store, False
+                remove(path)  # a creation killed before its layout was whole: nothing was computed in it
+            return cls._create(path, protocol, identity, coords, parts), True
+
+    @classmethod
+    def _create(cls, path: str, protocol: str, identity: dict[str, Any], coords: dict[str, Sequence[Any]],
+                parts: Sequence[Part]) -> ResultStore:
         ds, encoding = _layout(coords, parts)
         ds.attrs.update(protocol=protocol, schema_version=SCHEMA_VERSION, identity=json.dumps(identity, sort_keys=True),
                         parts=json.dumps([{"name": p.name, "units": p.units, "variables": p.variables} for p in parts]),
@@ -97,7 +103,7 @@ class ResultStore:
         ignore_zarr_notes()
         ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
         open_group(path, "r+", "protocol store").attrs["created"] = True
-        return cls(path), True
+        return cls(path)
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -184,3 +184,29 @@ def test_figures_say_what_they_show():
     assert "outline" not in captions(empty, contrastive=False)[0]  # a mask variable with no object in it
     masked = xr.Dataset({"mask": (("sample", "y", "x"), np.ones((1, 4, 4), bool))}, attrs=attrs)
     assert "white outline = ground-truth object" in captions(masked, contrastive=True)[0]
+
+
+def test_a_protocol_takes_the_users_preprocessing_like_a_study(prefect_api, factory, tmp_path, capsys):
+    """`sanity --input-size --mean --std` (the options every run shares, `tasks.spec.RunSpec`): the maps
+    are of the images at that size, normalised with that mean and std."""
+    import xai_methods as xm
+    from tasks.protocols import PROTOCOLS
+
+    pre = {"input_size": [112], "mean": [0.5] * 3, "std": [0.25] * 3}
+    store = str(tmp_path / "sanity.zarr")
+    assert main(["sanity", "--model", "my_models:build", "--weights", str(factory), "--model-arg", "width=6",
+                 "--input-size", "112", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--methods", "saliency",
+                 "--samples", "4", "--store", store, "--figure", "none", "--json"]) == 0
+    stored = storage.ResultStore(store, "r")
+    assert {k: stored.identity[k] for k in pre} == pre
+    model = zoo.load_model("my_models:build", factory, model_args={"width": 6}, **pre)
+    images = zoo.load_dataset("shapes", split="test", size=(112, 112), limit=4).load(0, 4).images
+    x = model.preprocess(torch.from_numpy(images))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    expected = xm.attribute("saliency", model, x, target=target).detach().numpy()
+    assert stored.read("original", (0,)).shape == (4, 112, 112)
+    np.testing.assert_allclose(stored.read("original", (0,)), expected, rtol=1e-5, atol=1e-7)
+    default = zoo.load_model("my_models:build", factory, model_args={"width": 6}, input_size=[112])
+    assert default.preprocess.mean != model.preprocess.mean  # the flags changed what the model was given
+    assert "--input-size" in PROTOCOLS["sanity"].examples

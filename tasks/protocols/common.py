@@ -23,7 +23,7 @@ import xai_methods as xm
 import zoo
 from xai_methods._core import forward_logits
 
-from ..loading import load_dataset, model_of, resolve_device
+from ..loading import _listing, load_dataset, model_of, resolve_device
 from ..spec import RunSpec, option
 
 
@@ -108,15 +108,16 @@ def _stamp(path: str | None) -> int | None:
 
 
 def opened(spec: ProtocolSpec, open_store: Callable[[Any], Opened]) -> Opened:
-    """`open_store(spec)` once per process for as long as the spec, its store and its weights stay the same:
+    """`open_store(spec)` once per process for as long as the spec, its store, its weights and its dataset's
+    files stay the same:
     the flow opens it, and its tasks in this process (or each Dask worker, once) reuse the loaded inputs
     instead of loading the model and the images, predicting and hashing again per task."""
-    key = (type(spec).__qualname__, repr(spec), _stamp(spec.store), _stamp(spec.weights))
+    key = (type(spec).__qualname__, repr(spec), _stamp(spec.store), _stamp(spec.weights), _listing(spec.dataset))
     with _OPENING:
         if key not in _OPENED:
             _OPENED.clear()  # one run's inputs at a time
             _OPENED[key] = open_store(spec)
-            key = (*key[:2], _stamp(spec.store), key[3])  # the store may have been created just now
+            key = (*key[:2], _stamp(spec.store), *key[3:])  # the store may have been created just now
             _OPENED[key] = _OPENED.popitem()[1]
         return _OPENED[key]
 
