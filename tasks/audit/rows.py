@@ -304,8 +304,8 @@ def samples_before(store: str) -> int:
 
 
 @task(cache_policy=NO_CACHE)
-def dataset_has_masks(dataset: str, model: str, weights: str | None) -> bool:
+def dataset_has_masks(spec: Any) -> bool:
     """Whether the dataset carries ground-truth masks (the built-in one does; a folder of images does not)."""
-    from ..loading import load_dataset, load_model
+    from ..loading import load_dataset, model_of
 
-    return load_dataset(dataset, None, load_model(model, weights, "cpu").preprocess.size).has_masks
+    return load_dataset(spec.dataset, None, model_of(spec, "cpu").preprocess.size, spec.masks).has_masks
