@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Preprocess
+from .shapes import PREPROCESS as SHAPES_PREPROCESS
+from .state import _fit_state_dict, _read_state_dict
 
 GENERATORS: tuple[str, ...] = ("shapes-vae",)
 SHAPES_VAE_WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes_vae.pt"
@@ -101,7 +103,6 @@ class Generative:
 
 def load_generator(name: str = "shapes-vae", weights: str | os.PathLike | None = None) -> Generative:
     """A built-in generative model (frozen, eval mode, CPU until used elsewhere)."""
-    from .models import SHAPES_PREPROCESS, _fit_state_dict, _read_state_dict
 
     if name != "shapes-vae":
         raise ValueError(f"unknown generator {name!r}; built-in generators: {', '.join(GENERATORS)}")

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from .base import Batch
+from .base import Batch, Preprocess
 
 GENERATOR_VERSION = 1
 CLASSES: list[str] = ["circle", "square", "triangle", "cross"]
+PREPROCESS = Preprocess(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # shapes-cnn's and the VAE's
 DISTRACTOR_KINDS: tuple[str, ...] = ("ring", "bar", "dots")
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
