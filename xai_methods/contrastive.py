@@ -129,24 +129,9 @@ def _cem_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, in
 
 
 def cem(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    contrast: Any,
-    *,
-    pertinent: str,
-    kappa: float,
-    beta: float,
-    c_init: float,
-    c_steps: int,
-    steps: int,
-    lr: float,
-    gamma: float,
-    autoencoder: Callable[[Tensor], Tensor] | None,
-    reduce: str | None,
-    report: Callable[[dict], Any] | None,
-    internal_batch: int,
-    progress: bool,
+    model: nn.Module, images: Tensor, target: Any, contrast: Any, *, pertinent: str, kappa: float, beta: float,
+    c_init: float, c_steps: int, steps: int, lr: float, gamma: float, autoencoder: Callable[[Tensor], Tensor] | None,
+    reduce: str | None, report: Callable[[dict], Any] | None, internal_batch: int, progress: bool,
 ) -> Tensor:
     """Pertinent positive ("pp") or negative ("pn") of every image, batched; see `cem_pp`."""
     if gamma > 0 and autoencoder is None:
@@ -177,21 +162,10 @@ def cem(
         hinge, margin, ae = terms(delta, i)
         return c[i] * hinge + delta.pow(2).flatten(1).sum(1) + ae, margin, ae
 
-    lower_c = torch.zeros(b, dtype=x.dtype, device=x.device)
-    upper_c = torch.full_like(lower_c, float("inf"))
-    c_now = torch.full_like(lower_c, float(c_init))
-    best = torch.zeros_like(x)
-    best_cost = torch.full_like(lower_c, float("inf"))
-    rows = torch.arange(b, device=x.device)
     ticks = iter(progress_bar(range(c_steps * steps), progress, total=c_steps * steps, desc=f"cem_{pertinent}"))
-    with torch.inference_mode(False):
-        for _ in range(c_steps):
-            found = _fista(lambda leaf, i, c=c_now: smooth(leaf, i, c), upper, beta=beta, lr=lr, steps=steps,
-                           chunk=internal_batch, best=best, best_cost=best_cost, tick=lambda: next(ticks, None))
-            # bisection on c: success -> smaller c (sparser), failure -> larger
-            upper_c = torch.where(found, torch.minimum(upper_c, c_now), upper_c)
-            lower_c = torch.where(found, lower_c, torch.maximum(lower_c, c_now))
-            c_now = torch.where(upper_c.isfinite(), (lower_c + upper_c) / 2, c_now * 10)
+    best, best_cost, upper_c, c_now = _c_search(smooth, upper, x, c_init=c_init, c_steps=c_steps, beta=beta, lr=lr,
+                                                steps=steps, chunk=internal_batch, tick=lambda: next(ticks, None))
+    rows = torch.arange(b, device=x.device)
     success = best_cost.isfinite()
     if report is not None:
         with torch.inference_mode():
@@ -202,6 +176,28 @@ def cem(
             "class": goal, "c": upper_c.where(success, c_now),
         })
     return reduce_channels(best, reduce)
+
+
+def _c_search(smooth: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]], upper: Tensor, x: Tensor, *,
+              c_init: float, c_steps: int, beta: float, lr: float, steps: int, chunk: int,
+              tick: Callable[[], Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CEM's search for the weight c of the hinge, per image: `c_steps` rounds of `_fista`, each followed by
+    a bisection (a success makes c smaller, so the perturbation sparser; a failure larger, tenfold until one
+    succeeds). Returns the best perturbation, its cost (inf: none found), the smallest successful c and the
+    last c tried."""
+    lower_c = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    upper_c = torch.full_like(lower_c, float("inf"))
+    c_now = torch.full_like(lower_c, float(c_init))
+    best = torch.zeros_like(x)
+    best_cost = torch.full_like(lower_c, float("inf"))
+    with torch.inference_mode(False):
+        for _ in range(c_steps):
+            found = _fista(lambda leaf, i, c=c_now: smooth(leaf, i, c), upper, beta=beta, lr=lr, steps=steps,
+                           chunk=chunk, best=best, best_cost=best_cost, tick=tick)
+            upper_c = torch.where(found, torch.minimum(upper_c, c_now), upper_c)
+            lower_c = torch.where(found, lower_c, torch.maximum(lower_c, c_now))
+            c_now = torch.where(upper_c.isfinite(), (lower_c + upper_c) / 2, c_now * 10)
+    return best, best_cost, upper_c, c_now
 
 
 def _fista(
@@ -346,24 +342,11 @@ def _check_generator(name: str, value: Any, ctx: C.Context) -> None:
     "inversion_steps": C.positive_int, "generator": _check_generator,
 })
 def cdeepex(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    contrast: Any,
-    generator: Callable[[Tensor], Tensor] | None = None,
-    encoder: Callable[[Tensor], Tensor] | None = None,
-    latent_dim: int | None = None,
-    steps: int = 300,
-    lr: float = 0.05,
-    margin: float = 0.5,
-    penalty: float = 10.0,
-    inversion_steps: int = 300,
-    seed: int | None = 0,
-    reduce: str | None = "abs_sum",
-    report: Callable[[dict], Any] | None = None,
-    internal_batch: int = 32,
-    progress: bool = False,
+    model: nn.Module, images: Tensor, target: Any, *, contrast: Any,
+    generator: Callable[[Tensor], Tensor] | None = None, encoder: Callable[[Tensor], Tensor] | None = None,
+    latent_dim: int | None = None, steps: int = 300, lr: float = 0.05, margin: float = 0.5, penalty: float = 10.0,
+    inversion_steps: int = 300, seed: int | None = 0, reduce: str | None = "abs_sum",
+    report: Callable[[dict], Any] | None = None, internal_batch: int = 32, progress: bool = False,
 ) -> Tensor:
     """CDeepEx (Feghahati et al. 2020): the nearest latent point the model gives to the contrast, ambiguously.
 
@@ -392,49 +375,64 @@ def cdeepex(
     squared, G(z0) vs x)}.
     """
     if generator is None:  # the model's own (checked: it has one)
-        generative = model.generative
-        generator, encoder = generative.decode, generative.encode if encoder is None else encoder
-        latent_dim = generative.latent_dim if latent_dim is None else latent_dim
+        g = model.generative
+        generator, encoder, latent_dim = g.decode, encoder or g.encode, latent_dim or g.latent_dim
     b = images.shape[0]
     logits = forward_logits(model, images, internal_batch)
     with torch.inference_mode(False):
         x = images.detach().clone()
         t = targets(logits, target, b, x.device).clone()
         q = contrasts(logits.clone(), contrast, t).clone()
-        if encoder is not None:
-            with torch.no_grad():
-                z0 = torch.cat([encoder(x[part]) for part in batched(b, internal_batch)]).detach()
-        else:
-            z0 = _invert(generator, x, latent_dim, inversion_steps, lr, seed, internal_batch)
-        if z0.dim() != 2 or z0.shape[0] != b:
-            raise ValueError(f"the encoder must return latent codes (B, dim), got {tuple(z0.shape)}")
-
-        def objective(z: Tensor, i: Tensor, step: int) -> tuple[Tensor, Tensor]:
-            out = model(generator(z))
-            zt, zq = out.gather(1, t[i, None])[:, 0], out.gather(1, q[i, None])[:, 0]
-            lead = zq - zt
-            others = out.scatter(1, t[i, None], float("-inf")).scatter(1, q[i, None], float("-inf")).amax(1)
-            others = torch.where(others.isfinite(), others - zq + margin, torch.zeros_like(zq))
-            violation = (margin - lead).relu() ** 2 + (lead - 2 * margin).relu() ** 2 + others.relu() ** 2
-            weight = penalty * 10 ** (step / max(steps - 1, 1))
-            loss = (z - z0[i]).pow(2).sum(1) + weight * violation
-            return loss, out.argmax(1) == q[i]
-
+        z0 = _latent_codes(x, encoder, generator, latent_dim, inversion_steps, lr, seed, internal_batch)
+        objective = _contrast_objective(model, generator, z0, t, q, margin=margin, penalty=penalty, steps=steps)
         best, best_distance = _latent_search(objective, z0, steps=steps, lr=lr, chunk=internal_batch,
                                              progress=progress)
         with torch.no_grad():
             decoded = torch.cat([generator(z0[part]) for part in batched(b, internal_batch)])
             contrast_image = torch.cat([generator(best[part]) for part in batched(b, internal_batch)])
-    success = best_distance.isfinite()
     if report is not None:
+        success = best_distance.isfinite()
         report({
             "decoded": decoded, "contrast_image": contrast_image, "latent": z0, "contrast_latent": best,
             "success": success, "distance": (best - z0).norm(dim=1).where(success, best_distance),
             "logits": forward_logits(model, contrast_image, internal_batch),
             "decoded_logits": forward_logits(model, decoded, internal_batch),
-            "reconstruction_error": (decoded - x).pow(2).flatten(1).mean(1),
-        })
+            "reconstruction_error": (decoded - x).pow(2).flatten(1).mean(1)})
     return reduce_channels(decoded - contrast_image, reduce)
+
+
+def _latent_codes(x: Tensor, encoder: Callable[[Tensor], Tensor] | None, generator: Callable[[Tensor], Tensor],
+                  latent_dim: int | None, inversion_steps: int, lr: float, seed: int | None, chunk: int) -> Tensor:
+    """The latent code z0 of each image: the encoder's, else the generator inverted (`_invert`); (B, dim)."""
+    b = x.shape[0]
+    if encoder is not None:
+        with torch.no_grad():
+            z0 = torch.cat([encoder(x[part]) for part in batched(b, chunk)]).detach()
+    else:
+        z0 = _invert(generator, x, latent_dim, inversion_steps, lr, seed, chunk)
+    if z0.dim() != 2 or z0.shape[0] != b:
+        raise ValueError(f"the encoder must return latent codes (B, dim), got {tuple(z0.shape)}")
+    return z0
+
+
+def _contrast_objective(model: nn.Module, generator: Callable[[Tensor], Tensor], z0: Tensor, t: Tensor, q: Tensor, *,
+                        margin: float, penalty: float, steps: int) -> Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]:
+    """CDeepEx's loss of latent codes `z` (rows `i`) at `step`: the squared distance to z0, plus the growing
+    penalty on a decoded point that is not the contrast q by a lead over the target t in [margin, 2 margin],
+    or where another class comes within `margin` of q; and whether the model gives the point to q."""
+
+    def objective(z: Tensor, i: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        out = model(generator(z))
+        zt, zq = out.gather(1, t[i, None])[:, 0], out.gather(1, q[i, None])[:, 0]
+        lead = zq - zt
+        others = out.scatter(1, t[i, None], float("-inf")).scatter(1, q[i, None], float("-inf")).amax(1)
+        others = torch.where(others.isfinite(), others - zq + margin, torch.zeros_like(zq))
+        violation = (margin - lead).relu() ** 2 + (lead - 2 * margin).relu() ** 2 + others.relu() ** 2
+        weight = penalty * 10 ** (step / max(steps - 1, 1))
+        loss = (z - z0[i]).pow(2).sum(1) + weight * violation
+        return loss, out.argmax(1) == q[i]
+
+    return objective
 
 
 def _latent_search(

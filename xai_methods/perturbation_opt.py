@@ -153,24 +153,10 @@ def _meaningful_cost(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[
     "lambda_l1": C.number(0.0), "lambda_tv": C.number(0.0), "tv_beta": C.number(1.0), "jitter": C.int_at_least(0),
 })
 def meaningful_perturbation(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    steps: int = 300,
-    lr: float = 0.1,
-    mask_size: int | None = None,
-    perturbation: str = "blur",
-    lambda_l1: float = 1.0,
-    lambda_tv: float = 1.0,
-    tv_beta: float = 3.0,
-    jitter: int = 0,
-    tol: float = 1e-4,
-    patience: int = 20,
-    seed: int | None = 0,
-    report: Callable[[dict], Any] | None = None,
-    internal_batch: int = 32,
-    progress: bool = False,
+    model: nn.Module, images: Tensor, target: Any, *, steps: int = 300, lr: float = 0.1, mask_size: int | None = None,
+    perturbation: str = "blur", lambda_l1: float = 1.0, lambda_tv: float = 1.0, tv_beta: float = 3.0, jitter: int = 0,
+    tol: float = 1e-4, patience: int = 20, seed: int | None = 0, report: Callable[[dict], Any] | None = None,
+    internal_batch: int = 32, progress: bool = False,
 ) -> Tensor:
     """Meaningful perturbation (Fong & Vedaldi 2017): smallest smooth deletion mask that destroys the target probability.
 
@@ -201,10 +187,7 @@ def meaningful_perturbation(
     x, t, logits = _prepare(model, images, target, internal_batch)
     g = seeded_rng(seed)
     with torch.inference_mode(False):
-        if perturbation == "noise":
-            x0 = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
-        else:  # the shared baselines: "blur" is the project's one blur, "constant" the normalisation mean
-            x0 = resolve_baseline(x, 0.0 if perturbation == "constant" else perturbation).expand_as(x)
+        x0 = _deleted(x, perturbation, g)
         shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=g).tolist()
 
     def perturbed(m: Tensor, i: Tensor) -> Tensor:
@@ -220,23 +203,22 @@ def meaningful_perturbation(
         return lambda_l1 * area + lambda_tv * total_variation(m, tv_beta) + prob
 
     start = torch.zeros(b, size, size, dtype=x.dtype, device=x.device)  # everything deleted, see the docstring
-    masks, info = optimise(
-        start, objective, steps=steps, lr=lr, method="adam", tol=tol, patience=patience,
-        chunk=internal_batch, progress=progress, desc="meaningful_perturbation",
-    )
+    masks, info = optimise(start, objective, steps=steps, lr=lr, method="adam", tol=tol, patience=patience,
+                           chunk=internal_batch, progress=progress, desc="meaningful_perturbation")
     if report is not None:
         with torch.inference_mode():
-            rows_ = torch.arange(b, device=x.device)
-            final = torch.cat([
-                target_score(model(perturbed(masks[part], rows_[part])), t[part], "probability")
-                for part in batched(b, internal_batch)
-            ])
-        report({
-            **info._asdict(),
-            "score": final,
-            "original": target_score(logits, t, "probability"),
-        })
+            final = torch.cat([target_score(model(perturbed(masks[part], torch.arange(b)[part].to(x.device))), t[part],
+                                            "probability") for part in batched(b, internal_batch)])
+        report({**info._asdict(), "score": final, "original": target_score(logits, t, "probability")})
     return 1 - upsample_to(masks, (h, w))
+
+
+def _deleted(x: Tensor, perturbation: str, g: torch.Generator) -> Tensor:
+    """What a deleted pixel shows: fixed N(0, 1) noise drawn from `g`, or the shared baselines ("blur" is the
+    project's one blur, "constant" the normalisation mean)."""
+    if perturbation == "noise":
+        return torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+    return resolve_baseline(x, 0.0 if perturbation == "constant" else perturbation).expand_as(x)
 
 
 # --------------------------------------------------------------------------- extremal perturbation
@@ -443,25 +425,11 @@ class ChannelMasks:
     "max_blur": C.optional(C.number(0.0, low_open=True)), "jitter": C.boolean, "channels": C.layer,
 })
 def extremal_perturbation(
-    model: nn.Module,
-    images: Tensor,
-    target: Any,
-    *,
-    area: float | Sequence[float] = 0.1,
-    variant: str = "preservation",
-    steps: int = 300,
-    lr: float = 0.01,
-    mask_step: int | None = None,
-    mask_sigma: float | None = None,
-    levels: int = 8,
-    max_blur: float | None = None,
-    jitter: bool = True,
-    channels: str | None = None,
-    tol: float = 1e-4,
-    patience: int = 20,
-    report: Callable[[dict], Any] | None = None,
-    internal_batch: int = 16,
-    progress: bool = False,
+    model: nn.Module, images: Tensor, target: Any, *, area: float | Sequence[float] = 0.1,
+    variant: str = "preservation", steps: int = 300, lr: float = 0.01, mask_step: int | None = None,
+    mask_sigma: float | None = None, levels: int = 8, max_blur: float | None = None, jitter: bool = True,
+    channels: str | None = None, tol: float = 1e-4, patience: int = 20, report: Callable[[dict], Any] | None = None,
+    internal_batch: int = 16, progress: bool = False,
 ) -> Tensor:
     """Extremal perturbation (Fong, Patrick & Vedaldi 2019): smooth fixed-area masks that preserve the target logit most.
 
@@ -498,18 +466,10 @@ def extremal_perturbation(
     """
     h, w = images.shape[-2:]
     module = None if channels is None else resolve_layer(model, channels)
-    seen: list[Tensor] = []  # channel variant: the layer's activations on the images
-    with hooks() as handles:
-        if module is not None:
-            handles.append(module.register_forward_hook(lambda mod, inputs, out: seen.append(out.detach())))
-        x, t, logits = _prepare(model, images, target, internal_batch)
+    x, t, logits, seen = _prepare_seen(model, images, target, internal_batch, module)
     mirrored = mirror_stable(model, x, t, logits, internal_batch) if jitter and module is None else None
     if module is None:
-        scale = min(h, w) / 224.0
-        step = max(1, round(7 * scale)) if mask_step is None else mask_step
-        sigma = 3.0 * step if mask_sigma is None else float(mask_sigma)
-        blur = 20.0 * scale if max_blur is None else float(max_blur)
-        problem: SpatialMasks | ChannelMasks = SpatialMasks(x, step, sigma, levels, blur)
+        problem: SpatialMasks | ChannelMasks = _spatial_masks(x, mask_step, mask_sigma, levels, max_blur)
     else:
         with torch.inference_mode(False):
             problem = ChannelMasks(x, module, torch.cat(seen).clone(), str(channels))
@@ -520,13 +480,30 @@ def extremal_perturbation(
     out, extra = problem.result(masks)
     if report is not None:
         b, n_areas = masks.shape[:2]
-        report({
-            **{k: v.view(b, n_areas) for k, v in info._asdict().items()},
-            "area": (masks > 0.5).flatten(2).float().mean(2),
-            "reward": rewards.view(b, n_areas),
-            **extra,
-        })
+        report({**{k: v.view(b, n_areas) for k, v in info._asdict().items()},
+                "area": (masks > 0.5).flatten(2).float().mean(2), "reward": rewards.view(b, n_areas), **extra})
     return out
+
+
+def _prepare_seen(model: nn.Module, images: Tensor, target: Any, internal_batch: int,
+                  module: nn.Module | None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """`_prepare`'s inputs, targets and logits, and (channel variant) `module`'s activations on the images."""
+    seen: list[Tensor] = []
+    with hooks() as handles:
+        if module is not None:
+            handles.append(module.register_forward_hook(lambda mod, inputs, out: seen.append(out.detach())))
+        x, t, logits = _prepare(model, images, target, internal_batch)
+    return x, t, logits, seen
+
+
+def _spatial_masks(x: Tensor, mask_step: int | None, mask_sigma: float | None, levels: int,
+                   max_blur: float | None) -> SpatialMasks:
+    """The spatial variant's masks, their defaults scaled from the paper's 224 pixels to the image's size."""
+    scale = min(x.shape[-2:]) / 224.0
+    step = max(1, round(7 * scale)) if mask_step is None else mask_step
+    sigma = 3.0 * step if mask_sigma is None else float(mask_sigma)
+    blur = 20.0 * scale if max_blur is None else float(max_blur)
+    return SpatialMasks(x, step, sigma, levels, blur)
 
 
 def mirror_stable(model: nn.Module, x: Tensor, t: Tensor, logits: Tensor, internal_batch: int) -> Tensor | None:

@@ -124,6 +124,59 @@ def _rotated(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float
     return c * dx + s * dy, -s * dx + c * dy
 
 
+def _place_distractors(rng: np.random.Generator, extent: tuple[float, float], avoid: tuple[float, float, float],
+                       color: np.ndarray, background: np.ndarray) -> list[dict[str, Any]]:
+    """One to three distractors, rejection-sampled clear of the class object (centre cx, cy and bounding
+    radius) and of each other, shrinking every 10 failed tries."""
+    (aw, ah), (cx, cy, bound) = extent, avoid
+    distractors: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(1, 4))):
+        scale, d = 1.0, None
+        for attempt in range(100):
+            if attempt % 10 == 0:
+                d = _sample_distractor(rng, scale)
+                scale *= 0.8
+            b = d["bound"]
+            dx = rng.uniform(b + 0.01, max(b + 0.01, aw - b - 0.01))
+            dy = rng.uniform(b + 0.01, max(b + 0.01, ah - b - 0.01))
+            if np.hypot(dx - cx, dy - cy) < bound + b + CLASS_MARGIN:
+                continue
+            if any(np.hypot(dx - o["center"][0], dy - o["center"][1]) < b + o["bound"] + DISTRACTOR_GAP
+                   for o in distractors):
+                continue
+            d["center"] = (float(dx), float(dy))
+            d["angle"] = float(rng.uniform(0, 2 * np.pi))
+            # half of them take (almost) the class object's colour, so colour is no cue
+            d["color"] = (np.clip(color + rng.uniform(-0.08, 0.08, size=3), 0.05, 0.95)
+                          if rng.uniform() < 0.5 else _contrasting_colour(rng, background))
+            distractors.append(d)
+            break
+    return distractors
+
+
+def _rasterise(rng: np.random.Generator, hw: tuple[int, int], background: np.ndarray, waves: list[dict[str, Any]],
+               distractors: list[dict[str, Any]], obj: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image (3, H, W) at pixel centres, the class object's mask and the distractors' mask; the pixel
+    noise is the last draw, the only one that depends on the size."""
+    (H, W), (label, r, cx, cy, angle, color) = hw, obj
+    S = min(H, W)
+    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
+    x, y = (x + 0.5) / S, (y + 0.5) / S
+    image = np.broadcast_to(background[:, None, None], (3, H, W)).copy()
+    for w in waves:
+        phase = 2 * np.pi * w["freq"] * (x * np.cos(w["dir"]) + y * np.sin(w["dir"])) + w["phase"]
+        image += w["amp"][:, None, None] * np.sin(phase)[None]
+    distractor_mask = np.zeros((H, W), dtype=bool)
+    for d in distractors:
+        m = _distractor_mask(d, *_rotated(x, y, *d["center"], d["angle"]))
+        image[:, m] = d["color"][:, None]
+        distractor_mask |= m
+    mask = _class_mask(label, r, *_rotated(x, y, cx, cy, angle))
+    image[:, mask] = color[:, None]
+    image += rng.normal(0, NOISE_STD, size=(3, H, W))
+    return np.clip(image, 0, 1).astype(np.float32), mask, distractor_mask
+
+
 def render(rng: np.random.Generator, size: tuple[int, int] | int = 64
            ) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
     """Draw one sample.
@@ -157,46 +210,9 @@ def render(rng: np.random.Generator, size: tuple[int, int] | int = 64
         waves.append({"amp": rng.uniform(-0.06, 0.06, size=3), "freq": rng.uniform(1, 6),
                       "dir": rng.uniform(0, 2 * np.pi), "phase": rng.uniform(0, 2 * np.pi)})
 
-    # --- distractors: rejection-sample positions, shrinking every 10 failed tries
-    distractors: list[dict[str, Any]] = []
-    for _ in range(int(rng.integers(1, 4))):
-        scale, d = 1.0, None
-        for attempt in range(100):
-            if attempt % 10 == 0:
-                d = _sample_distractor(rng, scale)
-                scale *= 0.8
-            b = d["bound"]
-            dx = rng.uniform(b + 0.01, max(b + 0.01, aw - b - 0.01))
-            dy = rng.uniform(b + 0.01, max(b + 0.01, ah - b - 0.01))
-            if np.hypot(dx - cx, dy - cy) < bound + b + CLASS_MARGIN:
-                continue
-            if any(np.hypot(dx - o["center"][0], dy - o["center"][1]) < b + o["bound"] + DISTRACTOR_GAP
-                   for o in distractors):
-                continue
-            d["center"] = (float(dx), float(dy))
-            d["angle"] = float(rng.uniform(0, 2 * np.pi))
-            # half of them take (almost) the class object's colour, so colour is no cue
-            d["color"] = (np.clip(color + rng.uniform(-0.08, 0.08, size=3), 0.05, 0.95)
-                          if rng.uniform() < 0.5 else _contrasting_colour(rng, background))
-            distractors.append(d)
-            break
-
-    # --- rasterise at pixel centres
-    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
-    x, y = (x + 0.5) / S, (y + 0.5) / S
-    image = np.broadcast_to(background[:, None, None], (3, H, W)).copy()
-    for w in waves:
-        phase = 2 * np.pi * w["freq"] * (x * np.cos(w["dir"]) + y * np.sin(w["dir"])) + w["phase"]
-        image += w["amp"][:, None, None] * np.sin(phase)[None]
-    distractor_mask = np.zeros((H, W), dtype=bool)
-    for d in distractors:
-        m = _distractor_mask(d, *_rotated(x, y, *d["center"], d["angle"]))
-        image[:, m] = d["color"][:, None]
-        distractor_mask |= m
-    mask = _class_mask(label, r, *_rotated(x, y, cx, cy, angle))
-    image[:, mask] = color[:, None]
-    image += rng.normal(0, NOISE_STD, size=(3, H, W))  # last draw: only one depending on size
-    image = np.clip(image, 0, 1).astype(np.float32)
+    distractors = _place_distractors(rng, (aw, ah), (cx, cy, bound), color, background)
+    image, mask, distractor_mask = _rasterise(rng, (H, W), background, waves, distractors,
+                                              (label, r, cx, cy, angle, color))
 
     params = {"label": label, "shape": CLASSES[label], "center": (cx, cy), "r": r,
               "angle": angle, "color": color, "background": background, "waves": waves,
