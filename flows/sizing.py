@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from tasks.study.work import Receipt
 
 
-def io_seconds(results: list[Any]) -> float:
-    """The seconds a task's units spent loading and writing, from their receipts (`timed`)."""
-    receipts = [r for result in results for r in (result if isinstance(result, list) else [result])]
-    return sum(r.get("load_seconds", 0.0) + r.get("write_seconds", 0.0) for r in receipts)
+def io_seconds(receipts: list[list[Receipt]]) -> float:
+    """The seconds a task's units spent loading and writing, from their receipts (a list per unit)."""
+    return sum(r.load_seconds + r.write_seconds for unit in receipts for r in unit)
 
 
 ORCHESTRATION_SHARE = 0.05  # batching keeps what a task pays once below this share of its work
-
-
 MAX_TASK_SECONDS = 30.0  # ... but a task holds at most this much work, so that progress shows
 
 

@@ -25,8 +25,8 @@ from .study import (  # noqa: E402
     block_units,
     check_options,
     evaluate_block,
-    finished,
     ingest_block,
+    is_complete,
     load_model,
     memory,
     pipeline,
@@ -38,7 +38,7 @@ from .study import (  # noqa: E402
 
 __all__ = [
     "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "clusters",
-    "evaluate_block", "figure", "finished", "ingest_block", "invariance", "load_model", "manipulation", "memory",
+    "evaluate_block", "figure", "ingest_block", "is_complete", "invariance", "load_model", "manipulation", "memory",
     "pipeline", "plan", "prepare_store", "render", "render_figure", "report", "resolve_device", "roar", "sanity",
     "spec_of_store",
 ]

@@ -69,6 +69,16 @@ def _listing(name: str) -> tuple | None:
     return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
+def stamp(path: str | None) -> int | None:
+    """When the file at `path` (a folder: its zarr.json) last changed, None for no such local file: part of
+    what a plan or an opened store is kept by, so that a store made again, or weights trained again, at the
+    same path are read again."""
+    try:
+        return os.stat(os.path.join(path, "zarr.json") if path and os.path.isdir(path) else path).st_mtime_ns  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None
+
+
 @functools.lru_cache(maxsize=4)
 def _load_dataset(name: str, samples: int | None, size: tuple[int, int], masks: str | None,
                   listing: tuple | None) -> zoo.Dataset:

@@ -34,7 +34,7 @@ def test_a_batched_study_stores_the_same_bits(prefect_api, tmp_path, monkeypatch
 
     def spied(runner, task, parameters, *args, **kwargs):
         if task is flows.study.block_units:
-            sizes.append((parameters["kind"], len(parameters["units"])))
+            sizes.append((parameters["units"][0].stage, len(parameters["units"])))
         return submit(runner, task, parameters, *args, **kwargs)
 
     monkeypatch.setattr(ThreadPoolTaskRunner, "submit", spied)
@@ -51,10 +51,11 @@ def test_a_batched_study_stores_the_same_bits(prefect_api, tmp_path, monkeypatch
 
 def test_io_seconds_sums_the_loading_and_writing_of_every_receipt():
     from flows.sizing import io_seconds
+    from tasks.study.work import Receipt
 
-    one = {"block": 0, "load_seconds": 0.25, "write_seconds": 0.5}  # an ingest unit: one receipt
-    shared = [{"xai_method": m, "load_seconds": 0.125, "write_seconds": 0.25} for m in ("saliency", "gradcam")]
-    skipped = {"block": 1, "samples": 0, "skipped": "finished by another run"}  # nothing loaded or written
+    one = [Receipt("ingest", 0, load_seconds=0.25, write_seconds=0.5)]  # an ingest unit: one receipt
+    shared = [Receipt("attribute", 0, m, load_seconds=0.125, write_seconds=0.25) for m in ("saliency", "gradcam")]
+    skipped = [Receipt("ingest", 1, skipped=True)]  # finished by another run: nothing loaded or written
     assert io_seconds([one, shared, skipped]) == 0.75 + 0.75
     assert io_seconds([]) == 0
 

@@ -170,6 +170,7 @@ def test_a_methods_warning_is_logged_with_its_block_and_the_hook_is_restored(tmp
 
     import tasks.study as ts
     from tasks.study import units
+    from tasks.study.work import Work
 
     real = units.xm.attribute_many
 
@@ -182,8 +183,8 @@ def test_a_methods_warning_is_logged_with_its_block_and_the_hook_is_restored(tmp
     hook = warnings.showwarning
     monkeypatch.setattr(units.xm, "attribute_many", warning_many)
     with caplog.at_level("WARNING", logger="tasks.loading"):
-        ts.run_units(spec, "ingest", [(0,), (1,)], wait=True)
-        ts.run_units(spec, "attribute", [(["saliency"], 0), (["saliency"], 1)], wait=True)
+        ts.run_units(spec, [Work.ingest(0), Work.ingest(1)], wait=True)
+        ts.run_units(spec, [Work.attribute(["saliency"], 0), Work.attribute(["saliency"], 1)], wait=True)
     assert [r.getMessage() for r in caplog.records] == ["saliency, block 0: 8 images looked odd",
                                                         "saliency, block 1: 8 images looked odd"]
     assert warnings.showwarning is hook and storage.Store(spec.store).pending("saliency") == []

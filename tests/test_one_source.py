@@ -51,7 +51,7 @@ def test_a_store_made_before_a_parameter_existed_opens_and_extends(tmp_path):
     group.attrs["params"] = json.dumps(recorded)
     grown = dataclasses.replace(s, samples=12)
     out = tasks.prepare_store.fn(grown)  # a missing key means the method's default: accepted
-    assert out["added"]["samples"] == 4 and out["todo_ingest"] == [0, 1, 2]
+    assert out.added["samples"] == 4 and [w.block for w in out.work["ingest"]] == [0, 1, 2]
     changed = dataclasses.replace(grown, params={"occlusion": {**FAST["occlusion"], "internal_batch": 7}})
     with pytest.raises(storage.StoreMismatch, match="parameters of occlusion differ") as err:
         tasks.plan(changed)

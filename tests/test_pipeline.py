@@ -86,7 +86,7 @@ def test_memory_is_bounded_by_the_queues():
 
 def test_a_finished_unit_passes_its_receipt_through_in_order():
     def prepare(i):
-        return Unit(done=f"skipped {i}") if i % 2 else units(1)(i)
+        return Unit(result=f"skipped {i}") if i % 2 else units(1)(i)
 
     assert overlapped(list(range(5)), prepare) == [0, "skipped 1", 2, "skipped 3", 4]
 

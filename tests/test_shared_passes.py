@@ -114,7 +114,8 @@ def test_a_study_groups_the_shared_methods_of_a_block_into_one_task():
     from tasks.study import StudySpec, attribution_units
 
     spec = StudySpec(methods=["saliency", "gradcam", "occlusion", "eigencam"], metrics=[], store="unused.zarr")
-    units = attribution_units(spec, {"saliency": [0, 1], "gradcam": [0, 1], "occlusion": [1], "eigencam": [1]})
+    units = [(list(w.methods), w.block) for w in
+             attribution_units(spec, {"saliency": [0, 1], "gradcam": [0, 1], "occlusion": [1], "eigencam": [1]})]
     assert units == [(["saliency", "gradcam"], 0), (["saliency", "gradcam", "eigencam"], 1), (["occlusion"], 1)]
     assert list(itertools.chain.from_iterable([(m, b) for m in ms] for ms, b in units)) == [
         ("saliency", 0), ("gradcam", 0), ("saliency", 1), ("gradcam", 1), ("eigencam", 1), ("occlusion", 1)]

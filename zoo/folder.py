@@ -218,6 +218,8 @@ class FolderDataset:
                              f"{len(self.skipped)} unreadable); add image files PIL can open "
                              "(PNG, JPEG, ...) under DIR/<class>/")
         self._fingerprint: str | None = None
+        self._digests: dict[tuple[str, ...], str] = {}  # the last digests asked for (this object lives while the
+        #                                                  folder's listing, sizes and mtimes, stays the same)
         # rows of a boxes file that name no readable file, or fall outside their image (`_Masks.problems`)
         self.mask_problems = self.masks.problems([rel for rel, _ in self._candidates if self._reasons.get(rel) is None],
                                                  self.root)
@@ -313,14 +315,18 @@ class FolderDataset:
         return Batch(images, labels, masks, list(ids))
 
     def digest(self, ids: list[str]) -> str:
-        """sha256 of the image size and the relative paths and bytes of exactly these samples."""
-        h = hashlib.sha256(f"folder|size={self.size[0]}x{self.size[1]}".encode())
-        for rel in ids:
-            self._label(rel)
-            h.update(f"\0{rel}\0".encode())
-            h.update((self.root / rel).read_bytes())
-            h.update(self.masks.source(rel))
-        return h.hexdigest()
+        """sha256 of the image size and the relative paths and bytes of exactly these samples (read once for
+        the same samples: a resumed study checks the stored samples and records them)."""
+        key = tuple(ids)
+        if key not in self._digests:
+            h = hashlib.sha256(f"folder|size={self.size[0]}x{self.size[1]}".encode())
+            for rel in ids:
+                self._label(rel)
+                h.update(f"\0{rel}\0".encode())
+                h.update((self.root / rel).read_bytes())
+                h.update(self.masks.source(rel))
+            self._digests = {**dict(list(self._digests.items())[-1:]), key: h.hexdigest()}  # two at most
+        return self._digests[key]
 
     def fingerprint(self) -> str:
         """sha256 of the image size and the sorted relative paths and bytes of ALL readable files

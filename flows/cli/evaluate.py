@@ -60,11 +60,9 @@ def print_score_table(ds: Any, by: str | None, pairs: list[tuple[str, str]]) -> 
         print(storage.describe_comparison(c))
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import dataclasses as dc
-
     import storage
-    from flows.study import study, task_runner
-    from tasks import finished, plan, spec_of_store
+    from flows.study import run, task_runner
+    from tasks import plan, spec_of_store
 
     spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
                          baselines=args.baselines,
@@ -75,8 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--compare names {', '.join(unknown)}, not among the store's methods; valid: "
                          + ", ".join(spec.studied))
-    if not finished(p, spec.store):
-        study(**dc.asdict(spec))
+    run(spec, p)  # nothing when the store holds every score already
     ds = storage.open_dataset(args.store)
     if args.json:
         print(json.dumps(storage.means(ds.sel(metric=list(args.metrics)))))

@@ -38,10 +38,8 @@ def cmd_methods() -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
 
 def cmd_study(args: argparse.Namespace) -> None:
-    import dataclasses as dc
-
-    from flows.study import study, task_runner
-    from tasks import finished, plan
+    from flows.study import run, task_runner
+    from tasks import plan
 
     spec = study_spec(args)
     # Validate everything before the flow starts, so a bad argument is one clear line.
@@ -49,15 +47,14 @@ def cmd_study(args: argparse.Namespace) -> None:
     p = plan(spec)  # raises on a bad argument or a store of another study
     for problem in p.dataset.mask_problems:
         print(f"warning: {problem} (--strict refuses such masks)")
-    if finished(p, spec.store):
-        # Nothing to compute: skip Prefect (and its temporary server) altogether.
+    summary = run(spec, p)
+    if summary is None:  # nothing to compute: Prefect (and its temporary server) skipped altogether
         print(f"store:   {spec.store} is complete: every block of {', '.join(spec.methods)} is done")
         if spec.figure:
             from tasks import render
 
             print(f"figure:  {render(spec.store, spec.figure, spec.figure_samples)}")
         return
-    summary = study(**dc.asdict(spec))
     print(f"store:   {summary['store']}")
     for path in [summary.get("figure"), *summary.get("evaluation_figures", [])]:
         if path:

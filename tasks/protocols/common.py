@@ -9,7 +9,6 @@ work, in order) and `summary`; its row in `tasks.protocols.PROTOCOLS` names them
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,7 +22,7 @@ import xai_methods as xm
 import zoo
 from xai_methods._core import forward_logits
 
-from ..loading import _listing, load_dataset, model_of, resolve_device
+from ..loading import _listing, load_dataset, model_of, resolve_device, stamp
 from ..spec import RunSpec, option
 
 
@@ -98,26 +97,18 @@ _OPENED: dict[tuple, Opened] = {}
 _OPENING = threading.Lock()
 
 
-def _stamp(path: str | None) -> int | None:
-    """When the file at `path` last changed (None: no such local file): part of what an opened store is
-    kept by, so that a store made again, or weights trained again, at the same path are opened again."""
-    try:
-        return os.stat(os.path.join(path, "zarr.json") if path and os.path.isdir(path) else path).st_mtime_ns  # type: ignore[arg-type]
-    except (OSError, TypeError):
-        return None
-
 
 def opened(spec: ProtocolSpec, open_store: Callable[[Any], Opened]) -> Opened:
     """`open_store(spec)` once per process for as long as the spec, its store, its weights and its dataset's
     files stay the same:
     the flow opens it, and its tasks in this process (or each Dask worker, once) reuse the loaded inputs
     instead of loading the model and the images, predicting and hashing again per task."""
-    key = (type(spec).__qualname__, repr(spec), _stamp(spec.store), _stamp(spec.weights), _listing(spec.dataset))
+    key = (type(spec).__qualname__, repr(spec), stamp(spec.store), stamp(spec.weights), _listing(spec.dataset))
     with _OPENING:
         if key not in _OPENED:
             _OPENED.clear()  # one run's inputs at a time
             _OPENED[key] = open_store(spec)
-            key = (*key[:2], _stamp(spec.store), *key[3:])  # the store may have been created just now
+            key = (*key[:2], stamp(spec.store), *key[3:])  # the store may have been created just now
             _OPENED[key] = _OPENED.popitem()[1]
         return _OPENED[key]
 

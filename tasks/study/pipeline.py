@@ -32,10 +32,11 @@ STOP = threading.Event()
 
 @dataclass
 class Unit:
-    """A prepared unit: either `done` (a receipt: deferred, or finished by another run), or its claims in
-    `claims` with `compute` (inputs loaded) and `write` (compute's result -> the receipt)."""
+    """A prepared unit: either `result` (what it returns with nothing to compute: deferred, or finished by
+    another run), or its claims in `claims` with `compute` (inputs loaded) and `write` (compute's result ->
+    the unit's result)."""
 
-    done: Any = None
+    result: Any = None
     claims: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     compute: Callable[[], Any] | None = None
     write: Callable[[Any], Any] | None = None
@@ -64,7 +65,7 @@ def overlapped(items: list[Any], prepare: Callable[[Any], Unit], depth: int = DE
                 if i + depth < len(items):
                     loads.append(_submit(loader, prepare, items[i + depth]))
                 if unit.compute is None:
-                    writes.append(_resolved(unit.done))
+                    writes.append(_resolved(unit.result))
                 else:
                     with _released_on_error(unit.claims):
                         result = unit.compute()

@@ -25,8 +25,9 @@ from xai_methods import metrics as xmet
 from ..loading import listed_once, load_dataset, log, model_of, resolve_device
 from .memory import images_per_pass, in_passes, to_device
 from .pipeline import Unit, caught_warnings, overlapped
-from .plan import contrasts_of, label_map
+from .planning import contrasts_of, label_map
 from .spec import StudySpec
+from .work import Receipt, TaskReceipts, Work
 
 
 def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module,
@@ -38,15 +39,14 @@ def model_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.
     return model.preprocess(to_device(batch.images, device)), batch
 
 
-def prepared(spec: StudySpec, claims: list[str], deferred: Any, load: Callable[[storage.Store], Unit],
-             wait: bool) -> Unit:
-    """Hold the claims on `claims` (in sorted order, the same for every run: no two runs wait on each other)
-    and `load` the unit's inputs from the store; the claims go with the unit (`tasks.study.pipeline`). When another
-    run holds a claim: wait for it, or with `wait` False return `deferred` at once."""
+def claim_and_load(spec: StudySpec, work: Work, load: Callable[[storage.Store], Unit], wait: bool) -> Unit:
+    """Hold `work`'s claims (in sorted order, the same for every run: no two runs wait on each other) and `load`
+    its inputs from the store; the claims go with the unit (`tasks.study.pipeline`). When another run holds a
+    claim: wait for it, or with `wait` False return deferred receipts at once."""
     with contextlib.ExitStack() as stack:  # released here unless the unit is handed on with them
-        for c in sorted(claims):
+        for c in sorted(work.claims):
             if not stack.enter_context(storage.claim(spec.store, c, wait=wait)):
-                return Unit(done=deferred)
+                return Unit(result=work.receipts(deferred=True))
         t0 = time.perf_counter()
         unit = load(storage.Store(spec.store))
         unit.seconds = time.perf_counter() - t0
@@ -55,41 +55,39 @@ def prepared(spec: StudySpec, claims: list[str], deferred: Any, load: Callable[[
         return unit
 
 
-def skipped(receipt: dict[str, Any]) -> dict[str, Any]:
-    """The receipt of a unit that another run finished while this one waited: not redone."""
-    return {**receipt, "samples": 0, "seconds": 0.0, "skipped": "finished by another run"}
-
-
-def timed(receipt: dict[str, Any], unit: Unit, t0: float, share: int = 1) -> dict[str, Any]:
-    """A receipt with the unit's seconds of loading and of writing (since `t0`), split over `share` receipts."""
-    return {**receipt, "load_seconds": round(unit.seconds / share, 4),
-            "write_seconds": round((time.perf_counter() - t0) / share, 4)}
+def with_io(receipts: list[Receipt], unit: Unit, t0: float) -> list[Receipt]:
+    """`receipts` with the unit's seconds of loading and of writing (since `t0`), split evenly over them."""
+    share = len(receipts)
+    return [dataclasses.replace(r, load_seconds=round(unit.seconds / share, 4),
+                                write_seconds=round((time.perf_counter() - t0) / share, 4)) for r in receipts]
 
 
 @task(cache_policy=NO_CACHE)
-def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> dict[str, Any]:
+def ingest_block(spec: StudySpec, block: int, wait: bool = True) -> list[Receipt]:
     """Load one block of samples, normalise them, predict, and write inputs and predictions."""
-    return run_units(spec, "ingest", [(block,)], wait)[0]
+    return run_units(spec, [Work.ingest(block)], wait)[0]
 
 
-def prepare_ingest(spec: StudySpec, block: int, wait: bool) -> Unit:
+def prepare_ingest(spec: StudySpec, work: Work, wait: bool) -> Unit:
+    block = work.block
+
     def load(s: storage.Store) -> Unit:
         if block not in s.pending():
-            return Unit(done=skipped({"block": block}))
+            return Unit(result=work.receipts(skipped=True))
         device = resolve_device(spec.device)
         model = model_of(spec, device)
         images, batch = model_inputs(spec, s, block, model, device)
         unit = Unit(compute=lambda: _predict(spec, model, images, batch))
 
-        def write(arrays: dict[str, Any]) -> dict[str, Any]:
+        def write(arrays: dict[str, Any]) -> list[Receipt]:
             t0, seconds = time.perf_counter(), arrays.pop("seconds")
             s.write_samples(block, **arrays)
-            return timed({"block": block, "samples": len(batch.ids), "seconds": seconds}, unit, t0)
+            return with_io(work.receipts(samples=len(batch.ids), seconds=seconds), unit, t0)
 
         unit.write = write
         return unit
 
-    return prepared(spec, [f"ingest-{block}"], {"block": block, "deferred": True}, load, wait)
+    return claim_and_load(spec, work, load, wait)
 
 
 def _predict(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, batch: zoo.Batch) -> dict[str, Any]:
@@ -112,22 +110,21 @@ def _predict(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, batc
 
 
 @task(cache_policy=NO_CACHE)
-def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait: bool = True) -> list[dict[str, Any]]:
+def attribute_block(spec: StudySpec, methods: list[str] | str, block: int, wait: bool = True) -> list[Receipt]:
     """Compute the maps of one block for `methods` (those of one unit share their passes) and write
     them; returns a receipt per method. Each method's block is claimed on its own, so runs that group
     the methods differently still never compute a block twice at once."""
-    return run_units(spec, "attribute", [(methods, block)], wait)[0]
+    return run_units(spec, [Work.attribute(methods, block)], wait)[0]
 
 
-def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, wait: bool,
-                        last: LastBlock) -> Unit:
-    methods = [methods] if isinstance(methods, str) else list(methods)
+def prepare_attribution(spec: StudySpec, work: Work, wait: bool, last: LastBlock) -> Unit:
+    methods, block = list(work.methods), work.block
 
     def load(s: storage.Store) -> Unit:
         todo = [m for m in methods if block in s.pending(m)]
-        done = [skipped({"xai_method": m, "block": block}) for m in methods if m not in todo]
+        done = [r for r in work.receipts(skipped=True) if r.xai_method not in todo]
         if not todo:
-            return Unit(done=done)
+            return Unit(result=done)
         if block in s.pending():
             raise RuntimeError(f"block {block} of {spec.store} is not ingested yet: its inputs and targets come first")
         device = resolve_device(spec.device)
@@ -135,18 +132,18 @@ def prepare_attribution(spec: StudySpec, methods: list[str] | str, block: int, w
         images, stored = last.inputs(spec, s, block, model, device)
         unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
 
-        def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[dict[str, Any]]:
+        def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[Receipt]:
             maps, seconds, batch = computed
             t0 = time.perf_counter()
-            written = [{**_write_maps(s, m, block, maps[m], stored["logits"], maps.get((m, "success")), seconds),
-                        "batch": batch} for m in todo]
-            return done + [timed(r, unit, t0, len(todo)) for r in written]
+            written = [Receipt("attribute", block, m, samples=len(maps[m]), seconds=round(seconds, 4), batch=batch,
+                               failed=_write_maps(s, m, block, maps[m], stored["logits"], maps.get((m, "success"))))
+                       for m in todo]
+            return done + with_io(written, unit, t0)
 
         unit.write = write
         return unit
 
-    return prepared(spec, [f"maps-{m}-{block}" for m in methods],
-                    [{"xai_method": m, "block": block, "deferred": True} for m in methods], load, wait)
+    return claim_and_load(spec, work, load, wait)
 
 
 def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, stored: dict[str, np.ndarray],
@@ -181,37 +178,36 @@ def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, st
 
 
 def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, logits: np.ndarray,
-                success: Any, seconds: float) -> dict[str, Any]:
-    """Record the block's failures, write its maps, and say what was done."""
+                success: Any) -> int:
+    """Record the block's failures, write its maps; how many failed."""
     codes = xm.failures(maps, logits=torch.from_numpy(logits), success=success)
     s.write_attribution(method, block, xm.without_failures(maps, codes).cpu().numpy(), codes.cpu().numpy())
     failed = {xm.FAILURES[int(c)]: int((codes == c).sum()) for c in codes.unique().tolist() if c}
     if failed:
         log().warning("%s, block %d: %d failed map(s) recorded as failures, not as maps: %s", method, block,
                       sum(failed.values()), failed)
-    return {"xai_method": method, "block": block, "samples": len(maps), "seconds": round(seconds, 4),
-            "failed": sum(failed.values())}
+    return sum(failed.values())
 
 
 @task(cache_policy=NO_CACHE)
-def block_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool = True) -> dict[str, Any]:
-    """Several units of one stage ("ingest", "attribute", "evaluate") in one task, so that Prefect's
-    cost per task is paid once for all of them; each unit is claimed, computed and flagged as alone, the
-    next one loading and the last one writing while one computes (`tasks.study.pipeline.overlapped`)."""
+def block_units(spec: StudySpec, units: list[Work], wait: bool = True) -> TaskReceipts:
+    """Several units of one stage in one task, so that Prefect's cost per task is paid once for all of them;
+    each unit is claimed, computed and flagged as alone, the next one loading and the last one writing while
+    one computes (`tasks.study.pipeline.overlapped`)."""
     t0 = time.perf_counter()
-    results = run_units(spec, kind, units, wait)
-    return {"results": results, "seconds": time.perf_counter() - t0}
+    receipts = run_units(spec, units, wait)
+    return TaskReceipts(receipts, time.perf_counter() - t0)
 
 
-def run_units(spec: StudySpec, kind: str, units: list[tuple], wait: bool) -> list[Any]:
-    """The receipts of `units` of one stage, overlapped. The device is resolved here, in the task's own
+def run_units(spec: StudySpec, units: list[Work], wait: bool) -> list[list[Receipt]]:
+    """The receipts of `units` (of one stage), overlapped. The device is resolved here, in the task's own
     thread: in a Dask worker plain "cuda" means that worker's GPU, which only the task's thread can tell."""
     last = LastBlock()  # the passes and metrics over one block that follow each other read it once
     prepare = {"ingest": prepare_ingest, "attribute": functools.partial(prepare_attribution, last=last),
-               "evaluate": functools.partial(prepare_evaluation, last=last)}[kind]
+               "evaluate": functools.partial(prepare_evaluation, last=last)}
     spec = dataclasses.replace(spec, device=resolve_device(spec.device))
     with listed_once():  # the loader and writer threads run in copies of this context
-        return overlapped(list(units), lambda unit: prepare(spec, *unit, wait))
+        return overlapped(list(units), lambda work: prepare[work.stage](spec, work, wait))
 
 
 def stored_inputs(spec: StudySpec, s: storage.Store, block: int, model: torch.nn.Module, device: str) -> torch.Tensor:
@@ -241,18 +237,17 @@ class LastBlock:
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: bool = True) -> dict[str, Any]:
+def evaluate_block(spec: StudySpec, method: str, metric: str, block: int, wait: bool = True) -> list[Receipt]:
     """Score one method's stored maps of one block with one metric; the model passes are the metric's own."""
-    return run_units(spec, "evaluate", [(method, metric, block)], wait)[0]
+    return run_units(spec, [Work.evaluate(method, metric, block)], wait)[0]
 
 
-def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wait: bool,
-                       last: LastBlock) -> Unit:
-    receipt = {"xai_method": method, "metric": metric, "block": block}
+def prepare_evaluation(spec: StudySpec, work: Work, wait: bool, last: LastBlock) -> Unit:
+    (method,), metric, block = work.methods, str(work.metric), work.block
 
     def load(s: storage.Store) -> Unit:
         if block not in s.pending_scores(method, metric):
-            return Unit(done=skipped(receipt))
+            return Unit(result=work.receipts(skipped=True))
         if block in s.pending(method):
             raise RuntimeError(f"block {block} of {method} is not attributed yet: its maps come first")
         device = resolve_device(spec.device)
@@ -262,7 +257,7 @@ def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wa
         failed = s.read_failures(method, block) > 0
         unit = Unit(compute=lambda: _evaluate(spec, model, images, maps, stored, method, metric, device))
 
-        def write(computed: tuple[xmet.Scores, float]) -> dict[str, Any]:
+        def write(computed: tuple[xmet.Scores, float]) -> list[Receipt]:
             scores, seconds = computed
             t0 = time.perf_counter()
             value, status = scores.value.cpu().numpy(), scores.status.cpu().numpy()
@@ -271,12 +266,12 @@ def prepare_evaluation(spec: StudySpec, method: str, metric: str, block: int, wa
             if curve is not None:
                 curve[failed] = np.nan
             s.write_scores(method, metric, block, value, status, curve)
-            return timed({**receipt, "samples": len(images), "seconds": round(seconds, 4)}, unit, t0)
+            return with_io(work.receipts(samples=len(images), seconds=round(seconds, 4)), unit, t0)
 
         unit.write = write
         return unit
 
-    return prepared(spec, [f"scores-{method}-{metric}-{block}"], {**receipt, "deferred": True}, load, wait)
+    return claim_and_load(spec, work, load, wait)
 
 
 def _evaluate(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,

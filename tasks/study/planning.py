@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +18,9 @@ import zoo
 from xai_methods import metrics as xmet
 from xai_methods.shared import shares_pass
 
-from ..loading import check_writable, load_dataset, log, model_of, model_options, output_classes
+from ..loading import _listing, check_writable, load_dataset, log, model_of, model_options, output_classes, stamp
 from .spec import TASK_SUPPLIED, StudySpec, check_options
+from .work import Pending, Work
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def contrasts_of(spec: StudySpec, model: torch.nn.Module, logits: torch.Tensor, 
     return torch.where(target == fixed, runner_up, torch.full_like(target, fixed))
 
 
-def finished(p: StudyPlan, store: str) -> bool:
+def is_complete(p: StudyPlan, store: str) -> bool:
     """True when an existing store already holds every sample, method and block of the plan."""
     if not p.exists:
         return False
@@ -158,12 +158,42 @@ def finished(p: StudyPlan, store: str) -> bool:
     return all(k in scored and not s.pending_scores(m, k) for m in p.template.methods for k in p.template.metrics)
 
 
+_HANDED: dict[tuple, StudyPlan] = {}  # the plan the command line made to validate, for the flow it runs next
+
+
+def _plan_key(spec: StudySpec) -> tuple | None:
+    """What a handed-on plan is valid for: this spec, the store's metadata and coordinates as they are (a run
+    that created or grew it since changed them), the weights and the data's files (None: an fsspec URL)."""
+    if "://" in spec.store:
+        return None
+    stamps = [os.path.join(spec.store, *p) for p in (["zarr.json"], ["sample_id", "zarr.json"])]
+    return (repr(spec), *(stamp(s) for s in stamps), stamp(spec.weights), _listing(spec.dataset),
+            _listing(spec.masks) if spec.masks else None)
+
+
+def hand_on(spec: StudySpec, p: StudyPlan | None) -> None:
+    """Leave `p` for the study flow this process runs next on `spec`: planning (loading the model, listing and
+    hashing the data, checking the store) is done once per run. None: forget what was left."""
+    _HANDED.clear()
+    key = _plan_key(spec)
+    if key is not None and p is not None:
+        _HANDED[key] = p
+
+
+def planned(spec: StudySpec) -> StudyPlan:
+    """The plan handed on for exactly this spec, store and files (`hand_on`), else a new one."""
+    key = _plan_key(spec)
+    handed = _HANDED.pop(key, None) if key is not None else None
+    _HANDED.clear()
+    return handed or plan(spec)
+
+
 @task(cache_policy=NO_CACHE)
-def prepare_store(spec: StudySpec) -> dict[str, Any]:
-    """Create the store, or check an existing one and add this run's new samples and methods;
-    returns the blocks still to ingest and, per method, to attribute."""
+def prepare_store(spec: StudySpec) -> Pending:
+    """Create the store, or check an existing one and add this run's new samples and methods; returns
+    the work still to do in it."""
     with storage.claim(spec.store, "store"):  # one run creates or grows it; another then finds it made
-        p = plan(spec)
+        p = planned(spec)
         s = storage.Store(spec.store) if p.exists else storage.create(spec.store, p.template)
         added = s.grow(p.template) if p.exists else {"samples": 0, "methods": [], "metrics": []}
     n = len(p.template.sample_ids)
@@ -173,30 +203,23 @@ def prepare_store(spec: StudySpec) -> dict[str, Any]:
     log().info("dataset classes -> model classes (%s): %s", "by name" if p.model.classes else "in sorted order",
                ", ".join(f"{c} -> {p.template.classes[k] if k >= 0 else '(unknown to the model)'}"
                          for c, k in zip(p.dataset.classes, label_map(spec, p.model))))
-    return {
-        "store": spec.store,
-        "created": not p.exists,
-        "added": added,
-        "samples": n,
-        "blocks": storage.n_blocks(n, spec.block_size),
-        "skipped_files": [f"{f} ({why})" for f, why in p.dataset.skipped],
-        "mask_problems": list(p.dataset.mask_problems),
-        "todo_ingest": s.pending(),
-        "todo": attribution_units(spec, {m: s.pending(m) for m in spec.studied}),
-        "todo_scores": sorted([(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)],
-                              key=lambda unit: unit[2]),  # block by block: a task reads each block once
-    }
+    scores = [Work.evaluate(m, k, b) for m in spec.studied for k in spec.metrics for b in s.pending_scores(m, k)]
+    work = {"ingest": [Work.ingest(b) for b in s.pending()],
+            "attribute": attribution_units(spec, {m: s.pending(m) for m in spec.studied}),
+            "evaluate": sorted(scores, key=lambda w: w.block)}  # block by block: a task reads each block once
+    return Pending(spec.store, not p.exists, added, n, storage.n_blocks(n, spec.block_size),
+                   [f"{f} ({why})" for f, why in p.dataset.skipped], list(p.dataset.mask_problems), work)
 
 
-def attribution_units(spec: StudySpec, pending: dict[str, list[int]]) -> list[tuple[list[str], int]]:
-    """The attribution tasks: per block, the pending methods that share one forward and backward pass
+def attribution_units(spec: StudySpec, pending: dict[str, list[int]]) -> list[Work]:
+    """The attribution units: per block, the pending methods that share one forward and backward pass
     (`xai_methods.shared`) as one unit, and each other method alone; blocks in order."""
     units = []
     for block in sorted({b for blocks in pending.values() for b in blocks}):
         methods = [m for m in spec.studied if block in pending.get(m, [])]
         shared = [m for m in methods if shares_pass(m, spec.method_params(m))]
-        units += [(shared, block)] if len(shared) > 1 else []
-        units += [([m], block) for m in methods if len(shared) < 2 or m not in shared]
+        units += [Work.attribute(shared, block)] if len(shared) > 1 else []
+        units += [Work.attribute(m, block) for m in methods if len(shared) < 2 or m not in shared]
     return units
 
 
