@@ -30,6 +30,10 @@ MethodFn = Callable[..., Tensor]
 # (model, (H, W), layer or None) -> None: raises ValueError when the method cannot explain this model,
 # warns when its result would silently mean something else.
 ModelCheck = Callable[[nn.Module, tuple[int, int], Any], None]
+# (pass, model, layer module or None, (H, W), parameters) -> maps: the method's map from the forward and backward
+# pass that several methods share (`xai_methods.shared`: its `bp` has inputs, input_grad, activation, grad, logits
+# and target), by the same operations on the same numbers as the method's own call.
+PassFn = Callable[[Any, nn.Module, Any, tuple[int, int], Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class MethodSpec:
     checks: Mapping[str, C.Check]  # parameter -> check, beyond SHARED_CHECKS
     assumes: ModelCheck | None = None  # what the method assumes of the model, checked by `check`
     forward_only: bool = False  # no backward pass: may run its forward passes at a lower `precision`
+    from_pass: PassFn | None = None  # its map from a shared pass, when it can share one (`xai_methods.shared`)
 
     def passes(self, size: tuple[int, int], **params: Any) -> tuple[int, int]:
         """(forward, backward) passes per image of size (H, W) with `params` over the defaults."""
@@ -59,7 +64,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(
     name: str, *, category: str, cost: CostFn, checks: Mapping[str, C.Check] | None = None, summary: str | None = None,
-    assumes: ModelCheck | None = None, forward_only: bool = False,
+    assumes: ModelCheck | None = None, forward_only: bool = False, from_pass: PassFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator that registers ``fn(model, images, target, *, ...)`` under `name`.
 
@@ -71,6 +76,8 @@ def register(
     `summary` defaults to the first line of the function's docstring.
     `forward_only`: the method runs forward passes only; it gets a `precision` parameter ("float32", or
     autocast to "bfloat16" / "float16" for its forward passes), which `attribute` applies.
+    `from_pass`: the method's map from the pass several methods share (`PassFn`); with it, `attribute_many`
+    and a study compute the method in that one pass beside the others.
     """
     if category not in CATEGORIES:
         raise ValueError(f"category={category!r} is not valid; choose one of {CATEGORIES}")
@@ -105,6 +112,7 @@ def register(
             checks=MappingProxyType(dict(checks or {})),
             assumes=assumes,
             forward_only=forward_only,
+            from_pass=from_pass,
         )
         return fn
 

@@ -220,7 +220,12 @@ def gap_head(model: nn.Module, size: tuple[int, int], layer: Any) -> None:
         gap_linear_head(model, module, activation, logits)
 
 
-@register("cam", category="cam", cost=forward_only, assumes=gap_head)
+def _cam_from_pass(bp: Any, model: nn.Module, layer: nn.Module, size: tuple[int, int], kw: Mapping[str, Any]) -> Tensor:
+    return cam_map(model, layer, to_grid(bp.activation, model, layer, None), bp.logits, bp.target, size,
+                   relu=kw["relu"], upsample=kw["upsample"])
+
+
+@register("cam", category="cam", cost=forward_only, assumes=gap_head, from_pass=_cam_from_pass)
 def cam(
     model: nn.Module,
     images: Tensor,
@@ -253,9 +258,6 @@ def cam_map(model: nn.Module, layer: nn.Module, activation: Tensor, logits: Tens
 # --------------------------------------------------------------------------- gradient-weighted variants
 
 
-CAM_WEIGHTS: dict[str, CamWeights] = {}  # each gradient-weighted variant's weights, by name (`attribute_many`)
-
-
 def gradient_variant(name: str, weights: CamWeights, doc: str) -> MethodFn:
     """Define and register a CAM variant that differs from Grad-CAM only in its weights
     (the registry reads the parameters from the signature, so it is written once here)."""
@@ -272,10 +274,13 @@ def gradient_variant(name: str, weights: CamWeights, doc: str) -> MethodFn:
     ) -> Tensor:
         return gradient_cam(model, images, target, layer, weights, relu=relu, upsample=upsample, reshape=reshape)
 
+    def from_pass(bp: Any, model: nn.Module, layer: nn.Module, size: tuple[int, int], kw: Mapping[str, Any]) -> Tensor:
+        activation, grad = (to_grid(t, model, layer, None) for t in (bp.activation, bp.grad))
+        return finish(combine(activation, weights(activation, grad)), size, relu=kw["relu"], upsample=kw["upsample"])
+
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
-    CAM_WEIGHTS[name] = weights
-    return register(name, category="cam", cost=one_pass)(method)
+    return register(name, category="cam", cost=one_pass, from_pass=from_pass)(method)
 
 
 def _gradcam_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -449,7 +454,8 @@ def forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator
 # --------------------------------------------------------------------------- Eigen-CAM
 
 
-@register("eigencam", category="cam", cost=forward_only)
+@register("eigencam", category="cam", cost=forward_only, from_pass=lambda bp, model, layer, size, kw: eigencam_map(
+    to_grid(bp.activation, model, layer, None), size, relu=kw["relu"], upsample=kw["upsample"]))
 def eigencam(
     model: nn.Module,
     images: Tensor,

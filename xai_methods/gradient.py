@@ -44,7 +44,8 @@ def one_pass(params: Mapping[str, Any], size: tuple[int, int]) -> tuple[int, int
     return (1, 1)
 
 
-@register("saliency", category="gradient", cost=one_pass)
+@register("saliency", category="gradient", cost=one_pass,
+          from_pass=lambda bp, model, layer, size, kw: reduce_channels(bp.input_grad, kw["reduce"]))
 def saliency(model: nn.Module, images: Tensor, target: Any, *, reduce: str | None = "max_abs") -> Tensor:
     """Saliency (Simonyan et al. 2014): gradient of the target logit w.r.t. the input.
 
@@ -57,7 +58,8 @@ def saliency(model: nn.Module, images: Tensor, target: Any, *, reduce: str | Non
 # --------------------------------------------------------------------------- x * gradient
 
 
-@register("input_x_gradient", category="gradient", cost=one_pass)
+@register("input_x_gradient", category="gradient", cost=one_pass,
+          from_pass=lambda bp, model, layer, size, kw: reduce_channels(bp.inputs * bp.input_grad, kw["reduce"]))
 def input_x_gradient(model: nn.Module, images: Tensor, target: Any, *, reduce: str | None = "sum") -> Tensor:
     """Input x Gradient (Shrikumar et al. 2016): the input times the gradient of the target logit.
 

@@ -6,7 +6,9 @@ same images share it.
 gradient w.r.t. it; ``cam`` and ``eigencam`` only the activation (and the logits). One forward
 pass with the layer captured and one backward pass that yields both gradients serve them all;
 each map is bit-identical to its method's own call (the same operations on the same numbers).
-Other methods are computed by `attribute`, one after the other.
+Each of them declares its map from the shared pass where it is registered (``from_pass``), so a new
+method joins the shared pass with one argument. Other methods are computed by `attribute`, one after
+the other.
 
 >>> maps = xm.attribute_many(["saliency", "gradcam", "gradcam_pp", "occlusion"], model, images,
 ...                          target=labels, params={"occlusion": {"window": 8}})
@@ -19,35 +21,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._core import backprop, default_layer, reduce_channels, resolve_layer, targets, untouched
+from ._core import backprop, default_layer, resolve_layer, targets, untouched
 from ._registry import _check_images, _check_result, attribute, check, spec
-from .cam import CAM_WEIGHTS, cam_map, combine, eigencam_map, finish, to_grid
-
-INPUT_GRADIENT = ("saliency", "input_x_gradient")
-LAYER = ("cam", "eigencam", *CAM_WEIGHTS)  # the activation (and its gradient, for CAM_WEIGHTS' variants)
-SHARED = frozenset((*INPUT_GRADIENT, *LAYER))
 
 
 def shares_pass(name: str, params: Mapping[str, Any]) -> bool:
-    """Whether `name` with `params` is computed from the shared pass (a custom `reshape` is not)."""
-    return name in SHARED and params.get("reshape") is None
-
-
-def _from_pass(name: str, bp: Any, model: nn.Module, layer: nn.Module | None, size: tuple[int, int],
-               kw: Mapping[str, Any]) -> Tensor:
-    """`name`'s map from the shared pass `bp`, as the method itself computes it."""
-    if name == "saliency":
-        return reduce_channels(bp.input_grad, kw["reduce"])
-    if name == "input_x_gradient":
-        return reduce_channels(bp.inputs * bp.input_grad, kw["reduce"])
-    activation = to_grid(bp.activation, model, layer, None)
-    if name == "cam":
-        return cam_map(model, layer, activation, bp.logits, bp.target, size, relu=kw["relu"], upsample=kw["upsample"])
-    if name == "eigencam":
-        return eigencam_map(activation, size, relu=kw["relu"], upsample=kw["upsample"])
-    grad = to_grid(bp.grad, model, layer, None)
-    return finish(combine(activation, CAM_WEIGHTS[name](activation, grad)), size, relu=kw["relu"],
-                  upsample=kw["upsample"])
+    """Whether `name` with `params` is computed from the shared pass: it declared its form there when it was
+    registered (`register(..., from_pass=...)`), and no custom `reshape` is given."""
+    return spec(name).from_pass is not None and params.get("reshape") is None
 
 
 def _one_pass(names: list[str], model: nn.Module, images: Tensor, target: Any, layer: Any,
@@ -58,14 +39,14 @@ def _one_pass(names: list[str], model: nn.Module, images: Tensor, target: Any, l
         module = None
         if any(spec(n).needs_layer for n in names):
             module = resolve_layer(model, layer if layer is not None else default_layer(model, images))
-        inputs = any(n in INPUT_GRADIENT for n in names)
+        inputs = any(not spec(n).needs_layer for n in names)  # the input's gradient
         bp = backprop(model, images, target, layer=module, both=inputs and module is not None)
         if module is None:  # the input's gradient only
             bp = bp._replace(input_grad=bp.grad)
         out = {}
         for n in names:
             kw = {**spec(n).defaults, **params.get(n, {})}
-            out[n] = _check_result(spec(n), _from_pass(n, bp, model, module, size, kw), images, kw)
+            out[n] = _check_result(spec(n), spec(n).from_pass(bp, model, module, size, kw), images, kw)
     return out
 
 
