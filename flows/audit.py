@@ -26,16 +26,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.audit.clusters import cluster_task, render_clusters, strategy_rows, summarize
+from tasks.audit.clusters import cluster_table, cluster_task, render_clusters, strategy_rows
 from tasks.audit.report import report_task
 from tasks.audit.rows import (
     ARTIFACT_KEYS,
     BASELINES,
     audit_limits,
+    audit_measures,
     check_region,
     dataset_has_masks,
     default_report_dir,
-    measure,
     render_report,
     samples_before,
     summary_markdown,
@@ -77,7 +77,7 @@ def _strategies(spec: AuditSpec, measured_metrics: list[str], report_dir: str, f
                                                       os.path.join(report_dir, f"clusters.{method}.png"))
         shown_measure = next((k for k in ("region_share", "outside_mask_share") if k in measured_metrics), None)
         if shown_measure:
-            strategies += strategy_rows(summarize(spec.store, method), method, shown_measure)
+            strategies += strategy_rows(cluster_table(spec.store, method), method, shown_measure)
     return strategies
 
 
@@ -119,7 +119,7 @@ def dataset_audit(**options: Any) -> dict[str, Any]:
 
     methods = list(spec.methods)
     shown = [*methods, *[b for b in BASELINES if b not in methods]] if checked["metrics"] else methods
-    measured = measure(spec.store, shown, checked["metrics"])
+    measured = audit_measures(spec.store, shown, checked["metrics"])
     violations = threshold_violations(measured["rows"], checked["bounds"], checked["box"], spec.per_class)
     files = render_report(spec.store, methods, measured, checked["bounds"], report_dir,
                           f"{spec.model} on {spec.dataset}: {measured['samples']} samples")

@@ -81,6 +81,13 @@ class Store(Checksums):
     def methods(self) -> list[str]:
         return self.group.names("xai_method")
 
+    def classes(self) -> list[str]:
+        return self.group.names("class")
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sample's true class and the model's prediction (-1: unknown, or not ingested yet)."""
+        return self.group["label"][:], self.group["prediction"][:]
+
     def metrics(self) -> list[str]:
         return self.group.names("metric") if "metric" in self.group else []
 

@@ -161,14 +161,14 @@ def test_the_clusters_of_the_class_separate_the_watermarked_images(watermarked, 
 
 
 def test_the_audit_view_points_at_the_watermark_cluster(watermarked):
-    from tasks.audit.clusters import ensure, strategy_rows, summarize
+    from tasks.audit.clusters import cluster_table, ensure, strategy_rows
 
     ensure(watermarked, "gradcam")
-    (row,) = [r for r in strategy_rows(summarize(watermarked, "gradcam"), "gradcam", "region_share")
+    (row,) = [r for r in strategy_rows(cluster_table(watermarked, "gradcam"), "gradcam", "region_share")
               if r["class"] == "square"]
-    top = next(c for c in summarize(watermarked, "gradcam")["square"] if c["cluster"] == row["cluster"])
+    top = next(c for c in cluster_table(watermarked, "gradcam")["square"] if c["cluster"] == row["cluster"])
     assert all(i.split("/")[-1].startswith(WATERMARKED) for i in top["sample_ids"])
-    other = next(c for c in summarize(watermarked, "gradcam")["square"] if c["cluster"] != row["cluster"])
+    other = next(c for c in cluster_table(watermarked, "gradcam")["square"] if c["cluster"] != row["cluster"])
     assert other["scores"]["region_share"] < 0.15 < row["class_mean"] < row["region_share"] - 0.15, \
         "the class's mean dilutes what the watermarked cluster shows"
 

@@ -27,7 +27,7 @@ def cmd_clusters(args: argparse.Namespace) -> None:
     record = clusters.ensure(args.store, args.method, args.recompute, only=only, size=args.size,
                              neighbours=args.neighbours, max_clusters=args.max_clusters, clusters=args.clusters,
                              seed=args.seed)
-    found = clusters.summarize(args.store, args.method, only)
+    found = clusters.cluster_table(args.store, args.method, only)
     if args.json:
         print(json.dumps(found))
         return

@@ -8,7 +8,7 @@ are written into the store (`cluster`, `eigengap`) with the parameters that foun
 reused while the store and the parameters stay the same.
 
 >>> ensure("runs/shapes.zarr", "gradcam")                 # computes, or reuses what is stored
->>> summarize("runs/shapes.zarr", "gradcam")["square"]    # [{"cluster": 0, "size": 41, ...}, ...]
+>>> cluster_table("runs/shapes.zarr", "gradcam")["square"]    # [{"cluster": 0, "size": 41, ...}, ...]
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def ensure(store: str, method: str, recompute: bool = False, only: Sequence[str]
         return compute(store, method, **params)
 
 
-def summarize(store: str, method: str, only: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def cluster_table(store: str, method: str, only: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """``{class: [{"cluster", "size", "sample_ids", "accuracy", "scores", "eigengap"}, ...]}`` from the stored
     clusters, largest first; `scores`: the mean of each stored metric over the cluster's maps."""
     ds = storage.open_dataset(store)
@@ -147,7 +147,7 @@ def render_clusters(store: str, method: str, out: str, only: Sequence[str] | Non
     """One row per (class, cluster): the cluster's mean map, then its `nearest` most typical samples."""
     ds = storage.open_dataset(store)
     params = storage.Store(store, mode="r").cluster_params()[method]
-    found = summarize(store, method, only)
+    found = cluster_table(store, method, only)
     small = small_maps(ds, method, params["size"])
     classes, _, _ = true_classes(ds)
     labels = ds.cluster.sel(xai_method=method).values

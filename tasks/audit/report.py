@@ -153,11 +153,11 @@ def _figures(ds: Any, store: str, protocols: Sequence[str], tmp: str,
 
 
 def cluster_tables(store: str) -> str:
-    from .clusters import summarize
+    from .clusters import cluster_table
 
     parts = []
     for method in storage.Store(store, mode="r").cluster_params():
-        for name, clusters in summarize(store, method).items():
+        for name, clusters in cluster_table(store, method).items():
             rows = "".join(f"<tr><td>{c['cluster']}</td><td>{c['size']}</td><td>{_fmt(c['accuracy'], 2)}</td><td>"
                            + html.escape(", ".join(f"{k} {v:.3f}" for k, v in c["scores"].items() if v is not None))
                            + f"</td><td><small>{html.escape(', '.join(c['sample_ids'][:6]))}</small></td></tr>"

@@ -153,7 +153,7 @@ def threshold_violations(rows: list[dict[str, Any]], limits: dict[str, dict[str,
 
 
 @task(cache_policy=NO_CACHE)
-def measure(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any]:
+def audit_measures(store: str, methods: list[str], metrics: list[str]) -> dict[str, Any]:
     """The audit's table rows from the study's stored scores, and the samples its figure shows."""
     ds = storage.open_dataset(store)
     if metrics:

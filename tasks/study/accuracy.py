@@ -12,11 +12,11 @@ def accuracy_warning(store: str) -> str | None:
     """One line when the model's accuracy on the labelled samples is near chance, or far below what its
     model card records: the usual cause is preprocessing other than the model was trained with."""
     s = storage.Store(store, mode="r")
-    label, prediction = s.group["label"][:], s.group["prediction"][:]
+    label, prediction = s.labels()
     known = (label >= 0) & (prediction >= 0)
     if known.sum() < 10:
         return None
-    a, n = s.attrs, s.group["class"].shape[0]
+    a, n = s.attrs, len(s.classes())
     acc, chance, recorded = float((label[known] == prediction[known]).mean()), 1 / n, a.get("model_card_accuracy")
     if recorded is not None and acc < recorded - 0.2:
         why = f"far below the {recorded:.1%} its model card records"
@@ -35,6 +35,6 @@ def accuracy_warning(store: str) -> str | None:
 def accuracy(store: str) -> float | None:
     """The model's accuracy on the study's labelled samples (None when no sample has a label)."""
     s = storage.Store(store, mode="r")
-    label, prediction = s.group["label"][:], s.group["prediction"][:]
+    label, prediction = s.labels()
     known = label >= 0
     return float((label[known] == prediction[known]).mean()) if known.any() else None
