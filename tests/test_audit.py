@@ -226,3 +226,13 @@ def test_new_images_are_added_and_only_they_are_computed(audited, folder, tmp_pa
     kept = after.attribution.isel(sample=[position[s] for s in old_ids]).values
     np.testing.assert_array_equal(kept, before.attribution.values)
     assert not np.isnan(after.attribution.values).any()
+
+
+def test_the_audit_takes_a_users_preprocessing_like_a_study(prefect_api, folder, tmp_path):
+    """The audit's options derive from `RunSpec`: the input size, mean and std reach the study it runs."""
+    store = str(tmp_path / "preprocessed.zarr")
+    result = dataset_audit(dataset=str(folder), store=store, block_size=4, methods=["saliency"], input_size=[48],
+                           mean=[0.5] * 3, std=[0.2] * 3, region=[0, 0, 16, 16], max_region_share=1.0)
+    a = storage.Store(store, "r").attrs
+    assert a["image_shape"][1:] == [48, 48] and a["image_mean"] == [0.5] * 3 and a["image_std"] == [0.2] * 3
+    assert result["samples"] == 12 and result["violations"] == []

@@ -145,3 +145,12 @@ def test_a_protocol_run_opens_its_store_and_loads_its_inputs_once(prefect_api, t
     assert len(loads) == 1  # changed: the store's flags say what is left; the loaded inputs are reused
     assert main([*SANITY, "--samples", "4", "--store", str(tmp_path / "other.zarr")]) == 0
     assert len(loads) == 2
+
+
+@pytest.mark.slow
+def test_a_protocol_spreads_its_units_over_dask_workers_with_the_same_result(reference, tmp_path):
+    """`--workers 2`: the randomised models (independent units) run on a local Dask cluster, each worker
+    opening the store once; the store equals the one-process run's."""
+    path = str(tmp_path / "dask.zarr")
+    assert main([*SANITY, "--store", path, "--workers", "2"]) == 0
+    assert_same_store(path, reference)
