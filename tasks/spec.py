@@ -24,9 +24,10 @@ def option(default: Any, help: str, **cli: Any) -> Any:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """The options every run shares: which model (and how its inputs are prepared), which images,
-    which device, and the methods' parameters. `StudySpec`, each protocol's spec and the audit derive
-    from it, so `--input-size`, `--mean`, `--std` and `--classes` mean the same everywhere."""
+    """The options every run shares: which model (and how its inputs are prepared), which images, which
+    device, the methods' parameters, and where the tasks run (this process, or Dask). `StudySpec`, each
+    protocol's spec and the audit derive from it, so `--input-size`, `--mean`, `--std`, `--classes` and
+    `--workers` mean the same everywhere."""
 
     dataset: str = option("shapes", "built-in name (shapes) or a local folder of class sub-folders of images")
     model: str = option("shapes-cnn", "built-in name (shapes-cnn), a torchvision architecture (resnet18), timm:NAME "
@@ -53,6 +54,9 @@ class RunSpec:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (a GPU when there is one)")
     params: dict[str, dict[str, Any]] = option({}, "per-method parameters, e.g. {\"occlusion\": {\"window\": 8}}",
                                                flag="--param", type="param")
+    workers: int | None = option(None, "run the tasks on a local Dask cluster of this many processes", group="where")
+    dask_address: str | None = option(None, "run the tasks on an existing Dask cluster (tcp://HOST:PORT); its "
+                                            "workers need this package installed", group="where")
 
     def method_params(self, method: str) -> dict[str, Any]:
         """Defaults of the method merged with the user's, plus the layer for layer methods."""

@@ -35,7 +35,3 @@ class AuditSpec(RunSpec):
     per_class: bool = option(True, "every limit holds for each true class as well as for the whole dataset")
     report_dir: str | None = option(None, "where the report files go (default: the store path with .report "
                                           "instead of .zarr)")
-    workers: int | None = option(None, "run the study's block tasks on a local Dask cluster of this many processes",
-                                 group="where")
-    dask_address: str | None = option(None, "run the study's block tasks on an existing Dask cluster "
-                                            "(tcp://HOST:PORT)", group="where")

@@ -28,17 +28,13 @@ from ..spec import RunSpec, option
 
 @dataclass(frozen=True)
 class ProtocolSpec(RunSpec):
-    """The options every protocol has beyond a run's: how many images, the seed, where the work runs
-    and the figure (each protocol adds its methods and store)."""
+    """The options every protocol has beyond a run's: how many images, the seed and the figure (each
+    protocol adds its methods and store)."""
 
     samples: int = option(32, "how many images of the dataset (its first ones) are explained")
     seed: int = option(0, "seed of every random draw of the protocol (re-initialisations, permutations, training)")
     figure: str | None = option(None, "figure to write (PNG); None: none (the command line defaults to the "
                                       "store path with .png; 'none' for no figure)")
-    workers: int | None = option(None, "run the protocol's units on a local Dask cluster of this many processes",
-                                 group="where")
-    dask_address: str | None = option(None, "run the protocol's units on an existing Dask cluster (tcp://HOST:PORT); "
-                                            "its workers need this package installed", group="where")
 
     def identity(self, model: torch.nn.Module, dataset: zoo.Dataset, ids: list[str]) -> dict[str, Any]:
         """What a stored result depends on: refusing to mix results of another model, data or options."""

@@ -44,10 +44,6 @@ class StudySpec(RunSpec):
     figure: str | None = option(None, "overview figure to write (PNG); None: no figure (the command line "
                                       "defaults to the store path with .png; 'none' for no figure)")
     figure_samples: list[int] = option([0, 1, 2, 3], "the samples shown in the figure", type="ints")
-    workers: int | None = option(None, "run block tasks on a local Dask cluster of this many processes",
-                                 group="where")
-    dask_address: str | None = option(None, "run block tasks on an existing Dask cluster (tcp://HOST:PORT); its "
-                                            "workers need this package installed", group="where")
     dtype: str = option("float32", "precision of a new store's maps", choices=("float32", "float16"),
                         group="layout")
     compression: str = option("zstd", "codec of a new store's maps, images and masks",
