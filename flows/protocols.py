@@ -18,7 +18,7 @@ from prefect.task_runners import TaskRunner
 from tqdm.auto import tqdm
 
 from tasks.drawing.artifacts import publish_figure
-from tasks.protocols import PROTOCOLS, Protocol, Receipt, Stage
+from tasks.protocols import PROTOCOLS, Protocol, Stage, UnitReceipt
 
 from .running import reported_here, spec_signature, task_runner
 
@@ -32,7 +32,7 @@ def _figure(p: Protocol, spec: Any) -> str | None:
     return path
 
 
-def run_stage(runner: TaskRunner, spec: Any, stage: Stage) -> list[Receipt]:
+def run_stage(runner: TaskRunner, spec: Any, stage: Stage) -> list[UnitReceipt]:
     """Every unit of `stage` on `runner`, passing over those another run holds; then those, waiting for each
     claim (a unit the other run finished is skipped, one it left is done here). Receipts in completion order."""
     log, receipts, units = get_run_logger(), [], list(stage.units)
@@ -41,7 +41,7 @@ def run_stage(runner: TaskRunner, spec: Any, stage: Stage) -> list[Receipt]:
             futures = [runner.submit(stage.task, {"spec": spec, "unit": u, "wait": wait}) for u in units]
             units = []
             for future in as_completed(futures):
-                r: Receipt = future.result()
+                r: UnitReceipt = future.result()
                 if r.deferred:
                     units.append(r.unit)
                     continue

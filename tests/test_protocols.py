@@ -340,6 +340,7 @@ def test_roar_small_configuration_json_and_resume(prefect_api, tmp_path, capsys)
     (["sanity", "--samples", "0"], "--samples must be >= 1"),
     (["manipulate", "--epsilon", "2"], "--epsilon must be in (0, 1]"),
     (["sanity", "--study", "nowhere.zarr"], "no study store"),
+    (["roar", "--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_protocol_input_is_one_line_before_any_store(tmp_path, capsys, argv, message):
     store = tmp_path / "x.zarr"

@@ -25,11 +25,13 @@ def add_protocol_parsers(sub: Any) -> None:
 
 def cmd_protocol(args: argparse.Namespace) -> None:
     from flows.protocols import FLOWS
+    from flows.running import task_runner
     from tasks.protocols import PROTOCOLS
     from tasks.spec import options_of
 
     p = PROTOCOLS[args.command]
     spec = spec_from_args(p.spec, options_of(p.spec), args)
+    task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --dask-address, --device
     p.opened(spec)  # every argument checked, the store opened or refused, before the flow starts (which reuses it)
     result = FLOWS[args.command](**dataclasses.asdict(spec))
     if args.json:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import invariance, manipulation, plot, roar, sanity
-from .common import Opened, ProtocolSpec, Receipt, Stage, opened
+from .common import Opened, ProtocolSpec, Stage, UnitReceipt, opened
 
 
 @dataclass(frozen=True)
@@ -75,5 +75,5 @@ output (--gamma); "defended" repeats it against the map of a softplus copy with 
 Each (method, fraction, seed) retrain is one resumable unit of the store; rerun to resume."""),
 ]}
 
-__all__ = ["PROTOCOLS", "Opened", "Protocol", "ProtocolSpec", "Receipt", "Stage", "invariance", "manipulation",
+__all__ = ["PROTOCOLS", "Opened", "Protocol", "ProtocolSpec", "Stage", "UnitReceipt", "invariance", "manipulation",
            "plot", "roar", "sanity"]

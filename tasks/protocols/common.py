@@ -65,7 +65,7 @@ class Opened:
 
 
 @dataclass(frozen=True)
-class Receipt:
+class UnitReceipt:
     """What one unit of a protocol's task did: `line` for the run's log (at `level`), `values` for its
     caller; `deferred` when another run held the unit's claim (the flow comes back to it), `skipped` when
     another run had finished it."""
@@ -85,7 +85,7 @@ class Stage:
     one before it has finished), its progress bar and log named `name`."""
 
     name: str
-    task: Any  # a Prefect task: (spec, unit, wait) -> Receipt
+    task: Any  # a Prefect task: (spec, unit, wait) -> UnitReceipt
     units: list[tuple[int, ...]]
 
 
@@ -93,12 +93,10 @@ _OPENED: dict[tuple, Opened] = {}
 _OPENING = threading.Lock()
 
 
-
 def opened(spec: ProtocolSpec, open_store: Callable[[Any], Opened]) -> Opened:
     """`open_store(spec)` once per process for as long as the spec, its store, its weights and its dataset's
-    files stay the same:
-    the flow opens it, and its tasks in this process (or each Dask worker, once) reuse the loaded inputs
-    instead of loading the model and the images, predicting and hashing again per task."""
+    files stay the same: the flow opens it, and its tasks in this process (or each Dask worker, once) reuse
+    the loaded inputs instead of loading the model and the images, predicting and hashing again per task."""
     key = (type(spec).__qualname__, repr(spec), stamp(spec.store), stamp(spec.weights), _listing(spec.dataset))
     with _OPENING:
         if key not in _OPENED:
@@ -136,7 +134,7 @@ def load_inputs(spec: ProtocolSpec) -> Inputs:
         raise ValueError(f"samples must be >= 1, got {spec.samples}")
     device = resolve_device(spec.device)
     model = model_of(spec, device)
-    data = load_dataset(spec.dataset, spec.samples, model.preprocess.size, getattr(spec, "masks", None))
+    data = load_dataset(spec.dataset, spec.samples, model.preprocess.size, spec.masks)
     if len(data) == 0:
         raise ValueError(f"the dataset {spec.dataset!r} has no readable samples")
     batch = data.load(0, len(data))

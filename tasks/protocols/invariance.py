@@ -24,7 +24,7 @@ import storage
 import xai_methods as xm
 from xai_methods import surgery
 
-from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, open_results, opened
+from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
 from ..spec import option
 
 SHOWN = 4
@@ -72,13 +72,13 @@ def stages(spec: InvarianceSpec, o: Opened) -> list[Stage]:
 
 
 @task(cache_policy=NO_CACHE)
-def compare_method(spec: InvarianceSpec, unit: tuple[int], wait: bool = True) -> Receipt:
+def compare_method(spec: InvarianceSpec, unit: tuple[int], wait: bool = True) -> UnitReceipt:
     """One method's maps on the model and on its shift-compensated copy (the copy's input is x + shift)."""
     o, unit = opened(spec, open_store), tuple(unit)
     store, inputs, name = o.store, o.inputs, o.store.coord("xai_method")[unit[0]]
     with store.claim(f"maps-{unit[0]}", wait) as mine:
         if not mine or unit not in store.pending("maps"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         c = shift_of(inputs.model, spec.shift, inputs.images.device)
         takes_baseline = "baseline" in xm.spec(name).defaults
         extra = {"baseline": c} if takes_baseline and spec.baseline == "shifted" else {}
@@ -89,7 +89,7 @@ def compare_method(spec: InvarianceSpec, unit: tuple[int], wait: bool = True) ->
         k = len(store.coord("shown"))
         store.write("maps", unit, l1_change=diff, l1_norm=norm, example=np.stack([m1[:k], m2[:k]]))
     change = float(diff.sum() / norm.sum())
-    return Receipt(unit, f"{name}: relative L1 change of the maps {change:.3g}", values={"change": change})
+    return UnitReceipt(unit, f"{name}: relative L1 change of the maps {change:.3g}", values={"change": change})
 
 
 def summary(path: str) -> dict[str, Any]:

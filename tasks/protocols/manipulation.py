@@ -25,7 +25,7 @@ import xai_methods as xm
 from xai_methods import manipulation as M
 from xai_methods.metrics.similarity import similarity
 
-from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, open_results, opened
+from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, open_results, opened
 from ..spec import option
 
 TARGET_MAPS = ("other", "corner")
@@ -139,16 +139,16 @@ def _stages(plain: dict[str, torch.Tensor], defended: dict[str, torch.Tensor],
 
 
 @task(cache_policy=NO_CACHE)
-def attack(spec: ManipulateSpec, unit: tuple[int] = (0,), wait: bool = True) -> Receipt:
+def attack(spec: ManipulateSpec, unit: tuple[int] = (0,), wait: bool = True) -> UnitReceipt:
     """Attack every pending image: the model's own map, then the defended (smoothed) map under its own
     attack; the smoothed map of the first attack's images (transfer); one unit written per image."""
     o, unit = opened(spec, open_store), tuple(unit)
     with o.store.claim("attack", wait) as mine:
         todo = [i for (i,) in o.store.pending("attack")] if mine else []
         if not todo:
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         _attack_images(spec, o, todo)
-    return Receipt(unit, f"attacked {len(todo)} images", values={"attacked": len(todo)})
+    return UnitReceipt(unit, f"attacked {len(todo)} images", values={"attacked": len(todo)})
 
 
 def _attack_images(spec: ManipulateSpec, o: Opened, todo: list[int]) -> None:

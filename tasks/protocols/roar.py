@@ -26,7 +26,7 @@ from xai_methods import surgery
 from xai_methods.metrics.faithfulness import ranks
 from zoo.training import accuracy, fit, train_test
 
-from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, open_results, opened
+from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
 from ..spec import option
 
 RANDOM = "random"
@@ -87,13 +87,13 @@ def stages(spec: RoarSpec, o: Opened) -> list[Stage]:
 
 
 @task(cache_policy=NO_CACHE)
-def ranking_maps(spec: RoarSpec, unit: tuple[int], wait: bool = True) -> Receipt:
+def ranking_maps(spec: RoarSpec, unit: tuple[int], wait: bool = True) -> UnitReceipt:
     """One method's maps of every train and test image, from the trained model (the random ranking: uniform noise)."""
     t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
     (train, test), name = o.extra, o.store.coord("xai_method")[unit[0]]
     with o.store.claim(f"ranking-{unit[0]}", wait) as mine:
         if not mine or unit not in o.store.pending("ranking"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         images01 = np.concatenate([train.images, test.images])
         if name == RANDOM:
             gen = torch.Generator().manual_seed(spec.seed)
@@ -103,7 +103,7 @@ def ranking_maps(spec: RoarSpec, unit: tuple[int], wait: bool = True) -> Receipt
             maps = maps_of(name, o.inputs.model, x, forward_logits(o.inputs.model, x, 256).argmax(1).clone(), spec)
         o.store.write("ranking", unit, ranking_map=maps)
     seconds = time.perf_counter() - t0
-    return Receipt(unit, f"rankings of {name} computed in {seconds:.1f} s", seconds=seconds)
+    return UnitReceipt(unit, f"rankings of {name} computed in {seconds:.1f} s", seconds=seconds)
 
 
 def remove_top(images01: np.ndarray, maps: np.ndarray, fraction: float, fill: np.ndarray, seed: int) -> np.ndarray:
@@ -114,14 +114,14 @@ def remove_top(images01: np.ndarray, maps: np.ndarray, fraction: float, fill: np
 
 
 @task(cache_policy=NO_CACHE)
-def retrain(spec: RoarSpec, unit: tuple[int, int, int], wait: bool = True) -> Receipt:
+def retrain(spec: RoarSpec, unit: tuple[int, int, int], wait: bool = True) -> UnitReceipt:
     """Remove the top `fraction` of one method's ranking from every image, retrain from scratch, test."""
     t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
     (m, f, s), (train, test) = unit, o.extra
     name, fraction = o.store.coord("xai_method")[m], o.store.coord("fraction")[f]
     with o.store.claim(f"retrain-{m}-{f}-{s}", wait) as mine:
         if not mine or unit not in o.store.pending("retrain"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         maps = o.store.read("ranking_map", (m,))
         fill = train.images.mean(axis=(0, 2, 3))
         n = len(train.labels)
@@ -133,7 +133,7 @@ def retrain(spec: RoarSpec, unit: tuple[int, int, int], wait: bool = True) -> Re
         acc, train_acc = accuracy(model, images[n:], test.labels, pre), accuracy(model, images[:n], train.labels, pre)
         o.store.write("retrain", unit, accuracy=np.float64(acc), train_accuracy=np.float64(train_acc))
     seconds = time.perf_counter() - t0
-    return Receipt(unit, f"{name} at {fraction:.2f}, seed {s}: test accuracy {acc:.3f} ({seconds:.0f} s)",
+    return UnitReceipt(unit, f"{name} at {fraction:.2f}, seed {s}: test accuracy {acc:.3f} ({seconds:.0f} s)",
                    values={"accuracy": acc}, seconds=seconds)
 
 

@@ -26,7 +26,7 @@ from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities
 from zoo.training import accuracy, fit, train_test
 
-from .common import Opened, ProtocolSpec, Receipt, Stage, check_methods, load_inputs, maps_of, nanmean, open_results, opened
+from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, nanmean, open_results, opened
 from ..spec import option
 
 KINDS = ("cascading", "independent")
@@ -131,19 +131,19 @@ def _study_maps(spec: SanitySpec, method: str, inputs: Any) -> np.ndarray | None
 
 
 @task(cache_policy=NO_CACHE)
-def original_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> Receipt:
+def original_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> UnitReceipt:
     """One method's maps of the unrandomised model (reused from the study when it has them)."""
     o, unit = opened(spec, open_store), tuple(unit)
     (m,), name = unit, o.store.coord("xai_method")[unit[0]]
     with o.store.claim(f"original-{m}", wait) as mine:
         if not mine or unit not in o.store.pending("original"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         maps = _study_maps(spec, name, o.inputs)
         reused = maps is not None
         if maps is None:
             maps = maps_of(name, o.inputs.model, o.inputs.images, o.inputs.target, spec)
         o.store.write("original", unit, original=maps)
-    return Receipt(unit, f"{name}: unrandomised maps " + (f"reused from the study {spec.study}" if reused else
+    return UnitReceipt(unit, f"{name}: unrandomised maps " + (f"reused from the study {spec.study}" if reused else
                                                           "computed"), values={"reused": reused})
 
 
@@ -154,7 +154,7 @@ def randomized_model(model: torch.nn.Module, layers: list[str], kind: str, index
 
 
 @task(cache_policy=NO_CACHE)
-def randomized_step(spec: SanitySpec, unit: tuple[int, int], wait: bool = True) -> Receipt:
+def randomized_step(spec: SanitySpec, unit: tuple[int, int], wait: bool = True) -> UnitReceipt:
     """One randomised model: its output change, and every pending method's similarity to the original."""
     t0, o, unit = time.perf_counter(), opened(spec, open_store), tuple(unit)
     (kind, layer), store, inputs = unit, o.store, o.inputs
@@ -162,7 +162,7 @@ def randomized_step(spec: SanitySpec, unit: tuple[int, int], wait: bool = True) 
     with store.claim(f"step-{kind}-{layer}", wait) as mine:
         todo = [m for m, k, l in store.pending("step") if (k, l) == unit] if mine else []
         if not mine or not todo and unit not in store.pending("change"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         model = randomized_model(inputs.model, layers, KINDS[kind], layer, spec.seed)
         with torch.no_grad():
             before, after = inputs.model(inputs.images), model(inputs.images)
@@ -173,19 +173,19 @@ def randomized_step(spec: SanitySpec, unit: tuple[int, int], wait: bool = True) 
             maps = maps_of(methods[m], model, inputs.images, inputs.target, spec)
             sim = similarities(store.read("original", (m,)), maps)
             store.write("step", (m, kind, layer), similarity=sim, example=maps[:len(store.coord("shown"))])
-    return Receipt(unit, f"{KINDS[kind]} {layers[layer]}: output changed by {change:.3g} (relative L2)",
+    return UnitReceipt(unit, f"{KINDS[kind]} {layers[layer]}: output changed by {change:.3g} (relative L2)",
                    "warning" if change < 1e-6 else "info", {"output_change": change},
                    seconds=time.perf_counter() - t0)
 
 
 @task(cache_policy=NO_CACHE)
-def label_randomized_model(spec: SanitySpec, unit: tuple[int] = (0,), wait: bool = True) -> Receipt:
+def label_randomized_model(spec: SanitySpec, unit: tuple[int] = (0,), wait: bool = True) -> UnitReceipt:
     """Retrain a re-initialised copy of the model on permuted labels (once; its weights are stored)."""
     o, unit = opened(spec, open_store), tuple(unit)
     store, inputs = o.store, o.inputs
     with store.claim("label_model", wait) as mine:
         if not mine:
-            return Receipt(unit, deferred=True)
+            return UnitReceipt(unit, deferred=True)
         if store.pending("label_model"):
             pre = inputs.model.preprocess
             train, test = train_test(spec.dataset, pre.size, spec.train_samples, 500, seed=spec.seed)
@@ -197,25 +197,25 @@ def label_randomized_model(spec: SanitySpec, unit: tuple[int] = (0,), wait: bool
     train_acc, test_acc = (float(a) for a in store.read("label_accuracy", (0,)))
     with torch.no_grad():
         chance = 1 / int(inputs.model(inputs.images[:1]).shape[1])
-    return Receipt(unit, f"label-randomised model: train accuracy {train_acc:.3f} on its permuted labels, test "
+    return UnitReceipt(unit, f"label-randomised model: train accuracy {train_acc:.3f} on its permuted labels, test "
                          f"accuracy {test_acc:.3f} (chance {chance:.3f})" +
                    ("" if test_acc < chance + 0.1 else " — NOT near chance"),
                    values={"train_accuracy": train_acc, "test_accuracy": test_acc, "chance": chance})
 
 
 @task(cache_policy=NO_CACHE)
-def label_randomized_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> Receipt:
+def label_randomized_maps(spec: SanitySpec, unit: tuple[int], wait: bool = True) -> UnitReceipt:
     """One method's maps of the label-randomised model, compared with the original ones."""
     o, unit = opened(spec, open_store), tuple(unit)
     store, (m,) = o.store, unit
     with store.claim(f"label-{m}", wait) as mine:
         if not mine or unit not in store.pending("label"):
-            return Receipt(unit, deferred=not mine, skipped=mine)
+            return UnitReceipt(unit, deferred=not mine, skipped=mine)
         model = load_weights_vector(copy.deepcopy(o.inputs.model), store.read("label_weights", (0,)))
         maps = maps_of(store.coord("xai_method")[m], model, o.inputs.images, o.inputs.target, spec)
         store.write("label", unit, label_similarity=similarities(store.read("original", unit), maps),
                     label_example=maps[:len(store.coord("shown"))])
-    return Receipt(unit, f"{store.coord('xai_method')[m]}: maps of the label-randomised model compared")
+    return UnitReceipt(unit, f"{store.coord('xai_method')[m]}: maps of the label-randomised model compared")
 
 
 def summary(path: str) -> dict[str, Any]:
