@@ -108,10 +108,9 @@ def dataset_audit(**options: Any) -> dict[str, Any]:
     checked = _checked(spec)
     report_dir = spec.report_dir or default_report_dir(spec.store)
     before = samples_before(spec.store)
-    shared = {f.name: getattr(spec, f.name) for f in dataclasses.fields(RunSpec)}
+    shared = {f.name: getattr(spec, f.name) for f in dataclasses.fields(RunSpec)}  # model, data, device, workers
     summary = study(**shared, methods=spec.methods, samples=None, store=spec.store, block_size=spec.block_size,
-                    figure=None, workers=spec.workers, dask_address=spec.dask_address, metrics=checked["metrics"],
-                    metric_params=checked["params"])
+                    figure=None, metrics=checked["metrics"], metric_params=checked["params"])
     computed = dict(summary.get("computed_blocks", {}))
     new_samples = max(0, int(summary.get("samples", before)) - before)
     log.info("study of %s: %d samples, %d new; attribution blocks computed: %s",
