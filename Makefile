@@ -6,10 +6,10 @@ BIN    := $(VENV)/bin
 # releases are the ones available offline on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 # glibc's malloc keeps freed memory for reuse (one heap for all threads, no block mapped on its own,
-# trimmed past 1 GiB free) and backs it with transparent huge pages: a study's 100 MB activations
+# trimmed past 512 MiB free) and backs it with transparent huge pages: a study's 100 MB activations
 # otherwise cost one page fault per 4 kB, each pass (docs/performance.md). The same string as
 # tasks/memory.py's MALLOC_TUNABLES; the command line sets the same at run time.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=536870912
 # The default editable install (tests/test_install.py also checks a non-editable one).
 EDITABLE := -e .
 

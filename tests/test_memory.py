@@ -146,6 +146,38 @@ def test_retained_memory_is_reused_without_page_faults():
         assert _faults("default") > 0.9 * pages  # glibc's default: every pass maps its memory in afresh
 
 
+FRAGMENTED = """
+import ctypes, sys
+from pathlib import Path
+from tasks.study.memory import free_heap_bytes, give_back_excess, retain_freed_memory
+assert retain_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+anon = lambda: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon")).split()[1])
+big, small = [], []
+for _ in range(64):  # blocks of 4 MB, each followed by a smaller one (256 kB) that stays: freed, the 4 MB are holes
+    p = libc.malloc(4 << 20); ctypes.memset(p, 1, 4 << 20); big.append(p); small.append(libc.malloc(256 << 10))
+for p in big:
+    libc.free(p)
+held, free = anon(), free_heap_bytes()
+print(free >> 20, give_back_excess(512 << 20), give_back_excess(64 << 20), (held - anon()) >> 10, free_heap_bytes() >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc only")
+def test_free_memory_between_blocks_in_use_goes_back_past_the_limit():
+    """Holes left between blocks still in use are not given back by glibc's own trimming (only a heap's top is):
+    `give_back_excess` returns them once more than its limit is free, and leaves them below it."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, check=True).stdout.split()
+    free_mb, under_limit, over_limit, returned_mb, left_mb = int(out[0]), out[1], out[2], int(out[3]), int(out[4])
+    assert free_mb >= 250 and under_limit == "False" and over_limit == "True"
+    assert returned_mb >= 200  # the holes' pages left the process's resident memory
+    assert left_mb >= 250  # still free for reuse: given back to the system, not taken from the heap
+
+
 def test_the_makefile_sets_the_same_malloc_as_the_command_line():
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert f"export GLIBC_TUNABLES ?= {MALLOC_TUNABLES}\n" in makefile

@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .memory import give_back_excess
+
 DEPTH = 2  # units loaded ahead, and units waiting to be written
 
 # Set when the run was asked to stop (SIGTERM, Ctrl-C: `flows.study.compute_blocks`): a task returns the
@@ -45,7 +47,23 @@ class Unit:
 
 def _write(unit: Unit, result: Any) -> Any:
     with unit.claims:  # released once written, or when the write fails
-        return unit.write(result)  # type: ignore[misc]
+        try:
+            return unit.write(result)  # type: ignore[misc]
+        finally:
+            unit.write = None  # see `_computed`
+
+
+def _computed(unit: Unit) -> Any:
+    """`unit.compute()`, and the unit let go of it. A unit's steps are closures over its inputs, and a write
+    often refers back to its unit (a cycle): dropped once run, the inputs and results are freed as soon as
+    the unit is done, by reference counting, instead of waiting for the cyclic garbage collector, which
+    runs after so many new Python objects, not bytes (measured: 30 MB per block of 256 still held, 2 GB
+    after 64 blocks)."""
+    with _released_on_error(unit.claims):
+        try:
+            return unit.compute()  # type: ignore[misc]
+        finally:
+            unit.compute = None
 
 
 def overlapped(items: list[Any], prepare: Callable[[Any], Unit], depth: int = DEPTH) -> list[Any]:
@@ -67,9 +85,9 @@ def overlapped(items: list[Any], prepare: Callable[[Any], Unit], depth: int = DE
                 if unit.compute is None:
                     writes.append(_resolved(unit.result))
                 else:
-                    with _released_on_error(unit.claims):
-                        result = unit.compute()
-                    writes.append(_submit(writer, _write, unit, result))
+                    writes.append(_submit(writer, _write, unit, _computed(unit)))
+                    give_back_excess()
+                del unit
                 while len(writes) > depth or (writes and writes[0].done()):
                     receipts.append(writes.popleft().result())
             receipts.extend(w.result() for w in writes)
