@@ -197,3 +197,16 @@ def test_inputs_reach_the_gpu_while_the_default_stream_is_busy():
     t = to_device(a, "cuda")
     assert not torch.cuda.default_stream().query()  # the copy finished without waiting for that kernel
     assert t.is_cuda and torch.equal(t.cpu(), torch.from_numpy(a))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-memory mark")
+def test_a_studys_memory_does_not_grow_with_its_samples(tmp_path):
+    """Issue 34: 8 times the samples (32 blocks against 4) may not take more memory at the peak than the work in
+    flight: the study's own peak (above the imports) within 25% of the smaller study's. Before units let go of
+    their steps it grew by a block's tensors per block (x1.4 here)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from memory_at_scale import study_memory
+
+    small, large = (study_memory(n, str(tmp_path / f"s{n}.zarr"), "saliency", 64) for n in (256, 2048))
+    assert large["work_mb"] <= 1.25 * small["work_mb"], (small, large)
