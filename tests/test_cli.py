@@ -115,3 +115,21 @@ def test_a_listing_piped_into_head_ends_quietly():
     r = subprocess.run(f"{sys.executable} -m flows.cli methods | head -1", shell=True, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.stdout.startswith("name") and r.stderr.strip() == "", r.stderr
+
+
+def test_evaluate_follows_the_stores_baseline_choice_and_says_before_adding_any(prefect_api, capsys, tmp_path):
+    """Issue 34: a study scored with --no-baselines keeps its methods when evaluated again; a store never scored
+    gets the baseline maps only after a line that says so, before the work."""
+    scored, plain = str(tmp_path / "scored.zarr"), str(tmp_path / "plain.zarr")
+    common = ["--samples", "8", "--block-size", "8", "--methods", "saliency", "--device", "cpu", "--figure", "none"]
+    assert run(capsys, "study", *common, "--store", scored, "--metrics", "pointing_game", "--no-baselines")[0] == 0
+    code, out, err = run(capsys, "evaluate", scored, "--metrics", "relevance_mass", "--plot", "none")
+    assert code == 0 and "adding the baseline maps" not in out, err
+    assert "random_map" not in run(capsys, "status", scored)[1]
+
+    assert run(capsys, "study", *common, "--store", plain)[0] == 0
+    code, out, err = run(capsys, "evaluate", plain, "--metrics", "pointing_game", "--plot", "none")
+    assert code == 0, err
+    said = out.index("adding the baseline maps random_map, centre_map, edge_map")
+    assert said < out.index("pointing_game (higher is better")  # before the scores, which come after the work
+    assert "random_map" in out[said + 60:]

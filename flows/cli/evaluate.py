@@ -63,16 +63,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import storage
     from flows.study import run, task_runner
     from tasks import plan, spec_of_store
+    from tasks.study.spec import BASELINE_MAPS, baseline_choice
 
+    baselines = args.baselines if args.baselines is not None else baseline_choice(args.store)
     spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
-                         baselines=args.baselines,
-                         device=args.device, workers=args.workers)
+                         baselines=baselines is not False, device=args.device, workers=args.workers)
     task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --device
     p = plan(spec)  # validates the metrics and their parameters before any work
     unknown = sorted({m for pair in args.compare or [] for m in pair} - set(spec.studied))
     if unknown:
         raise ValueError(f"--compare names {', '.join(unknown)}, not among the store's methods; valid: "
                          + ", ".join(spec.studied))
+    added = [m for m in spec.studied if m in BASELINE_MAPS and m not in spec.methods]
+    if added:  # said before any work: they are maps the user did not name
+        print(f"adding the baseline maps {', '.join(added)} beside the store's methods, so that every score reads "
+              "against chance (--no-baselines: leave them out)", flush=True)
     run(spec, p)  # nothing when the store holds every score already
     ds = storage.open_dataset(args.store)
     if args.json:
@@ -98,8 +103,9 @@ def add_parsers(sub: Any) -> None:
     ev.add_argument("--metrics", type=_names, required=True, help="comma-separated metrics (see `saliency-atlas metrics`)")
     ev.add_argument("--metric-param", dest="metric_params", type=_param, action="append", default=[],
                     metavar="METRIC.NAME=VALUE", help="a metric parameter, e.g. deletion.steps=16 (repeatable)")
-    ev.add_argument("--no-baselines", dest="baselines", action="store_false",
-                    help="do not add the baseline maps (random_map, centre_map, edge_map) to the store")
+    ev.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                    help="add the baseline maps (random_map, centre_map, edge_map) to the store, or not (default: "
+                         "as the store was scored before; a store never scored gets them, saying so first)")
     ev.add_argument("--compare", type=_pairs, default=None, metavar="A:B[,C:D]",
                     help="paired comparisons to print (default: the first two methods, and each method against "
                          "random_map)")

@@ -101,6 +101,15 @@ def spec_of_store(store: str, **changes: Any) -> StudySpec:
     return StudySpec(**merged)
 
 
+def baseline_choice(store: str) -> bool | None:
+    """Whether `store`'s study scored its maps with the baseline maps beside them: True when it holds one, False
+    when it holds scores but no baseline (it was made with --no-baselines), None when it was never scored."""
+    s = storage.Store(store, mode="r")
+    if any(m in BASELINE_MAPS for m in s.methods()):
+        return True
+    return False if s.metrics() else None
+
+
 def check_options(spec: StudySpec) -> None:
     """The options that need neither the model nor the data."""
     unknown = [m for m in spec.methods if m not in xm.available()]
