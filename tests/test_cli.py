@@ -133,3 +133,21 @@ def test_evaluate_follows_the_stores_baseline_choice_and_says_before_adding_any(
     said = out.index("adding the baseline maps random_map, centre_map, edge_map")
     assert said < out.index("pointing_game (higher is better")  # before the scores, which come after the work
     assert "random_map" in out[said + 60:]
+
+
+def test_dry_run_sizes_a_study_and_writes_nothing(capsys, tmp_path):
+    """Issue 34: the passes (from the registries' cost lines) and the bytes before compression of a study, so a
+    user can size a million-image run; nothing is written."""
+    import xai_methods as xm
+
+    store = tmp_path / "big.zarr"
+    code, out, err = run(capsys, "study", "--samples", "1000", "--block-size", "100", "--methods", "saliency,occlusion",
+                         "--metrics", "pointing_game", "--no-baselines", "--store", str(store), "--device", "cpu",
+                         "--dry-run")
+    assert code == 0, err
+    occlusion = xm.spec("occlusion").passes((64, 64))[0]  # forward passes per image with its defaults
+    assert f"1,000 samples at 64x64: {1000 + 1000 + 1000 * occlusion:,} forward and 1,000 backward" in out
+    assert "  saliency: 1,000 fwd + 1,000 bwd" in out and f"  occlusion: {1000 * occlusion:,} fwd + 0 bwd" in out
+    assert "scored by pointing_game: no model pass" in out
+    assert f"attribution {2 * 1000 * 64 * 64 * 4 / 1e6:.1f} MB" in out and "would be created" in out
+    assert not store.exists()

@@ -13,6 +13,7 @@ examples:
   saliency-atlas study ... --samples 512              # the same store grows: only the new samples run
   saliency-atlas study ... --param occlusion.window=8 --param occlusion.stride=4
   saliency-atlas study ... --workers 2                # a local Dask cluster of two processes
+  saliency-atlas study ... --samples all --dry-run     # its passes and bytes, before starting it
 
 A killed study resumes with the same command; a store of another model, data or parameters
 is refused, naming what differs, and left untouched.
@@ -47,6 +48,12 @@ def cmd_study(args: argparse.Namespace) -> None:
     p = plan(spec)  # raises on a bad argument or a store of another study
     for problem in p.dataset.mask_problems:
         print(f"warning: {problem} (--strict refuses such masks)")
+    if args.dry_run:  # the plan's size, and nothing written
+        from tasks.study.planning import describe_estimate, estimate
+
+        print("\n".join(describe_estimate(estimate(p.template))))
+        print(f"store:   {spec.store} " + ("exists: only what it lacks would run" if p.exists else "would be created"))
+        return
     summary = run(spec, p)
     if summary is None:  # nothing to compute: Prefect (and its temporary server) skipped altogether
         print(f"store:   {spec.store} is complete: every block of {', '.join(spec.methods)} is done")
@@ -83,5 +90,8 @@ def add_parsers(sub: Any) -> None:
                                    "of the `study` flow in the Prefect UI.",
                        epilog=STUDY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_options(s)
+    s.add_argument("--dry-run", action="store_true",
+                   help="check every option, then print the passes of the model and the bytes the study would take "
+                        "(to size a large run) and stop: nothing is written")
     s.set_defaults(func=cmd_study, computes=True)
 
