@@ -415,8 +415,9 @@ class Store(Checksums):
     def _scored(self) -> np.ndarray | None:
         return self.group["scored"][:] if "scored" in self.group else None
 
-    def status(self) -> dict[str, Any]:
-        """Blocks done per method, plus the store's identity and size."""
+    def status(self, masks: bool = False) -> dict[str, Any]:
+        """Blocks done per method, plus the store's identity and size: flags and attributes only, in seconds at
+        any size. `masks`: also count the empty masks, which reads every mask (`status --verify` does)."""
         g, a = self.group, self.attrs
         done = g["done"][:]
         n, b = self.n_samples, self.block_size
@@ -434,7 +435,7 @@ class Store(Checksums):
             "ingested": int(g["ingested"][:].sum()),
             "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
             "failures": self.failure_counts(),
-            "empty_masks": self.empty_masks(),
+            "empty_masks": self.empty_masks() if masks else None,
             "params": a["params"],
             "scored": ({k: {m: int(scored[i, j].sum()) for i, m in enumerate(self.methods())}
                         for j, k in enumerate(self.metrics())} if (scored := self._scored()) is not None else {}),

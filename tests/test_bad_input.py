@@ -371,6 +371,8 @@ def test_boxes_outside_their_image_or_naming_missing_files_are_said_and_counted(
         "64x64 image)" in warnings_[1]
     assert out.index("warning: boxes file") < out.index("store:")  # said before the work
     assert main(["status", store]) == 0
+    assert "empty mask" not in capsys.readouterr().out  # status reads flags only: masks are counted by --verify
+    assert main(["status", store, "--verify"]) == 0
     assert "masks    8 of the ingested samples have an empty mask" in capsys.readouterr().out
 
 

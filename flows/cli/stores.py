@@ -99,7 +99,7 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
     if storage.is_result_store(store):
         cmd_protocol_status(store)
         return cmd_verify(store) if verify else None
-    st = storage.Store(store, mode="r").status()
+    st = storage.Store(store, mode="r").status(masks=verify)  # --verify reads everything anyway
     print(f"store    {st['path']}")
     print(f"model    {st['model']}  (fingerprint {str(st['model_fingerprint'])[:12]})")
     print(f"dataset  {st['dataset']}  (fingerprint {str(st['dataset_fingerprint'])[:12]})")
@@ -170,15 +170,17 @@ def store_command(sub: Any, name: str, func: Any, help: str, **kwargs: Any) -> a
 def add_parsers(sub: Any) -> None:
     st = store_command(sub, "status", lambda args: cmd_status(args.store, args.verify),
                        "blocks done per method (units per part of a protocol store), and the store's identity",
-                       description="Blocks done per method, failed maps, scores, and the store's identity; of a "
-                                   "protocol store (sanity, invariance, manipulate, roar), its units done per part. "
+                       description="Blocks done per method, failed maps, scores, the store's identity, and the "
+                                   "study's plan (model passes, bytes); of a protocol store (sanity, invariance, "
+                                   "manipulate, roar), its units done per part. It reads flags and attributes only, "
+                                   "so it answers in seconds at any size. "
                                    "--verify reads every finished block (inputs, maps, scores) or protocol unit back "
                                    "and checks it against the checksum recorded with its flag; a damaged one (a chunk "
                                    "file truncated, deleted or overwritten) is named and marked not done, so that "
                                    "rerunning the same command recomputes exactly those. Exit status 1 when any was "
-                                   "found.")
+                                   "found; it also counts the samples whose mask is empty.")
     st.add_argument("--verify", action="store_true",
-                    help="check every finished block or protocol unit against its checksum")
+                    help="check every finished block or protocol unit against its checksum, and count empty masks")
 
     f = store_command(sub, "figure", cmd_figure, "draw inputs and heatmaps of chosen samples")
     f.add_argument("--samples", type=_int_list, default=[0, 1, 2, 3], help="comma-separated sample positions")
