@@ -179,3 +179,20 @@ def test_curve_metrics_added_later_grow_the_curves(prefect_api, tmp_path, capsys
     assert np.isnan(ds.curve.sel(metric="deletion").values[..., 5:]).all()
     assert np.isfinite(ds.curve.sel(metric="deletion").values[..., :5]).all()
     assert np.isfinite(ds.curve.sel(metric="insertion").values).all() and ds.scored.values.all()
+
+
+def test_past_the_bootstrap_limit_the_interval_is_the_normal_one_and_agrees_with_the_bootstrap():
+    """Issue 34: a million scores cannot be resampled a thousand times per row; past `BOOTSTRAP_MAX` the interval is
+    mean +- z s / sqrt(n), which the percentile bootstrap matches there within its own resampling error (skewed
+    scores, as deletion's are)."""
+    from statistics import NormalDist
+
+    from storage.scores import BOOTSTRAP_MAX, interval
+
+    v = np.random.default_rng(0).exponential(size=BOOTSTRAP_MAX + 1)
+    low, high = interval(v)
+    half = NormalDist().inv_cdf(0.975) * v.std(ddof=1) / np.sqrt(len(v))
+    assert (low, high) == pytest.approx((v.mean() - half, v.mean() + half), rel=1e-12)
+    boot_low, boot_high = interval(v[:BOOTSTRAP_MAX])  # the last size still bootstrapped
+    ref = v[:BOOTSTRAP_MAX].mean()
+    assert abs(boot_low - (ref - half)) < 0.1 * half and abs(boot_high - (ref + half)) < 0.1 * half
