@@ -45,6 +45,7 @@ def print_score_table(ds: Any, by: str | None, pairs: list[tuple[str, str]]) -> 
     import storage
     from xai_methods import metrics as xmet
 
+    ds = ds.assign(score=ds.score.load(), score_status=ds.score_status.load())  # read once: the table, then pairs
     rows = storage.score_table(ds, by=by)
     width = max(len(r["xai_method"]) for r in rows)
     for metric in dict.fromkeys(r["metric"] for r in rows):
