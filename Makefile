@@ -51,13 +51,16 @@ browser: install-dev
 	@$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); import browser; browser.ensure_chromium()" \
 		|| echo "warning: chromium and chromium-driver are missing; the browser tests will fail"
 
-# The whole test suite (what CI runs). pytest's exit code is kept: 5 (no test ran) fails.
+# The whole test suite (what CI runs), in two processes: many tests wait on a subprocess, a Prefect
+# server or a browser, so two share CI's two cores well (25 min against 33 in one, loaded machine).
+# pytest's exit code is kept: 5 (no test ran) fails.
+TEST_WORKERS ?= 2
 test: install-dev browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # Everything but the tests marked slow.
 test-fast: install-dev browser
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache
