@@ -140,7 +140,9 @@ def _faults(how: str) -> int:
                     reason="glibc's malloc only")
 def test_retained_memory_is_reused_without_page_faults():
     pages = 8 * 96 * 2**20 // 4096  # what the eight passes touch, in 4 kB pages
-    assert _faults("retain") < pages / 4  # the first passes' memory, reused (now and then one pass is not)
+    # the first passes' memory, reused: now and then a pass is not (another thread's allocation split the freed
+    # block; two of eight in a CI run with a second test process beside it), while glibc's default faults all eight
+    assert _faults("retain") < pages / 2
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not (thp.is_file() and "[always]" in thp.read_text()):  # else the default faults 2 MB at a time
         assert _faults("default") > 0.9 * pages  # glibc's default: every pass maps its memory in afresh
