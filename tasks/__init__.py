@@ -8,33 +8,22 @@
 
 The names notebooks use are exported here as before (``from tasks import StudySpec, sanity, report``).
 """
+from ._lazy import exports
 from ._unshadow import own_package
 
 own_package("storage")  # first: a Dask worker's spill folder "storage" must not stand in for it
 
-from .audit import clusters, report  # noqa: E402
-from .drawing import figure  # noqa: E402
-from .drawing.figure import render, render_figure  # noqa: E402
-from .protocols import invariance, manipulation, roar, sanity  # noqa: E402
-from .study import (  # noqa: E402
-    OPTIONS,
-    StudyPlan,
-    StudySpec,
-    accuracy,
-    attribute_block,
-    block_units,
-    check_options,
-    evaluate_block,
-    ingest_block,
-    is_complete,
-    load_model,
-    memory,
-    pipeline,
-    plan,
-    prepare_store,
-    resolve_device,
-    spec_of_store,
-)
+# Each exported name and the room that owns it, imported on first use, so that `import tasks` (and the
+# command line's --help, which reads `tasks.study.spec`) does not import torch, Prefect or xarray.
+__getattr__ = exports(__name__, {
+    **dict.fromkeys(("clusters", "report"), "audit"), "figure": "drawing.figure",
+    **dict.fromkeys(("render", "render_figure"), "drawing.figure"),
+    **dict.fromkeys(("invariance", "manipulation", "roar", "sanity"), "protocols"),
+    "accuracy": "study.accuracy",
+    **dict.fromkeys(("OPTIONS", "StudyPlan", "StudySpec", "attribute_block", "block_units",
+                     "check_options", "evaluate_block", "ingest_block", "is_complete", "load_model", "memory",
+                     "pipeline", "plan", "prepare_store", "resolve_device", "spec_of_store"), "study"),
+})
 
 __all__ = [
     "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "clusters",

@@ -8,12 +8,17 @@ as a namespace package, and every task fails with "module 'storage' has no attri
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
 
 def own_package(name: str) -> None:
-    """Make `name` the installed package, not a namespace package of folders named like it."""
+    """Make `name` the installed package, not a namespace package of folders named like it (found, not
+    imported, when nothing shadows it: importing `tasks` stays light)."""
+    found = importlib.util.find_spec(name)
+    if found is not None and found.origin not in (None, "namespace"):  # a regular package comes first
+        return
     module = importlib.import_module(name)
     if getattr(module, "__file__", None):  # a regular package: nothing shadows it
         return

@@ -11,8 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import xai_methods as xm
-
 
 def option(default: Any, help: str, **cli: Any) -> Any:
     """An option of a spec: its default, the one-line help the UI form and `--help` show, and
@@ -60,6 +58,8 @@ class RunSpec:
 
     def method_params(self, method: str) -> dict[str, Any]:
         """Defaults of the method merged with the user's, plus the layer for layer methods."""
+        import xai_methods as xm  # here: the options themselves stay light to import (the command line's --help)
+
         spec = xm.spec(method)
         p = {**spec.defaults, **self.params.get(method, {})}
         if spec.needs_layer:

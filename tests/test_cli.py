@@ -25,6 +25,41 @@ def test_methods_table(capsys):
     assert rows["cem_pp"][1:4] == ["contrastive", "-", "-"]
 
 
+def test_the_catalogue_is_the_registries():
+    """What `methods`, `metrics` and --help read without torch is what the registries hold (a method or metric
+    registered without rewriting the catalogue fails here, with the command that rewrites it)."""
+    import json
+
+    from xai_methods import catalogue
+
+    assert json.loads(catalogue.PATH.read_text()) == catalogue.build(), f"run `{catalogue.WRITE}`"
+    assert catalogue.methods() == __import__("xai_methods").available()
+
+
+HEAVY = ("torch", "prefect", "xarray", "zarr", "dask")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["metrics"], ["study", "--help"], ["evaluate", "--help"],
+                                  ["sanity", "--help"], ["manipulate", "--help"], ["status", "--help"]])
+def test_listings_and_help_import_none_of_the_heavy_packages(argv):
+    """Listings and --help answer at once at any size: none of torch, Prefect, xarray, zarr or Dask is imported
+    (each takes a second or more to import), so what they print comes from the catalogue and the specs."""
+    code = ("import sys\nfrom flows.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout[-300:]
+    assert len(r.stdout.splitlines()) > 5  # it printed the listing or the help
+
+
+def test_a_folder_named_storage_does_not_stand_in_for_the_package(tmp_path):
+    """A Dask worker's spill folder `storage` first on sys.path: `tasks` still gets the project's package."""
+    (tmp_path / "storage").mkdir()
+    r = subprocess.run([sys.executable, "-c", "import tasks, storage; print(storage.Store.__name__)"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "Store", r.stderr
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [

@@ -25,12 +25,31 @@ and not rescaled. The model is left exactly as found (mode, requires_grad,
 in-place flags, hooks). New methods register with ``xai_methods._registry.register``.
 """
 
-from ._core import contrasts
-from ._registry import MethodSpec, attribute, available, check, of_category, spec
-from .failures import FAILURES, failures, without_failures
-from . import baselines, cam, contrastive, deeplift, gradient, perturbation, perturbation_opt  # noqa: F401  (registers the methods)
-from . import metrics  # noqa: E402,F401  (the evaluation metrics: xai_methods.metrics)
-from .shared import attribute_many  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["FAILURES", "MethodSpec", "attribute", "attribute_many", "available", "check", "contrasts", "failures", "metrics", "of_category", "spec",
-           "without_failures"]
+import importlib
+from typing import Any
+
+# Each public name and the module that owns it, imported on first use: `import xai_methods` and its
+# torch-free `catalogue` (what `saliency-atlas methods` lists) stay light; the registry imports the
+# methods' modules (and with them torch) at its first lookup.
+_OWNERS = {
+    "FAILURES": "failures", "failures": "failures", "without_failures": "failures", "contrasts": "_core",
+    "MethodSpec": "_registry", "attribute": "_registry", "available": "_registry", "check": "_registry",
+    "of_category": "_registry", "spec": "_registry", "attribute_many": "shared", "metrics": "metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _OWNERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    owner = _OWNERS[name]
+    module = importlib.import_module(f"{__name__}.{owner}")
+    # every name of that module at once: importing `failures` binds the module to the name its function must have
+    for other in (n for n, o in _OWNERS.items() if o == owner):
+        globals()[other] = module if other == owner == "metrics" else getattr(module, other)
+    return globals()[name]
+
+
+__all__ = ["FAILURES", "MethodSpec", "attribute", "attribute_many", "available", "check", "contrasts", "failures",
+           "metrics", "of_category", "spec", "without_failures"]

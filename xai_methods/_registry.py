@@ -11,6 +11,7 @@ runs the method inside `untouched(model)` and checks what it returns.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +61,15 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+# the modules whose methods register themselves, imported at the registry's first lookup
+MODULES = ("baselines", "cam", "contrastive", "deeplift", "gradient", "perturbation", "perturbation_opt")
+
+
+def _registered() -> dict[str, MethodSpec]:
+    """The registry, with every module of `MODULES` imported (so registered) first."""
+    for module in MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return _REGISTRY
 
 
 def register(
@@ -121,18 +131,18 @@ def register(
 
 def available() -> list[str]:
     """Names of all registered methods, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_registered())
 
 
 def of_category(category: str) -> list[str]:
     """The methods of one category, in the order they were registered (e.g. the baseline maps)."""
-    return [name for name, s in _REGISTRY.items() if s.category == category]
+    return [name for name, s in _registered().items() if s.category == category]
 
 
 def spec(name: str) -> MethodSpec:
     """The `MethodSpec` of method `name`."""
     try:
-        return _REGISTRY[name]
+        return _registered()[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())}") from None
 

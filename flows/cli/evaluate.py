@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from .options import _names, _pairs, _param, fold_params
+from .options import _names, _pairs, _param, fold_params, print_rows
 
 
 EVALUATE_EXAMPLES = """\
@@ -20,18 +20,14 @@ use the store's `mask`; region_share needs --metric-param region_share.region=[y
 """
 
 def cmd_metrics() -> None:
-    from xai_methods import metrics as xmet
+    from xai_methods import catalogue
 
     rows = [("name", "family", "needs", "better", "passes/image (64x64)", "what it is")]
-    for name in xmet.available():
-        s = xmet.spec(name)
-        needs = "+".join(n for n, on in (("mask", s.needs_mask), ("model", s.needs_model), ("method", s.needs_method))
-                         if on) or "-"
-        cost = "-" if not s.needs_model else str(s.cost(dict(s.defaults), (64, 64)))
-        rows.append((name, s.family, needs, "higher" if s.higher_is_better else "lower", cost, s.summary))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    for m in catalogue.load()["metrics"]:
+        needs = "+".join(n for n in ("mask", "model", "method") if m[f"needs_{n}"]) or "-"
+        rows.append((m["name"], m["family"], needs, "higher" if m["higher_is_better"] else "lower",
+                     "-" if m["passes"] is None else str(m["passes"]), m["summary"]))
+    print_rows(rows)
 
 def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
     """The first two methods against each other, and every method against random_map."""

@@ -141,3 +141,9 @@ def spec_from_args(cls: type, options: dict[str, dataclasses.Field], args: argpa
             values[name] = dict(values[name])
     figure = values["figure"] or os.path.splitext(values["store"].rstrip("/"))[0] + ".png"
     return cls(**{**values, "figure": None if figure.lower() == "none" else figure})
+
+def print_rows(rows: list[tuple[str, ...]]) -> None:
+    """A table whose last column (a sentence) runs on unpadded: `methods` and `metrics`."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

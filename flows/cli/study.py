@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import add_study_options, spec_from_args
+from .options import add_study_options, print_rows, spec_from_args
 
 
 STUDY_EXAMPLES = """\
@@ -26,17 +26,14 @@ def study_spec(args: argparse.Namespace) -> Any:
     return spec_from_args(StudySpec, OPTIONS, args)
 
 def cmd_methods() -> None:
-    import xai_methods as xm
+    from xai_methods import catalogue
 
     rows = [("name", "category", "layer", "contrast", "passes/image (64x64)", "what it is")]
-    for name in xm.available():
-        s = xm.spec(name)
-        fwd, bwd = s.passes((64, 64))
-        rows.append((name, s.category, "yes" if s.needs_layer else "-", "yes" if s.needs_contrast else "-",
-                     f"{fwd} fwd + {bwd} bwd", s.summary))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    for m in sorted(catalogue.load()["methods"], key=lambda m: m["name"]):
+        fwd, bwd = m["passes"]
+        rows.append((m["name"], m["category"], "yes" if m["needs_layer"] else "-",
+                     "yes" if m["needs_contrast"] else "-", f"{fwd} fwd + {bwd} bwd", m["summary"]))
+    print_rows(rows)
 
 def cmd_study(args: argparse.Namespace) -> None:
     from flows.study import run, task_runner

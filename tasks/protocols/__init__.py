@@ -2,38 +2,70 @@
 `summary`), what they share (`common`), their figures (`plot`), and `PROTOCOLS`, the one table that the
 flows, the command line, the report and the Prefect UI's forms read.
 
-Adding a protocol is one module and one row here: the flow, the command (`saliency-atlas NAME`), its
-`--help`, the form, the figure in `report --protocol` and `status` follow from the row."""
+Adding a protocol is one module, its spec in `specs` and one row here: the flow, the command
+(`saliency-atlas NAME`), its `--help`, the form, the figure in `report --protocol` and `status` follow from
+the row. The table and the specs are light to import (`--help` reads them); a row imports its module, and
+with it torch, when its work is first asked for."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import invariance, manipulation, plot, roar, sanity
-from .common import Opened, ProtocolSpec, Stage, UnitReceipt, opened
+from .._lazy import exports
+from . import specs
+from .specs import ProtocolSpec
+
+if TYPE_CHECKING:
+    from .common import Opened, Stage
+
+__getattr__ = exports(__name__, {
+    **{name: name for name in ("common", "invariance", "manipulation", "plot", "roar", "sanity")},
+    **dict.fromkeys(("Opened", "Stage", "UnitReceipt", "opened"), "common"),
+})
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """One protocol: its name (the command and the flow), its options, how its store is opened and its work
-    laid out in stages, its `--json` summary and its figure, and its help (a line, then examples and notes)."""
+    """One protocol: its name (the command and the flow), its options, the module that opens its store and
+    lays out its work in stages (`open_store`, `stages`) and gives its `--json` summary (`summary`), its
+    figure (a function of `plot`), and its help (a line, then examples and notes)."""
 
     name: str
     spec: type[ProtocolSpec]
-    open_store: Callable[[Any], Opened]
-    stages: Callable[[Any, Opened], list[Stage]]
-    summary: Callable[[str], dict[str, Any]]
-    plot: Callable[[str, str], str]
+    module: str
+    figure: str
     help: str
     examples: str
 
+    def _work(self) -> Any:
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+    @property
+    def open_store(self) -> Callable[[Any], Opened]:
+        return self._work().open_store
+
+    @property
+    def stages(self) -> Callable[[Any, Opened], list[Stage]]:
+        return self._work().stages
+
+    @property
+    def summary(self) -> Callable[[str], dict[str, Any]]:
+        return self._work().summary
+
+    @property
+    def plot(self) -> Callable[[str, str], str]:
+        return getattr(importlib.import_module(f"{__name__}.plot"), self.figure)
+
     def opened(self, spec: ProtocolSpec) -> Opened:
         """The store opened once per process for `spec` (`common.opened`)."""
+        from .common import opened
+
         return opened(spec, self.open_store)
 
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
-    Protocol("sanity", sanity.SanitySpec, sanity.open_store, sanity.stages, sanity.summary, plot.plot_sanity,
+    Protocol("sanity", specs.SanitySpec, "sanity", "plot_sanity",
              "do the maps change when the model's layers or the labels are randomised? (Adebayo et al. 2018)",
              """examples:
   saliency-atlas sanity --methods saliency,guided_backprop,gradcam --samples 32 --json
@@ -46,8 +78,7 @@ to this one) and independent (this one alone); each map is compared with the ori
 rank correlation (of |map| and of the signed map), SSIM and the correlation of HOG features.
 A method whose maps stay similar when the model is destroyed does not explain the model.
 Each randomised model is one resumable unit; --workers / --dask-address spread them."""),
-    Protocol("invariance", invariance.InvarianceSpec, invariance.open_store, invariance.stages, invariance.summary,
-             plot.plot_invariance,
+    Protocol("invariance", specs.InvarianceSpec, "invariance", "plot_invariance",
              "does a map change under an input shift the model compensates? (Kindermans et al. 2019)",
              """examples:
   saliency-atlas invariance --methods saliency,integrated_gradients --baseline zeros --json
@@ -56,8 +87,7 @@ Each randomised model is one resumable unit; --workers / --dask-address spread t
 The shifted model takes x + shift (in [0, 1] pixel units) and its first layer's bias absorbs
 the shift, so both models compute the same function; invariant = relative L1 change of the maps
 at most --tolerance."""),
-    Protocol("manipulate", manipulation.ManipulateSpec, manipulation.open_store, manipulation.stages,
-             manipulation.summary, plot.plot_manipulation,
+    Protocol("manipulate", specs.ManipulateSpec, "manipulation", "plot_manipulation",
              "move a map to a target with an imperceptible input change (Dombrowski et al. 2019)",
              """examples:
   saliency-atlas manipulate --method saliency --target-map other --samples 8 --json
@@ -66,7 +96,7 @@ at most --tolerance."""),
 The attack differentiates the map through a softplus copy of the model (--beta) and keeps the
 output (--gamma); "defended" repeats it against the map of a softplus copy with a small beta
 (--defence-beta), the defence the paper proposes."""),
-    Protocol("roar", roar.RoarSpec, roar.open_store, roar.stages, roar.summary, plot.plot_roar,
+    Protocol("roar", specs.RoarSpec, "roar", "plot_roar",
              "remove the top-ranked pixels, retrain, test: does accuracy fall faster than at random? (Hooker et al. 2019)",
              """examples:
   saliency-atlas roar --methods saliency,gradcam --fractions 0.1,0.5,0.9 --seeds 3 --json
@@ -76,4 +106,4 @@ Each (method, fraction, seed) retrain is one resumable unit of the store; rerun 
 ]}
 
 __all__ = ["PROTOCOLS", "Opened", "Protocol", "ProtocolSpec", "Stage", "UnitReceipt", "invariance", "manipulation",
-           "plot", "roar", "sanity"]
+           "plot", "roar", "sanity", "specs"]

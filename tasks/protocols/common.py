@@ -8,10 +8,8 @@ work, in order) and `summary`; its row in `tasks.protocols.PROTOCOLS` names them
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -23,25 +21,7 @@ import zoo
 from xai_methods._core import forward_logits
 
 from ..loading import _listing, load_dataset, model_of, resolve_device, stamp
-from ..spec import RunSpec, option
-
-
-@dataclass(frozen=True)
-class ProtocolSpec(RunSpec):
-    """The options every protocol has beyond a run's: how many images, the seed and the figure (each
-    protocol adds its methods and store)."""
-
-    samples: int = option(32, "how many images of the dataset (its first ones) are explained")
-    seed: int = option(0, "seed of every random draw of the protocol (re-initialisations, permutations, training)")
-    figure: str | None = option(None, "figure to write (PNG); None: none (the command line defaults to the "
-                                      "store path with .png; 'none' for no figure)")
-
-    def identity(self, model: torch.nn.Module, dataset: zoo.Dataset, ids: list[str]) -> dict[str, Any]:
-        """What a stored result depends on: refusing to mix results of another model, data or options."""
-        skip = {"device", "figure", "workers", "dask_address", "store"}
-        options = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-        return {**options, "model_fingerprint": zoo.model_fingerprint(model), "dataset_fingerprint": dataset.digest(ids),
-                "package_version": metadata.version("saliency-atlas")}
+from .specs import ProtocolSpec
 
 
 class Inputs(NamedTuple):

@@ -12,7 +12,6 @@ and the changes of methods that are not invariant (above 0.5 on the built-in dat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,22 +23,11 @@ import storage
 import xai_methods as xm
 from xai_methods import surgery
 
-from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
-from ..spec import option
+from .common import Opened, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
+from .specs import InvarianceSpec
 
 SHOWN = 4
 VARIANTS = ("original", "shifted")
-
-
-@dataclass(frozen=True)
-class InvarianceSpec(ProtocolSpec):
-    methods: list[str] = option(["saliency", "input_x_gradient", "integrated_gradients", "deeplift", "gradcam"],
-                                "attribution methods to check", type="names")
-    store: str = option("runs/invariance.zarr", "the protocol's Zarr store; rerun to resume")
-    shift: float = option(-1.0, "the constant added to every [0, 1] pixel (Kindermans et al.: -1)", type="float")
-    baseline: str = option("zeros", "the reference of methods that take one: zeros (the same zero input for both "
-                                    "models) or shifted (moved with the input)", choices=("zeros", "shifted"))
-    tolerance: float = option(1e-2, "largest relative L1 change of the maps still called invariant", type="float")
 
 
 def shift_of(model: torch.nn.Module, shift: float, device: torch.device) -> torch.Tensor:

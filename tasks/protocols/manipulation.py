@@ -12,7 +12,6 @@ correlation of the maps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,28 +24,11 @@ import xai_methods as xm
 from xai_methods import manipulation as M
 from xai_methods.metrics.similarity import similarity
 
-from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, open_results, opened
-from ..spec import option
+from .common import Opened, Stage, UnitReceipt, check_methods, load_inputs, open_results, opened
+from .specs import ManipulateSpec, TARGET_MAPS
 
-TARGET_MAPS = ("other", "corner")
 STAGES = ("before", "after", "defended_before", "defended_after", "defended_transfer")
 MAPS = ("original", "manipulated", "target", "defended_original", "defended_manipulated", "defended_target")
-
-
-@dataclass(frozen=True)
-class ManipulateSpec(ProtocolSpec):
-    method: str = option("saliency", f"the method attacked: {', '.join(M.DIFFERENTIABLE)}")
-    store: str = option("runs/manipulate.zarr", "the protocol's Zarr store; rerun to resume")
-    samples: int = option(8, "how many images of the dataset (its first ones) are attacked")
-    target_map: str = option("other", "the map to move to: other (the next image's map) or corner (a square in "
-                                      "the corner farthest from the map's mass)", choices=TARGET_MAPS)
-    steps: int = option(200, "optimisation steps of the attack")
-    lr: float = option(1e-3, "Adam step size of the perturbation, in [0, 1] pixel units", type="float")
-    beta: float = option(10.0, "softplus beta of the copy the attack differentiates through", type="float")
-    defence_beta: float = option(2.0, "softplus beta of the defended (smoothed) explanation", type="float")
-    gamma: float = option(1e3, "weight of keeping the output in the attack's loss", type="float")
-    epsilon: float = option(0.05, "largest change of a pixel (L-inf budget, [0, 1] units; 0.05 is about 13/255)",
-                            type="float")
 
 
 def corner_maps(maps: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,25 +25,10 @@ from xai_methods import surgery
 from xai_methods.metrics.faithfulness import ranks
 from zoo.training import accuracy, fit, train_test
 
-from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
-from ..spec import option
+from .common import Opened, Stage, UnitReceipt, check_methods, load_inputs, maps_of, open_results, opened
+from .specs import RoarSpec
 
 RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class RoarSpec(ProtocolSpec):
-    methods: list[str] = option(["saliency", "integrated_gradients", "smoothgrad_sq", "vargrad", "gradcam"],
-                                "attribution methods whose rankings are removed", type="names")
-    store: str = option("runs/roar.zarr", "the protocol's Zarr store; rerun to resume")
-    fractions: list[float] = option([0.1, 0.3, 0.5, 0.7, 0.9], "fractions of each image's pixels removed",
-                                    type="floats")
-    seeds: int = option(3, "retrains per (method, fraction), seeds 0..K-1")
-    train_samples: int = option(2000, "training images of each retrain")
-    test_samples: int = option(500, "test images of each retrain")
-    epochs: int = option(10, "epochs of each retrain (shapes-cnn from scratch needs about 600 steps: 2000 "
-                              "images, 10 epochs, batches of 32 reach 99.8% test accuracy; 3 epochs stay at chance)")
-    batch_size: int = option(32, "images per training step of each retrain")
 
 
 def check(spec: RoarSpec) -> None:

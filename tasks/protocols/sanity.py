@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,25 +25,11 @@ from xai_methods import surgery
 from xai_methods.metrics.similarity import MEASURES, similarities
 from zoo.training import accuracy, fit, train_test
 
-from .common import Opened, ProtocolSpec, Stage, UnitReceipt, check_methods, load_inputs, maps_of, nanmean, open_results, opened
-from ..spec import option
+from .common import Opened, Stage, UnitReceipt, check_methods, load_inputs, maps_of, nanmean, open_results, opened
+from .specs import SanitySpec
 
 KINDS = ("cascading", "independent")
 SHOWN = 4  # samples whose randomised maps are kept for the figure
-
-
-@dataclass(frozen=True)
-class SanitySpec(ProtocolSpec):
-    methods: list[str] = option(["saliency", "guided_backprop", "gradcam", "guided_gradcam"],
-                                "attribution methods to check", type="names")
-    store: str = option("runs/sanity.zarr", "the protocol's Zarr store; rerun to resume")
-    study: str | None = option(None, "a study store of the same model and data whose maps are reused as the "
-                                     "unrandomised ones")
-    data_randomization: bool = option(False, "also retrain the model on permuted labels and compare its maps",
-                                      flag="--data-randomization", switch_on=True)
-    train_samples: int = option(2000, "training images of the label-randomised retrain")
-    epochs: int = option(10, "epochs of the label-randomised retrain")
-    batch_size: int = option(32, "images per training step of the label-randomised retrain")
 
 
 def weights_vector(model: torch.nn.Module) -> np.ndarray:

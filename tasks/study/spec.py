@@ -5,12 +5,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import storage
-import xai_methods as xm
-from xai_methods import metrics as xmet
+from xai_methods import catalogue
 
-from ..loading import resolve_device
 from ..spec import RunSpec, option, options_of
+
+# light to import (the command line's --help reads it): storage, the registries and the device are imported
+# where they are used
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,22 @@ class StudySpec(RunSpec):
     def metric_arguments(self, metric: str) -> dict[str, Any]:
         """The metric's defaults merged with the user's: what the store records (the method that
         max_sensitivity recomputes is the study's own, supplied per method by the task)."""
+        from xai_methods import metrics as xmet
+
         p = {**xmet.spec(metric).defaults, **self.metric_params.get(metric, {})}
         return {k: v for k, v in p.items() if k not in TASK_SUPPLIED}
 
     def method_defaults(self, method: str) -> dict[str, Any]:
         """What a key missing from a stored parameter record means (the layer is never missing)."""
+        import xai_methods as xm
+
         return dict(xm.spec(method).defaults)
 
 
 OPTIONS = options_of(StudySpec)
 
 
-BASELINE_MAPS = tuple(xm.of_category("baseline"))  # random_map, centre_map, edge_map: chance levels
+BASELINE_MAPS = tuple(catalogue.methods("baseline"))  # random_map, centre_map, edge_map: chance levels
 
 
 TASK_SUPPLIED = ("method", "method_params", "layer", "contrast")
@@ -83,6 +87,8 @@ TASK_SUPPLIED = ("method", "method_params", "layer", "contrast")
 def spec_of_store(store: str, **changes: Any) -> StudySpec:
     """The options of the study that made `store` (model, data, methods and their parameters, layout),
     with `changes` (e.g. more metrics): what `saliency-atlas evaluate` runs, so only new work is done."""
+    import storage
+
     s = storage.Store(store, mode="r")  # no store, or an unfinished one: one line that says so
     a = s.attrs
     params = {m: dict(p) for m, p in a["params"].items()}
@@ -104,6 +110,8 @@ def spec_of_store(store: str, **changes: Any) -> StudySpec:
 def baseline_choice(store: str) -> bool | None:
     """Whether `store`'s study scored its maps with the baseline maps beside them: True when it holds one, False
     when it holds scores but no baseline (it was made with --no-baselines), None when it was never scored."""
+    import storage
+
     s = storage.Store(store, mode="r")
     if any(m in BASELINE_MAPS for m in s.methods()):
         return True
@@ -112,11 +120,13 @@ def baseline_choice(store: str) -> bool | None:
 
 def check_options(spec: StudySpec) -> None:
     """The options that need neither the model nor the data."""
-    unknown = [m for m in spec.methods if m not in xm.available()]
+    from ..loading import resolve_device
+
+    unknown = [m for m in spec.methods if m not in catalogue.methods()]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(xm.available())}")
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(catalogue.methods())}")
     if not spec.methods:
-        raise ValueError("methods is empty; name at least one of: " + ", ".join(xm.available()))
+        raise ValueError("methods is empty; name at least one of: " + ", ".join(catalogue.methods()))
     if spec.samples is not None and spec.samples < 1:
         raise ValueError(f"samples must be >= 1 or all, got {spec.samples}")
     if spec.block_size < 1:
@@ -126,9 +136,9 @@ def check_options(spec: StudySpec) -> None:
     for m in spec.params:
         if m not in spec.studied:
             raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.studied)}")
-    unknown = [m for m in spec.metrics if m not in xmet.available()]
+    unknown = [m for m in spec.metrics if m not in catalogue.metrics()]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(xmet.available())}")
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(catalogue.metrics())}")
     for m, given in spec.metric_params.items():
         if m not in spec.metrics:
             raise ValueError(f"parameters given for metric {m!r}, which is not among the metrics {list(spec.metrics)}")
