@@ -30,6 +30,7 @@ class StudyPlan:
     dataset: zoo.Dataset
     model: torch.nn.Module
     exists: bool  # the store is already there
+    key: tuple | None = None  # the store and files as they were before this plan read them (`_plan_key`)
 
 
 def check_metrics(spec: StudySpec, model: torch.nn.Module, size: tuple[int, int], has_masks: bool) -> None:
@@ -51,6 +52,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     check_options(spec)
     storage.check_path(spec.store, "study")
     check_writable(spec.store)
+    key = _plan_key(spec)  # before the store is read: a run that creates it meanwhile changes the key
     exists = storage.exists(spec.store)
     model = model_of(spec, "cpu")
     pre = model.preprocess
@@ -98,7 +100,7 @@ def plan(spec: StudySpec) -> StudyPlan:
     )
     if exists:
         storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=digest)
-    return StudyPlan(template, dataset, model, exists)
+    return StudyPlan(template, dataset, model, exists, key)
 
 
 def stored_digest(spec: StudySpec, dataset: zoo.Dataset) -> str:
@@ -174,11 +176,11 @@ def _plan_key(spec: StudySpec) -> tuple | None:
 
 def hand_on(spec: StudySpec, p: StudyPlan | None) -> None:
     """Leave `p` for the study flow this process runs next on `spec`: planning (loading the model, listing and
-    hashing the data, checking the store) is done once per run. None: forget what was left."""
+    hashing the data, checking the store) is done once per run. None: forget what was left. The plan is kept by
+    the state it read, taken before it read it: a store another run created or grew since is planned again."""
     _HANDED.clear()
-    key = _plan_key(spec)
-    if key is not None and p is not None:
-        _HANDED[key] = p
+    if p is not None and p.key is not None:
+        _HANDED[p.key] = p
 
 
 def planned(spec: StudySpec) -> StudyPlan:
