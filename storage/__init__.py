@@ -28,10 +28,11 @@ from .schema import (
     schema_markdown,
 )
 from .store import Store, open_dataset
+from . import grid  # noqa: E402  (maps on a grid smaller than the input)
 
 __all__ = [
     "COMPRESSIONS", "Part", "ResultStore", "is_result_store", "SCHEMA", "SCHEMA_VERSION", "Difference", "Store", "StoreLayoutError", "StoreMismatch", "StoreStateError", "creation_state", "CORE_ARRAYS",
     "Template", "Variable", "aggregate", "block_slice", "check_path", "create", "default_out", "exists", "n_blocks",
-    "open_dataset", "schema_markdown", "select", "summarize",
+    "grid", "open_dataset", "schema_markdown", "select", "summarize",
     "claim", "holders", "compare", "comparisons", "describe_comparison", "interval", "means", "score_table",
 ]

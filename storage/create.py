@@ -25,6 +25,7 @@ def create(path: str, t: Template) -> Store:
         dataset_fingerprint_samples=len(t.sample_ids),
         compression=t.compression, images_stored=t.keep_images, created=False,
         params=json.dumps({name: t.params.get(name, {}) for name in t.methods}, sort_keys=True),
+        **({"map_grid": list(t.map_grid)} if t.map_grid else {}),
         **(_evaluation_attrs(t) if t.metrics else {}),
     )
     ds = ds.assign_coords(

@@ -167,6 +167,7 @@ class Template:
     curve_points: int = 0  # the `step` length: the most points of a curve metric (0: no curve metric)
     status_codes: dict[int, str] = field(default_factory=dict)  # score_status code -> meaning
     clustered: bool = False  # a new store has no clusters; `Store.write_clusters` adds them
+    map_grid: tuple[int, int] | None = None  # (h, w) the maps are stored at (`storage.grid`); None: the input size
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -181,6 +182,15 @@ class Template:
             raise ValueError(f"methods must be distinct, got {self.methods}")
         if not self.sample_ids:
             raise ValueError("a study needs at least one sample")
+        if self.map_grid is not None and not all(0 < g <= n for g, n in zip(self.map_grid, self.image_shape[1:])):
+            raise ValueError(f"the map grid {self.map_grid} must be positive and at most the input size "
+                             f"{tuple(self.image_shape[1:])}")
+
+    def dims(self, v: Variable) -> tuple[str, ...]:
+        """`v`'s dimensions in this store: the maps' are (xai_method, sample, map_y, map_x) on a map grid."""
+        if v.name == "attribution" and self.map_grid is not None:
+            return (*v.dims[:2], "map_y", "map_x")
+        return v.dims
 
     def variables(self) -> list[Variable]:
         return [v for v in SCHEMA if v.when is None or getattr(self, v.when)]
@@ -190,7 +200,7 @@ class Template:
         n = len(self.sample_ids)
         return {"xai_method": len(self.methods), "sample": n, "block": n_blocks(n, self.block_size),
                 "channel": c, "y": h, "x": w, "class": len(self.classes), "metric": len(self.metrics),
-                "step": self.curve_points}
+                "step": self.curve_points, **dict(zip(("map_y", "map_x"), self.map_grid or (h, w)))}
 
 
 def checksum(*arrays: np.ndarray) -> int:
@@ -225,10 +235,11 @@ def _layout(t: Template, variables: list[Variable]) -> tuple[xr.Dataset, dict[st
     chunk_of = {"sample": b, "xai_method": 1, "block": 1, "metric": 1}
     data, encoding = {}, {}
     for v in variables:
-        shape = tuple(sizes[d] for d in v.dims)
-        chunks = tuple(chunk_of.get(d, sizes[d]) for d in v.dims)
+        dims = t.dims(v)
+        shape = tuple(sizes[d] for d in dims)
+        chunks = tuple(chunk_of.get(d, sizes[d]) for d in dims)
         dtype = t.dtype if v.dtype == "maps" else v.dtype
-        data[v.name] = (v.dims, da.full(shape, v.fill, dtype=dtype, chunks=chunks))
+        data[v.name] = (dims, da.full(shape, v.fill, dtype=dtype, chunks=chunks))
         enc: dict[str, Any] = {"chunks": chunks}
         if v.large:
             enc["compressors"] = COMPRESSIONS[t.compression]()

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .grid import GRID_DIMS, to_input
 from .group import _Arrays, _committed, _unfinished, ignore_zarr_notes, open_group, unfinished_error
 from .integrity import Checksums
 from .schema import (SAMPLE_VARIABLES, SCHEMA, SCHEMA_VERSION, VARIABLES, Difference, StoreLayoutError, StoreMismatch,
@@ -26,16 +27,29 @@ from .schema import (SAMPLE_VARIABLES, SCHEMA, SCHEMA_VERSION, VARIABLES, Differ
 
 
 
-def open_dataset(path: str) -> xr.Dataset:
+def open_dataset(path: str, as_stored: bool = False) -> xr.Dataset:
     """The study as a lazy (Dask-backed) ``xarray.Dataset``. Read through the consolidated metadata when it is
     there (one read, where each array's metadata is a request on object storage), else array by array (a run
-    killed between a change of the layout and its consolidation leaves none)."""
+    killed between a change of the layout and its consolidation leaves none). Maps stored on a map grid are
+    read back at the input size (`storage.grid`), unless `as_stored`."""
     Store(path, mode="r")  # refuses, in one line, a path that holds no study store or an unfinished one
     ignore_zarr_notes()
     try:
-        return xr.open_zarr(path, consolidated=True)
+        ds = xr.open_zarr(path, consolidated=True)
     except (ValueError, KeyError):
-        return xr.open_zarr(path, consolidated=False)
+        ds = xr.open_zarr(path, consolidated=False)
+    return ds if as_stored else maps_at_input(ds)
+
+
+def maps_at_input(ds: xr.Dataset) -> xr.Dataset:
+    """`ds` with maps stored on a map grid (`storage.grid`) read back at the input size, lazily, chunk by chunk."""
+    att = ds["attribution"]
+    if GRID_DIMS[0] not in att.dims:
+        return ds
+    size = tuple(ds.attrs["image_shape"][1:])
+    data = att.data.map_blocks(to_input, size, chunks=(*att.data.chunks[:2], (size[0],), (size[1],)),
+                               dtype=att.dtype)
+    return ds.assign(attribution=((*att.dims[:2], "y", "x"), data, att.attrs))
 
 
 class Store(Checksums):
@@ -352,9 +366,17 @@ class Store(Checksums):
                            dimension_names=v.dims)
         self.group = _Arrays(g._group, self.path)  # what exists has changed
 
-    def read_maps(self, method: str, block: int) -> np.ndarray:
+    @property
+    def map_grid(self) -> tuple[int, int] | None:
+        """(h, w) the maps are stored at, when smaller than the input (`storage.grid`); None: the input size."""
+        grid = tuple(self.group["attribution"].shape[2:])
+        return None if grid == tuple(self.attrs["image_shape"][1:]) else grid  # type: ignore[return-value]
+
+    def read_maps(self, method: str, block: int, as_stored: bool = False) -> np.ndarray:
+        """The block's maps of `method` at the input size (as stored, on a map grid, with `as_stored`)."""
         s = block_slice(block, self.n_samples, self.block_size)
-        return self.group["attribution"][self._method_index(method), s]
+        maps = self.group["attribution"][self._method_index(method), s]
+        return maps if as_stored or self.map_grid is None else to_input(maps, tuple(self.attrs["image_shape"][1:]))
 
     def read_failures(self, method: str, block: int) -> np.ndarray:
         """The block's failure codes of `method` (-1 for a store made before failures were recorded)."""
@@ -428,6 +450,7 @@ class Store(Checksums):
             "bytes_stored": stored,
             "bytes_per_map": stored["attribution"] / maps_done if maps_done else None,
             "map_dtype": str(g["attribution"].dtype),
+            "map_grid": list(self.map_grid) if self.map_grid else None,
             "compression": a.get("compression"),
             "path": self.path,
             "samples": n,

@@ -118,7 +118,8 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
         print(f"masks    {st['empty_masks']} of the ingested samples have an empty mask (the localisation metrics leave "
               "them out); check the dataset's masks or boxes")
     per_map = st["bytes_per_map"]
-    print(f"maps     {st['map_dtype']}, {st['compression']}; "
+    grid = f" at {st['map_grid'][0]}x{st['map_grid'][1]} (read back upsampled)" if st.get("map_grid") else ""
+    print(f"maps     {st['map_dtype']}{grid}, {st['compression']}; "
           + (f"{per_map / 1024:.1f} KiB stored per map" if per_map else "no map stored yet"))
     print("stored   " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in st["bytes_stored"].items()))
     width = max(len(m) for m in st["methods"])

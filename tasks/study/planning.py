@@ -87,6 +87,7 @@ def plan(spec: StudySpec) -> StudyPlan:
         status_codes=dict(xmet.STATUS),
         dtype=spec.dtype, compression=spec.compression, chunk_samples=spec.chunk_samples,
         keep_images=spec.keep_images,
+        map_grid=storage.Store(spec.store, mode="r").map_grid if exists else map_grid(spec, model),
         attrs={
             "model": spec.model, "model_weights": spec.weights or "built-in",
             "model_fingerprint": zoo.model_fingerprint(model),
@@ -101,6 +102,33 @@ def plan(spec: StudySpec) -> StudyPlan:
     if exists:
         storage.Store(spec.store, mode="r").check_compatible(template, stored_digest=digest)
     return StudyPlan(template, dataset, model, exists, key)
+
+
+def map_grid(spec: StudySpec, model: torch.nn.Module) -> tuple[int, int] | None:
+    """The grid `spec.map_size` names for a new store of `model`'s maps (None: the input size)."""
+    size, asked = tuple(model.preprocess.size), storage.grid.parse(spec.map_size)
+    if asked == "input":
+        return None
+    grid = layer_grid(model, spec.layer, size) if asked == "native" else asked
+    if any(g > n for g, n in zip(grid, size)):
+        raise ValueError(f"map_size {spec.map_size} is larger than the model's input {size[0]},{size[1]}; give a grid "
+                         "at most that, native, or input")
+    return None if tuple(grid) == size else tuple(grid)  # type: ignore[return-value]
+
+
+def layer_grid(model: torch.nn.Module, layer: str | None, size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the output of `layer` (None: the layer methods' default) for an input of `size`: one probe."""
+    from xai_methods._core import default_layer, layer_output, resolve_layer
+
+    probe = torch.zeros(1, len(model.preprocess.mean), *size)
+    name = layer or default_layer(model, probe)
+    with torch.no_grad(), layer_output(resolve_layer(model, name)) as captured:
+        model(probe)
+    shape = tuple(captured.outputs[0].shape)
+    if len(shape) != 4:
+        raise ValueError(f"map_size native needs a layer whose output is a (C, h, w) grid; {name}'s is {shape[1:]}: "
+                         "give a grid H,W instead")
+    return shape[2], shape[3]
 
 
 def stored_digest(spec: StudySpec, dataset: zoo.Dataset) -> str:
@@ -254,13 +282,13 @@ def estimate(t: storage.Template) -> dict[str, Any]:
         s, params = xmet.spec(k), {**xmet.spec(k).defaults, **t.metric_params.get(k, {})}
         per = s.cost(params, (h, w)) if s.needs_model else 0
         scoring[k] = {m: ([per * f for f in passes[m]] if s.needs_method else [n * per, 0]) for m in t.methods}
-    map_bytes = 2 if t.dtype == "float16" else 4
-    raw = {"attribution": len(t.methods) * n * h * w * map_bytes,
+    map_bytes, (gh, gw) = 2 if t.dtype == "float16" else 4, t.map_grid or (h, w)
+    raw = {"attribution": len(t.methods) * n * gh * gw * map_bytes,
            "image": n * channels * h * w * 4 if t.keep_images else 0,
            "mask": n * h * w if t.has_masks else 0,
            "score": len(t.methods) * n * len(t.metrics) * 5,  # float32 score + int8 status
            "curve": len(t.methods) * len(t.metrics) * n * t.curve_points * 4}
-    return {"samples": n, "size": [h, w], "prediction_passes": n, "passes": passes, "scoring_passes": scoring,
+    return {"samples": n, "size": [h, w], "map_grid": list(t.map_grid or (h, w)), "prediction_passes": n, "passes": passes, "scoring_passes": scoring,
             "bytes_uncompressed": {k: v for k, v in raw.items() if v}}
 
 
@@ -268,8 +296,9 @@ def describe_estimate(e: dict[str, Any], stored_per_map: float | None = None) ->
     """`estimate` as the lines `study --dry-run` and `status` print."""
     rows = [*e["passes"].values(), *(p for s in e["scoring_passes"].values() for p in s.values())]
     fwd, bwd = e["prediction_passes"] + sum(p[0] for p in rows), sum(p[1] for p in rows)
-    lines = [f"plan     {e['samples']:,} samples at {e['size'][0]}x{e['size'][1]}: {fwd:,} forward and {bwd:,} backward "
-             f"passes of the model in all, one image each ({e['prediction_passes']:,} forward to predict)"]
+    grid = "" if e["map_grid"] == e["size"] else f" (maps stored at {e['map_grid'][0]}x{e['map_grid'][1]})"
+    lines = [f"plan     {e['samples']:,} samples at {e['size'][0]}x{e['size'][1]}{grid}: {fwd:,} forward and {bwd:,} "
+             f"backward passes of the model in all, one image each ({e['prediction_passes']:,} forward to predict)"]
     lines += [f"  {m}: " + (f"{f:,} fwd + {b:,} bwd" if f or b else "no model pass") for m, (f, b) in e["passes"].items()]
     for k, per_method in e["scoring_passes"].items():
         costs = [f"{m} {f:,} fwd" + (f" + {b:,} bwd" if b else "") for m, (f, b) in per_method.items() if f or b]
@@ -299,5 +328,5 @@ def stored_estimate(store: str) -> dict[str, Any]:
                          block_size=s.block_size, has_masks="mask" in g, params=a["params"],
                          dtype=str(g["attribution"].dtype), keep_images="image" in g, metrics=s.metrics(),
                          metric_params=json.loads(a.get("metric_params", "{}")),
-                         curve_points=int(g["curve"].shape[-1]) if "curve" in g else 0)
+                         curve_points=int(g["curve"].shape[-1]) if "curve" in g else 0, map_grid=s.map_grid)
     return estimate(t)

@@ -50,6 +50,11 @@ class StudySpec(RunSpec):
                               choices=("zstd", "blosc", "none"), group="layout")
     chunk_samples: int | None = option(None, "samples per chunk; below block_size each block becomes one "
                                              "shard of such chunks", group="layout")
+    map_size: str = option("input", "grid a new store's maps are stored at: input (the model's input size), native "
+                                    "(the grid of the CAM methods' layer: their maps stored exactly, 1/1000 of the "
+                                    "bytes at 7x7 of 224x224; other methods' maps averaged to it) or H,W / N (every "
+                                    "map averaged to it). Metrics, figures and protocols read maps back upsampled "
+                                    "to the input size", group="layout")
     keep_images: bool = option(True, "store the model inputs (False: sample ids only; inputs are remade from "
                                      "the dataset)", flag="--no-images", group="layout",
                                switch="store sample ids only, not the model inputs (they are remade from the data)")
@@ -99,7 +104,8 @@ def spec_of_store(store: str, **changes: Any) -> StudySpec:
         methods=s.methods(), samples=s.n_samples, store=store, block_size=s.block_size, params=params,
         layer=next(iter(layers - {None}), None), contrast=a.get("contrast", "runner-up"), metrics=s.metrics(),
         metric_params=stored_metrics, baselines=False, keep_images=bool(a.get("images_stored", True)),
-        compression=a.get("compression", "zstd"), masks=a.get("masks"), **json.loads(a.get("model_options", "{}")),
+        compression=a.get("compression", "zstd"), masks=a.get("masks"),
+        map_size=",".join(map(str, s.map_grid)) if s.map_grid else "input", **json.loads(a.get("model_options", "{}")),
     )
     merged = {**options, **changes}
     merged["metrics"] = list(dict.fromkeys([*options["metrics"], *changes.get("metrics", [])]))
@@ -120,6 +126,8 @@ def baseline_choice(store: str) -> bool | None:
 
 def check_options(spec: StudySpec) -> None:
     """The options that need neither the model nor the data."""
+    from storage import grid as storage_grid
+
     from ..loading import resolve_device
 
     unknown = [m for m in spec.methods if m not in catalogue.methods()]
@@ -146,4 +154,5 @@ def check_options(spec: StudySpec) -> None:
         if supplied:
             raise ValueError(f"metric_params: {m}'s {supplied} are the study's own (each method, its parameters); "
                              "give the other parameters only")
+    storage_grid.parse(spec.map_size)
     resolve_device(spec.device)

@@ -130,7 +130,7 @@ def prepare_attribution(spec: StudySpec, work: Work, wait: bool, last: LastBlock
         device = resolve_device(spec.device)
         model = model_of(spec, device)
         images, stored = last.inputs(spec, s, block, model, device)
-        unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device))
+        unit = Unit(compute=lambda: _attribute(spec, model, images, stored, todo, block, device, s.map_grid))
 
         def write(computed: tuple[dict[Any, torch.Tensor], float, int]) -> list[Receipt]:
             maps, seconds, batch = computed
@@ -147,14 +147,18 @@ def prepare_attribution(spec: StudySpec, work: Work, wait: bool, last: LastBlock
 
 
 def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, stored: dict[str, np.ndarray],
-               methods: list[str], block: int, device: str) -> tuple[dict[Any, torch.Tensor], float, int]:
+               methods: list[str], block: int, device: str,
+               grid: tuple[int, int] | None = None) -> tuple[dict[Any, torch.Tensor], float, int]:
     """The maps of `methods` on one block, in passes of the study's batch (`tasks.study.memory`; one shared pass
     where they share it), with what the methods reported of their success under (method, "success"), each
-    method's seconds (a shared pass's time split evenly) and the batch that ran."""
+    method's seconds (a shared pass's time split evenly) and the batch that ran. For a store on a map `grid`,
+    methods that upsample a layer's grid return that grid (`storage.grid`: the stored map reads back as theirs)."""
     params = {m: spec.method_params(m) for m in methods}
     for m in methods:
         if not xm.spec(m).needs_layer:
             params[m].pop("layer", None)
+        if grid is not None and params[m].get("upsample") is True:
+            params[m]["upsample"] = False
     target, contrast = (torch.from_numpy(stored[k]).to(device) for k in ("target", "contrast"))
 
     def attribute(part: slice) -> dict[Any, torch.Tensor]:
@@ -179,7 +183,9 @@ def _attribute(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, st
 
 def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, logits: np.ndarray,
                 success: Any) -> int:
-    """Record the block's failures, write its maps; how many failed."""
+    """Record the block's failures, write its maps (on the store's map grid: `storage.grid`); how many failed."""
+    if s.map_grid is not None:
+        maps = storage.grid.to_grid(maps, tuple(s.attrs["image_shape"][1:]), s.map_grid)
     codes = xm.failures(maps, logits=torch.from_numpy(logits), success=success)
     s.write_attribution(method, block, xm.without_failures(maps, codes).cpu().numpy(), codes.cpu().numpy())
     failed = {xm.FAILURES[int(c)]: int((codes == c).sum()) for c in codes.unique().tolist() if c}
