@@ -1,6 +1,6 @@
 """Seconds of the commands that must answer at any size, on a synthetic study store of a million samples
-(issue 34): `status`, `evaluate`'s table of stored scores, and the listings and `--help` (a fresh process
-each). The store is built cheaply: tiny 4x4 maps never written (flags say done), no images, random scores
+(issue 34): `status`, `evaluate`'s table of stored scores, `rank`, and the listings and `--help` (a fresh
+process each). The store is built cheaply: tiny 4x4 maps never written (flags say done), no images, random scores
 and statuses written block by block. What the commands read is flags, attributes and scores, never maps.
 
 Run: .venv/bin/python benchmarks/commands_at_scale.py [SAMPLES]          (default 1000000)
@@ -59,7 +59,7 @@ def main(samples: int = 1_000_000) -> None:
         store = synthetic_store(f"{tmp}/million.zarr", samples)
         print(f"synthetic store of {samples:,} samples built in {time.perf_counter() - started:.1f} s")
         rows = {"--help": timed(["--help"]), "methods": timed(["methods"]), "metrics": timed(["metrics"]),
-                "status": timed(["status", store])}
+                "status": timed(["status", store]), "rank (1000 resamples)": timed(["rank", store])}
         started = time.perf_counter()
         ds = storage.open_dataset(store)
         storage.score_table(ds)

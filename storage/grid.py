@@ -56,3 +56,15 @@ def to_input(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     flat = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32).reshape(-1, h, w))
     out = upsample_to(flat, tuple(size)).numpy() if len(flat) else np.empty((0, *size), np.float32)
     return out.reshape(*lead, *size).astype(maps.dtype, copy=False)
+
+
+def at_input(ds: Any) -> Any:
+    """`ds` (an xarray Dataset of a study) with maps stored on a map grid read back at the input size, lazily,
+    chunk by chunk."""
+    att = ds["attribution"]
+    if GRID_DIMS[0] not in att.dims:
+        return ds
+    size = tuple(ds.attrs["image_shape"][1:])
+    data = att.data.map_blocks(to_input, size, chunks=(*att.data.chunks[:2], (size[0],), (size[1],)),
+                               dtype=att.dtype)
+    return ds.assign(attribution=((*att.dims[:2], "y", "x"), data, att.attrs))

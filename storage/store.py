@@ -19,9 +19,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .grid import GRID_DIMS, to_input
+from .grid import at_input, to_input
 from .group import _Arrays, _committed, _unfinished, ignore_zarr_notes, open_group, unfinished_error
 from .integrity import Checksums
+from .summary import Summary
 from .schema import (SAMPLE_VARIABLES, SCHEMA, SCHEMA_VERSION, VARIABLES, Difference, StoreLayoutError, StoreMismatch,
                      StoreStateError, Template, Variable, _evaluation_attrs, _layout, _normal, block_slice, n_blocks)
 
@@ -38,21 +39,10 @@ def open_dataset(path: str, as_stored: bool = False) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=True)
     except (ValueError, KeyError):
         ds = xr.open_zarr(path, consolidated=False)
-    return ds if as_stored else maps_at_input(ds)
+    return ds if as_stored else at_input(ds)
 
 
-def maps_at_input(ds: xr.Dataset) -> xr.Dataset:
-    """`ds` with maps stored on a map grid (`storage.grid`) read back at the input size, lazily, chunk by chunk."""
-    att = ds["attribution"]
-    if GRID_DIMS[0] not in att.dims:
-        return ds
-    size = tuple(ds.attrs["image_shape"][1:])
-    data = att.data.map_blocks(to_input, size, chunks=(*att.data.chunks[:2], (size[0],), (size[1],)),
-                               dtype=att.dtype)
-    return ds.assign(attribution=((*att.dims[:2], "y", "x"), data, att.attrs))
-
-
-class Store(Checksums):
+class Store(Checksums, Summary):
     """A study store opened once: identity, flags, block reads and writes, growth."""
 
     def __init__(self, path: str, mode: str = "r+") -> None:
@@ -412,55 +402,3 @@ class Store(Checksums):
         """Blocks still to compute: for ``method``, or blocks not yet ingested when None."""
         flags = self.group["ingested"][:] if method is None else self.group["done"][self._method_index(method)]
         return [int(b) for b in np.flatnonzero(~flags)]
-
-    def failure_counts(self) -> dict[str, dict[int, int]]:
-        """Per method, the number of failed maps by failure code (methods without failures are left out)."""
-        if "failure" not in self.group:
-            return {}
-        codes = self.group["failure"][:]
-        out = {}
-        for i, m in enumerate(self.methods()):
-            found, counts = np.unique(codes[i][codes[i] > 0], return_counts=True)
-            if found.size:
-                out[m] = {int(c): int(n) for c, n in zip(found, counts)}
-        return out
-
-    def empty_masks(self) -> int | None:
-        """How many ingested samples have an empty ground-truth mask (None: the study has no masks), read a
-        block at a time."""
-        if "mask" not in self.group:
-            return None
-        n, b, arr = self.n_samples, self.block_size, self.group["mask"]
-        return sum(int((~arr[block_slice(k, n, b)].any(axis=(1, 2))).sum())
-                   for k in np.flatnonzero(self.group["ingested"][:]))
-
-    def _scored(self) -> np.ndarray | None:
-        return self.group["scored"][:] if "scored" in self.group else None
-
-    def status(self, masks: bool = False) -> dict[str, Any]:
-        """Blocks done per method, plus the store's identity and size: flags and attributes only, in seconds at
-        any size. `masks`: also count the empty masks, which reads every mask (`status --verify` does)."""
-        g, a = self.group, self.attrs
-        done = g["done"][:]
-        n, b = self.n_samples, self.block_size
-        sizes = [len(range(n)[block_slice(k, n, b)]) for k in range(done.shape[1])]
-        maps_done = int((done * np.array(sizes)).sum())
-        stored = {v.name: int(g[v.name].nbytes_stored()) for v in SCHEMA if v.guard and v.name in g}
-        return {
-            "bytes_stored": stored,
-            "bytes_per_map": stored["attribution"] / maps_done if maps_done else None,
-            "map_dtype": str(g["attribution"].dtype),
-            "map_grid": list(self.map_grid) if self.map_grid else None,
-            "compression": a.get("compression"),
-            "path": self.path,
-            "samples": n,
-            "blocks": int(done.shape[1]),
-            "ingested": int(g["ingested"][:].sum()),
-            "methods": {m: int(done[i].sum()) for i, m in enumerate(self.methods())},
-            "failures": self.failure_counts(),
-            "empty_masks": self.empty_masks() if masks else None,
-            "params": a["params"],
-            "scored": ({k: {m: int(scored[i, j].sum()) for i, m in enumerate(self.methods())}
-                        for j, k in enumerate(self.metrics())} if (scored := self._scored()) is not None else {}),
-            **{k: a.get(k) for k in ("model", "dataset", "model_fingerprint", "dataset_fingerprint", "failure_codes")},
-        }

@@ -141,9 +141,9 @@ def _faults(how: str) -> int:
 def test_retained_memory_is_reused_without_page_faults():
     pages = 8 * 96 * 2**20 // 4096  # what the eight passes touch, in 4 kB pages
     # the first passes' memory, reused: now and then a pass is not (another thread's allocation split the freed
-    # block: up to five of eight in a run beside a second test process), while glibc's default faults all eight
-    # every time; the best of three runs tells the two apart on a loaded machine
-    assert min(_faults("retain") for _ in range(3)) < pages / 2
+    # block: four or five of eight in runs beside a second test process), while glibc's default faults all eight
+    # every time (checked below); the best of three runs under three quarters tells the two apart
+    assert min(_faults("retain") for _ in range(3)) < 0.75 * pages
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not (thp.is_file() and "[always]" in thp.read_text()):  # else the default faults 2 MB at a time
         assert _faults("default") > 0.9 * pages  # glibc's default: every pass maps its memory in afresh

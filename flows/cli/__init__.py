@@ -32,6 +32,7 @@ examples:
   saliency-atlas aggregate runs/shapes.zarr --plot runs/shapes.means.png
   saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,deletion,insertion
   saliency-atlas metrics
+  saliency-atlas rank runs/shapes.zarr --json
   saliency-atlas sanity --methods saliency,guided_backprop,gradcam --data-randomization --json
   saliency-atlas invariance --methods saliency,integrated_gradients --baseline shifted
   saliency-atlas manipulate --method saliency --target-map other --samples 8
@@ -44,7 +45,7 @@ the blocks not yet done are computed. Open the result in Python with
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, protocols, stores, study
+    from . import evaluate, protocols, rank, stores, study
 
     p = argparse.ArgumentParser(
         prog="saliency-atlas",
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     study.add_parsers(sub)
     evaluate.add_parsers(sub)
+    rank.add_parsers(sub)
     protocols.add_protocol_parsers(sub)
     stores.add_parsers(sub)
     return p

@@ -81,6 +81,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(storage.means(ds.sel(metric=list(args.metrics)))))
         return
     print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
+    from tasks import meta
+
+    from .rank import trust
+
+    print("\n".join(trust(meta.rank(ds, args.metrics))))
     if (args.plot or "").lower() != "none":
         from tasks.drawing.evaluation import plot_evaluation
 

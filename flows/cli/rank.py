@@ -1,0 +1,98 @@
+"""`rank`: which method and which metric to believe, from a study's stored scores (`tasks.meta`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .options import _names
+
+RANK_EXAMPLES = """\
+examples:
+  saliency-atlas rank runs/shapes.zarr
+  saliency-atlas rank runs/shapes.zarr --metrics pointing_game,deletion,insertion --json
+  saliency-atlas rank runs/shapes.zarr --boot 2000 --seed 1
+
+Per metric: each method's rank by mean score (1 = best) with a 95% bootstrap interval over images and
+the share of resamples in which it comes first; the groups the data cannot tell apart (Friedman's test
+over images, then Nemenyi's at 0.05); the methods that do not beat random_map; the metric's reliability
+(Krippendorff's alpha, images as raters of the methods: 0.8 and up reliable, 0.667 tentative, below not).
+Then the consensus over metrics (mean rank, and its spread: the metrics' disagreement) and Kendall's tau
+between every two metrics' orderings of the methods. Nothing is computed but statistics of the scores.
+"""
+
+
+def cmd_rank(args: argparse.Namespace) -> None:
+    import storage
+    from tasks import meta
+
+    result = meta.rank(storage.open_dataset(args.store), args.metrics, n_boot=args.boot, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for line in describe(result):
+        print(line)
+
+
+def describe(r: dict[str, Any]) -> list[str]:
+    """The meta-evaluation `r` (`tasks.meta.rank`) as the lines `rank` prints."""
+    from xai_methods import catalogue
+
+    better = {m["name"]: "higher" if m["higher_is_better"] else "lower" for m in catalogue.load()["metrics"]}
+    lines = []
+    for k, ranking in r["ranking"].items():
+        test, rel = r["tests"][k], r["reliability"][k]
+        p = "" if test["p"] is None else f", p = {test['p']:.2g}"
+        n = next(iter(ranking.values()))["n"]
+        lines.append(f"{k} ({better[k]} is better; {n} images scored by every method; {test['test']}{p})")
+        for m, v in sorted(ranking.items(), key=lambda kv: (kv[1]["rank"] is None, kv[1]["rank"])):
+            if v["rank"] is None:
+                continue
+            flag = "" if r["beats_random"][k].get(m) is not False else "  does not beat random_map"
+            lines.append(f"  {v['rank']:>4g} [{v['low']:g}, {v['high']:g}]  {m:<24} P(first) {v['p_first']:.2f}{flag}")
+        tied = [g for g in r["groups"][k] if len(g) > 1]
+        if tied:
+            lines.append("  cannot be told apart: " + "; ".join("{" + ", ".join(g) + "}" for g in tied))
+        alpha = "-" if rel["alpha"] is None else f"{rel['alpha']:.2f}"
+        lines.append(f"  reliability: alpha {alpha} ({rel['images']} images as raters): {rel['verdict']}")
+    order = sorted(r["consensus"].items(), key=lambda kv: (kv[1]["mean_rank"] is None, kv[1]["mean_rank"]))
+    lines.append(f"consensus over {len(r['ranking'])} metrics (mean rank +- spread, the metrics' disagreement):")
+    lines.append("  " + ", ".join(f"{m} {v['mean_rank']:g} +- {v['spread']:g}" for m, v in order
+                                  if v["mean_rank"] is not None))
+    if r["agreement"]:
+        lines.append("agreement (Kendall's tau of two metrics' orderings of the methods, 95% interval):")
+        for pair, a in r["agreement"].items():
+            value = "-" if a["tau"] is None else f"{a['tau']:+.2f} [{a['low']:+.2f}, {a['high']:+.2f}]"
+            lines.append(f"  {pair.replace('|', ' ~ ')}: {value}")
+    return lines
+
+
+def trust(r: dict[str, Any]) -> list[str]:
+    """`evaluate`'s short section on how far to trust its table, from the meta-evaluation `r`."""
+    lines = ["how far to trust this table (`saliency-atlas rank STORE` has the whole of it):"]
+    for k, rel in r["reliability"].items():
+        alpha = "" if rel["alpha"] is None else f", Krippendorff's alpha {rel['alpha']:.2f}"
+        flagged = [m for m, beats in r["beats_random"][k].items() if beats is False]
+        tied = [g for g in r["groups"][k] if len(g) > 1]
+        lines.append(f"  {k}: {rel['verdict']}{alpha}"
+                     + (f"; not above random_map: {', '.join(flagged)}" if flagged else "")
+                     + (f"; cannot be told apart: {' / '.join('{' + ', '.join(g) + '}' for g in tied)}" if tied else ""))
+    taus = [a["tau"] for a in r["agreement"].values() if a["tau"] is not None]
+    if taus:
+        lines.append(f"  the metrics order the methods alike at a mean Kendall tau of {sum(taus) / len(taus):+.2f} "
+                     f"over {len(taus)} pair(s) (1: the same order, 0: unrelated, -1: reversed)")
+    return lines
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("rank", help="which method and which metric to believe: rankings with intervals, metric "
+                                    "agreement and reliability", description="Meta-evaluate a study's stored scores: "
+                       "rankings with their uncertainty, groups the data cannot tell apart, the consensus and "
+                       "disagreement of the metrics, and each metric's reliability.", epilog=RANK_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store")
+    p.add_argument("--metrics", type=_names, default=None, help="comma-separated metrics (default: every scored one)")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the images (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    p.add_argument("--json", action="store_true", help="print the one JSON object other tools read")
+    p.set_defaults(func=cmd_rank)

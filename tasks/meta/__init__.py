@@ -1,0 +1,34 @@
+"""Meta-evaluation: which method, and which metric, to believe (issue 35). Pure functions over a study's stored
+scores (an `xarray.Dataset`), recomputed on demand so they are never stale: rankings with their uncertainty
+(`ranking`), the metrics' agreement (`agreement`) and their reliability (`reliability`), handed the scores once
+oriented (`scores.oriented`). `rank` gathers them as `saliency-atlas rank --json` prints them."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .agreement import image_correlation, metric_agreement, tau_b
+from .ranking import ALPHA, beats_random, consensus, groups, metric_ranking, nemenyi
+from .reliability import RELIABLE, TENTATIVE, krippendorff_alpha, metric_reliability, verdict
+from .scores import Oriented, boot_means, means, oriented
+
+
+def rank(ds: Any, metrics: Sequence[str] | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The meta-evaluation of a study's scores: the object `saliency-atlas rank --json` prints (its keys are a
+    contract: `ranking`, `groups`, `consensus`, `agreement`, `reliability`, `beats_random`; `tests` says which
+    test made each metric's groups, at level `ALPHA`)."""
+    o = oriented(ds, metrics)
+    found, boot = {k: groups(o, k) for k in o.metrics}, boot_means(o, n_boot, seed)
+    return {
+        "ranking": {k: metric_ranking(o, k, boot) for k in o.metrics},
+        "groups": {k: g["groups"] for k, g in found.items()},
+        "consensus": consensus(o),
+        "agreement": metric_agreement(o, boot),
+        "reliability": metric_reliability(o),
+        "beats_random": {k: beats_random(o, k, n_boot, seed) for k in o.metrics},
+        "tests": {k: {"test": g["test"], "p": g["p"], "level": ALPHA} for k, g in found.items()},
+    }
+
+
+__all__ = ["ALPHA", "Oriented", "RELIABLE", "TENTATIVE", "beats_random", "boot_means", "means", "consensus", "groups", "image_correlation",
+           "krippendorff_alpha", "metric_agreement", "metric_ranking", "metric_reliability", "nemenyi", "oriented",
+           "rank", "tau_b", "verdict"]
