@@ -4,8 +4,12 @@ Each study runs in a fresh process on the built-in data (shapes-cnn, 64x64): the
 mark reset, then the command, so `work_mb` is what the study itself added to the process at its peak
 (`peak_mb` includes the imports). Memory must not grow with the samples: only the work in flight counts.
 
+With --commands, the commands that read the study afterwards are measured the same way, each in its own
+process on each store: `evaluate` (one mask metric), `rank`, `aggregate`, `clusters` and `report`.
+
 Run: .venv/bin/python benchmarks/memory_at_scale.py [SAMPLES ...]     (default 4096 16384 65536)
      .venv/bin/python benchmarks/memory_at_scale.py --methods saliency --block-size 64 512 4096
+     .venv/bin/python benchmarks/memory_at_scale.py --commands 4096 16384
 """
 from __future__ import annotations
 
@@ -34,6 +38,19 @@ print(json.dumps({"code": code, "before_mb": before, "peak_mb": status("VmHWM"),
 """
 
 
+def command_memory(argv: list[str]) -> dict[str, float]:
+    """`saliency-atlas ARGV` in a fresh process: its peak resident memory, what the command added to the process
+    after the imports (`work_mb`), and its seconds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines or json.loads(lines[-1])["code"]:
+        raise RuntimeError(f"`saliency-atlas {' '.join(argv)}` failed:\n{out.stderr[-3000:]}")
+    got = json.loads(lines[-1])
+    return {"peak_mb": got["peak_mb"], "work_mb": got["peak_mb"] - got["before_mb"], "seconds": got["seconds"]}
+
+
 def study_memory(samples: int, store: str, methods: str = "saliency,gradcam,input_x_gradient",
                  block_size: int = 256, metrics: str | None = None) -> dict[str, float]:
     """One study of `samples` built-in samples into `store`, in a fresh process: its peak resident memory,
@@ -41,15 +58,17 @@ def study_memory(samples: int, store: str, methods: str = "saliency,gradcam,inpu
     argv = ["study", "--dataset", "shapes", "--model", "shapes-cnn", "--methods", methods, "--samples",
             str(samples), "--block-size", str(block_size), "--store", store, "--figure", "none",
             *(["--metrics", metrics] if metrics else [])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], env=env, cwd=ROOT,
-                         capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not lines or json.loads(lines[-1])["code"]:
-        raise RuntimeError(f"the study of {samples} samples failed:\n{out.stderr[-3000:]}")
-    got = json.loads(lines[-1])
-    return {"samples": samples, "peak_mb": got["peak_mb"], "work_mb": got["peak_mb"] - got["before_mb"],
+    got = command_memory(argv)
+    return {"samples": samples, "peak_mb": got["peak_mb"], "work_mb": got["work_mb"],
             "ms_per_sample": round(1000 * got["seconds"] / samples, 2)}
+
+
+def readers(store: str, out: str) -> dict[str, list[str]]:
+    """The commands that read a study, as measured with --commands (in this order: `rank` needs the scores)."""
+    return {"evaluate": ["evaluate", store, "--metrics", "pointing_game", "--no-baselines", "--plot", "none"],
+            "rank": ["rank", store], "aggregate": ["aggregate", store, "--out", f"{out}.agg.zarr"],
+            "clusters": ["clusters", store, "--method", "gradcam", "--figure", "none", "--json"],
+            "report": ["report", store, "--out", f"{out}.report"]}
 
 
 def main() -> None:
@@ -58,6 +77,7 @@ def main() -> None:
     parser.add_argument("--methods", default="saliency,gradcam,input_x_gradient")
     parser.add_argument("--metrics", default=None)
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--commands", action="store_true", help="also measure the commands that read each study")
     args = parser.parse_args()
     print(f"{'samples':>8} {'peak MB':>8} {'study MB':>9} {'ms/sample':>10}   ({args.methods}, blocks of {args.block_size})")
     rows = []
@@ -68,10 +88,15 @@ def main() -> None:
             rows.append(row)
             print(f"{n:>8} {row['peak_mb']:>8} {row['work_mb']:>9} {row['ms_per_sample']:>10}   "
                   f"({time.perf_counter() - started:.0f} s with the start)", flush=True)
+            for name, argv in (readers(f"{tmp}/s{n}.zarr", f"{tmp}/s{n}") if args.commands else {}).items():
+                got = command_memory(argv)
+                row[name] = got["peak_mb"]
+                print(f"{'':>8} {got['peak_mb']:>8} {got['work_mb']:>9} {got['seconds']:>9.1f}s   {name}", flush=True)
     first = rows[0]
     for row in rows[1:]:
         print(f"{row['samples']} against {first['samples']} samples: peak x{row['peak_mb'] / first['peak_mb']:.3f}, "
-              f"the study's own memory x{row['work_mb'] / max(first['work_mb'], 1):.3f}")
+              f"the study's own memory x{row['work_mb'] / max(first['work_mb'], 1):.3f}"
+              + "".join(f", {k} x{row[k] / first[k]:.3f}" for k in readers("", "") if k in row))
 
 
 if __name__ == "__main__":

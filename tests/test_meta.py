@@ -117,6 +117,10 @@ def test_rank_command_prints_the_contract(tmp_path, capsys, monkeypatch):
     assert main(["rank", "any.zarr", "--boot", "50"]) == 0
     text = capsys.readouterr().out
     assert "reliability: alpha" in text and "consensus over 2 metrics" in text
+    assert main(["rank", "any.zarr", "--methods", "gradcam,saliency", "--json", "--boot", "20"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["ranking"]["deletion"]) == {"gradcam", "saliency"}
+    assert main(["rank", "any.zarr", "--methods", "gradcam,lime"]) != 0
+    assert "--methods names lime, not in the store" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["rank", str(tmp_path / "none.zarr")]) != 0  # no store: one line
     assert "no study store" in capsys.readouterr().err

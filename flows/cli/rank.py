@@ -12,6 +12,7 @@ examples:
   saliency-atlas rank runs/shapes.zarr
   saliency-atlas rank runs/shapes.zarr --metrics pointing_game,deletion,insertion --json
   saliency-atlas rank runs/shapes.zarr --boot 2000 --seed 1
+  saliency-atlas rank runs/shapes.zarr --methods gradcam,saliency,occlusion   # without the baseline maps
 
 Per metric: each method's rank by mean score (1 = best) with a 95% bootstrap interval over images and
 the share of resamples in which it comes first; the groups the data cannot tell apart (Friedman's test
@@ -26,7 +27,14 @@ def cmd_rank(args: argparse.Namespace) -> None:
     import storage
     from tasks import meta
 
-    result = meta.rank(storage.open_dataset(args.store), args.metrics, n_boot=args.boot, seed=args.seed)
+    ds = storage.open_dataset(args.store)
+    if args.methods:
+        unknown = [m for m in args.methods if m not in ds.xai_method.values]
+        if unknown:
+            raise ValueError(f"--methods names {', '.join(unknown)}, not in the store; it has "
+                             + ", ".join(map(str, ds.xai_method.values)))
+        ds = ds.sel(xai_method=args.methods)
+    result = meta.rank(ds, args.metrics, n_boot=args.boot, seed=args.seed)
     if args.json:
         print(json.dumps(result))
         return
@@ -57,7 +65,7 @@ def describe(r: dict[str, Any]) -> list[str]:
         lines.append(f"  reliability: alpha {alpha} ({rel['images']} images as raters): {rel['verdict']}")
     order = sorted(r["consensus"].items(), key=lambda kv: (kv[1]["mean_rank"] is None, kv[1]["mean_rank"]))
     lines.append(f"consensus over {len(r['ranking'])} metrics (mean rank +- spread, the metrics' disagreement):")
-    lines.append("  " + ", ".join(f"{m} {v['mean_rank']:g} +- {v['spread']:g}" for m, v in order
+    lines.append("  " + ", ".join(f"{m} {v['mean_rank']:.2f} +- {v['spread']:.2f}" for m, v in order
                                   if v["mean_rank"] is not None))
     if r["agreement"]:
         lines.append("agreement (Kendall's tau of two metrics' orderings of the methods, 95% interval):")
@@ -92,6 +100,8 @@ def add_parsers(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store")
     p.add_argument("--metrics", type=_names, default=None, help="comma-separated metrics (default: every scored one)")
+    p.add_argument("--methods", type=_names, default=None,
+                   help="comma-separated methods to rank (default: every one, the baseline maps included)")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the images (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
     p.add_argument("--json", action="store_true", help="print the one JSON object other tools read")
