@@ -242,6 +242,9 @@ def test_the_report_shows_every_image_and_its_filters_work(watermarked, tmp_path
         assert driver.find_element("id", "count").text == f"{wrong} of 120 samples shown"
         text = driver.find_element("tag name", "body").text
         assert "SpRAy clusters of gradcam" in text and "random_map (baseline)" in text
+        trust = driver.find_element("id", "trust")  # how far to trust the scores (issue 35), beside the table
+        assert trust.is_displayed() and "region_share: " in trust.text and "Krippendorff's alpha" in trust.text
+        assert trust.screenshot(str(tmp_path / "trust.png")) and (tmp_path / "trust.png").stat().st_size > 1000
         assert console_errors(driver) == []
 
 

@@ -124,3 +124,20 @@ def test_rank_command_prints_the_contract(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     assert main(["rank", str(tmp_path / "none.zarr")]) != 0  # no store: one line
     assert "no study store" in capsys.readouterr().err
+
+
+def test_the_agreement_figure_puts_agreeing_metrics_together(tmp_path):
+    from tasks.drawing.agreement import clustered, plot_agreement, tau_matrix
+
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(5, 200)) + np.arange(5)[:, None]
+    ds = scores({"insertion": base, "sparseness": rng.normal(size=(5, 200)), "pointing_game": base + 0.01,
+                 "relevance_mass": rng.normal(size=(5, 200)), "relevance_rank": base * 2}, list("abcde"))
+    r = meta.rank(ds, n_boot=50)
+    metrics, tau = tau_matrix(r)
+    order = [metrics[i] for i in clustered(tau)]
+    together = sorted(order.index(k) for k in ("insertion", "pointing_game", "relevance_rank"))
+    assert together[-1] - together[0] == 2, order  # the three identical orderings side by side
+    path = plot_agreement(r, str(tmp_path / "agreement.png"))
+    assert path and (tmp_path / "agreement.png").stat().st_size > 10_000
+    assert plot_agreement(meta.rank(scores({"insertion": base}, list("abcde")), n_boot=10), str(tmp_path / "x.png")) is None

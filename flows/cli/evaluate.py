@@ -83,9 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
     from tasks import meta
 
-    from .rank import trust
-
-    print("\n".join(trust(meta.rank(ds, args.metrics))))
+    print("\n".join(meta.trust(meta.rank(ds, args.metrics))))
     if (args.plot or "").lower() != "none":
         from tasks.drawing.evaluation import plot_evaluation
 

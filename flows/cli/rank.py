@@ -40,6 +40,10 @@ def cmd_rank(args: argparse.Namespace) -> None:
         return
     for line in describe(result):
         print(line)
+    if args.plot:
+        from tasks.drawing.agreement import plot_agreement
+
+        print(f"figure:  {plot_agreement(result, args.plot) or 'none (one metric: nothing to agree)'}")
 
 
 def describe(r: dict[str, Any]) -> list[str]:
@@ -75,23 +79,6 @@ def describe(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def trust(r: dict[str, Any]) -> list[str]:
-    """`evaluate`'s short section on how far to trust its table, from the meta-evaluation `r`."""
-    lines = ["how far to trust this table (`saliency-atlas rank STORE` has the whole of it):"]
-    for k, rel in r["reliability"].items():
-        alpha = "" if rel["alpha"] is None else f", Krippendorff's alpha {rel['alpha']:.2f}"
-        flagged = [m for m, beats in r["beats_random"][k].items() if beats is False]
-        tied = [g for g in r["groups"][k] if len(g) > 1]
-        lines.append(f"  {k}: {rel['verdict']}{alpha}"
-                     + (f"; not above random_map: {', '.join(flagged)}" if flagged else "")
-                     + (f"; cannot be told apart: {' / '.join('{' + ', '.join(g) + '}' for g in tied)}" if tied else ""))
-    taus = [a["tau"] for a in r["agreement"].values() if a["tau"] is not None]
-    if taus:
-        lines.append(f"  the metrics order the methods alike at a mean Kendall tau of {sum(taus) / len(taus):+.2f} "
-                     f"over {len(taus)} pair(s) (1: the same order, 0: unrelated, -1: reversed)")
-    return lines
-
-
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("rank", help="which method and which metric to believe: rankings with intervals, metric "
                                     "agreement and reliability", description="Meta-evaluate a study's stored scores: "
@@ -105,4 +92,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the images (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
     p.add_argument("--json", action="store_true", help="print the one JSON object other tools read")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the metrics' agreement (Kendall's tau, "
+                   "clustered, each metric with its alpha) to this file")
     p.set_defaults(func=cmd_rank)

@@ -29,6 +29,8 @@ from prefect.cache_policies import NO_CACHE
 import storage
 
 from .rows import BASELINES, true_classes
+from .. import meta
+from ..drawing.agreement import plot_agreement
 from ..drawing.artifacts import data_uri
 from ..drawing.figure import _display_image, captions, heatmap_style
 from ..study.accuracy import accuracy_warning
@@ -182,7 +184,7 @@ table.grid img {{ width: {tile}px; image-rendering: pixelated; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>{identity}</p>
-<h2>Metrics</h2>{metrics}
+<h2>Metrics</h2>{metrics}{trust}
 <h2>Figures</h2>{figures}
 <h2>Samples</h2>
 <p>{grid_note}</p>
@@ -238,9 +240,16 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
     ingested = storage.Store(store, mode="r").require_ingested()  # a study stopped early: what it has read
     samples = [int(ingested[i]) for i in _shown(len(ingested), max_samples)]
     grid, offer = sample_grid(ds, samples, shared_scale)
+    judged = meta.rank(ds) if "score" in ds else None  # how far to trust the scores (`saliency-atlas rank`)
     with tempfile.TemporaryDirectory() as tmp:
+        drawn = _figures(ds, store, protocols, tmp, clusters_drawn or {})
+        if judged and (agreement := plot_agreement(judged, os.path.join(tmp, "agreement.png"))):
+            drawn.insert(0, ("Do the metrics agree?", file_uri(agreement)))
         figures = "".join(f"<div class='figure'><h3>{html.escape(h)}</h3><img src='{u}' alt='{html.escape(h)}'></div>"
-                          for h, u in _figures(ds, store, protocols, tmp, clusters_drawn or {}))
+                          for h, u in drawn)
+    trust = ("<div id='trust'><h3>How far to trust these scores</h3><ul>"
+             + "".join(f"<li>{html.escape(line.strip())}</li>" for line in meta.trust(judged)[1:]) + "</ul></div>"
+             if judged else "")
     title, footer = captions(ds, False, shared_scale)
     warning = accuracy_warning(store)
     _, correct, _ = true_classes(ds)
@@ -251,7 +260,8 @@ def write(store: str, out: str, *, max_samples: int = 200, shared_scale: bool = 
                 + html.escape(footer) + (f"<br><b>{html.escape(warning)}</b>" if warning else ""))
     option = lambda values: "".join(f"<option>{html.escape(v)}</option>" for v in values)  # noqa: E731
     page = PAGE.format(
-        title=html.escape(title), identity=identity, metrics=metrics_table(ds), figures=figures or "<p>none</p>",
+        title=html.escape(title), identity=identity, metrics=metrics_table(ds), trust=trust,
+        figures=figures or "<p>none</p>",
         grid_note=(f"{len(samples)} of {len(ingested)} samples (spread evenly over the study). Under each map: "
                    "the value range of its colours (raw values, not min-max scaled; signed maps diverge around 0 "
                    "in red and blue) and its scores."),

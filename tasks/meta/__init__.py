@@ -29,6 +29,24 @@ def rank(ds: Any, metrics: Sequence[str] | None = None, *, n_boot: int = 1000, s
     }
 
 
+def trust(r: dict[str, Any]) -> list[str]:
+    """How far to trust a table of scores, in a few lines, from the meta-evaluation `r` (`rank`): what `evaluate`
+    prints after its table and the report shows beside it."""
+    lines = ["how far to trust this table (`saliency-atlas rank STORE` has the whole of it):"]
+    for k, rel in r["reliability"].items():
+        alpha = "" if rel["alpha"] is None else f", Krippendorff's alpha {rel['alpha']:.2f}"
+        flagged = [m for m, beats in r["beats_random"][k].items() if beats is False]
+        tied = [g for g in r["groups"][k] if len(g) > 1]
+        lines.append(f"  {k}: {rel['verdict']}{alpha}"
+                     + (f"; not above random_map: {', '.join(flagged)}" if flagged else "")
+                     + (f"; cannot be told apart: {' / '.join('{' + ', '.join(g) + '}' for g in tied)}" if tied else ""))
+    taus = [a["tau"] for a in r["agreement"].values() if a["tau"] is not None]
+    if taus:
+        lines.append(f"  the metrics order the methods alike at a mean Kendall tau of {sum(taus) / len(taus):+.2f} "
+                     f"over {len(taus)} pair(s) (1: the same order, 0: unrelated, -1: reversed)")
+    return lines
+
+
 __all__ = ["ALPHA", "Oriented", "RELIABLE", "TENTATIVE", "beats_random", "boot_means", "means", "consensus", "groups", "image_correlation",
            "krippendorff_alpha", "metric_agreement", "metric_ranking", "metric_reliability", "nemenyi", "oriented",
-           "rank", "tau_b", "verdict"]
+           "rank", "tau_b", "trust", "verdict"]
