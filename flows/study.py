@@ -13,11 +13,14 @@ import time
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner
 from tqdm.auto import tqdm
 
-from tasks import StudyPlan, StudySpec, accuracy, block_units, prepare_store, render_figure
+import storage
+from tasks import StudyPlan, StudySpec, accuracy, block_units, meta, prepare_store, render_figure
+from tasks.drawing.agreement import plot_agreement, trust_markdown
 from tasks.drawing.artifacts import publish_figure
 from tasks.drawing.evaluation import render_evaluation
 from tasks.study.accuracy import accuracy_warning
@@ -167,6 +170,11 @@ def _figures(spec: StudySpec, summary: dict[str, Any]) -> None:
         for path in summary["evaluation_figures"]:  # PREFIX.curves.png, PREFIX.scores.png
             publish_figure(path, "study-" + path.rsplit(".", 2)[-2], f"evaluation: {os.path.basename(path)}")
         log.info("evaluation figures: %s", ", ".join(summary["evaluation_figures"]))
+        judged = meta.rank(storage.open_dataset(spec.store))  # how far to trust the scores, in the UI too
+        figure = plot_agreement(judged, f"{os.path.splitext(spec.figure)[0]}.agreement.png")
+        create_markdown_artifact(markdown=trust_markdown(judged, figure), key="study-trust",
+                                 description=f"how far to trust the scores of {spec.store} (saliency-atlas rank)")
+        summary["agreement_figure"] = figure
 
 
 def _log_pending(pending: Pending, total: int) -> None:

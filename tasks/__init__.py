@@ -19,7 +19,7 @@ __getattr__ = exports(__name__, {
     **dict.fromkeys(("clusters", "report"), "audit"), "figure": "drawing.figure",
     **dict.fromkeys(("render", "render_figure"), "drawing.figure"),
     **dict.fromkeys(("invariance", "manipulation", "roar", "sanity"), "protocols"),
-    "accuracy": "study.accuracy",
+    "accuracy": "study.accuracy", "meta": "meta",
     **dict.fromkeys(("OPTIONS", "StudyPlan", "StudySpec", "attribute_block", "block_units",
                      "check_options", "evaluate_block", "ingest_block", "is_complete", "load_model", "memory",
                      "pipeline", "plan", "prepare_store", "resolve_device", "spec_of_store"), "study"),
@@ -27,6 +27,7 @@ __getattr__ = exports(__name__, {
 
 __all__ = [
     "OPTIONS", "StudyPlan", "StudySpec", "accuracy", "attribute_block", "block_units", "check_options", "clusters",
+    "meta",
     "evaluate_block", "figure", "ingest_block", "is_complete", "invariance", "load_model", "manipulation", "memory",
     "pipeline", "plan", "prepare_store", "render", "render_figure", "report", "resolve_device", "roar", "sanity",
     "spec_of_store",

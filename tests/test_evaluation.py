@@ -42,9 +42,11 @@ def test_a_study_with_metrics_draws_the_evaluation_figures(prefect_api, tmp_path
     for path in summary["evaluation_figures"]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    shown = read_artifacts(["study-figure", "study-curves", "study-scores"])  # in the Prefect UI, inline
+    shown = read_artifacts(["study-figure", "study-curves", "study-scores", "study-trust"])  # in the Prefect UI
     for key, path in zip(("study-figure", "study-curves", "study-scores"), [summary["figure"], *summary["evaluation_figures"]]):
         assert_inline_figure(shown[key], path)
+    trust = shown["study-trust"].data  # how far to trust the scores (issue 35): one metric, so no agreement figure
+    assert "deletion: " in trust and "Krippendorff's alpha" in trust and summary["agreement_figure"] is None
 
 
 def test_the_study_scores_every_method_including_the_baselines(evaluated):

@@ -61,3 +61,15 @@ def plot_agreement(r: dict[str, Any], out: str) -> str | None:
                  fontsize=8)
     fig.tight_layout()
     return save(fig, out)
+
+
+def trust_markdown(r: dict[str, Any], figure: str | None) -> str:
+    """The Prefect artifact of how far to trust a study's scores: the lines `evaluate` prints, a link to
+    `saliency-atlas rank`, and the agreement figure inline when there is one."""
+    from tasks import meta
+
+    from .artifacts import figure_markdown
+
+    lines = meta.trust(r)
+    text = f"### {lines[0][0].upper()}{lines[0][1:]}\n\n" + "".join(f"- {line.strip()}\n" for line in lines[1:])
+    return text + ("\n" + figure_markdown(figure, "Do the metrics agree?") if figure else "")
