@@ -70,6 +70,17 @@ def test_large_groups_take_the_sparse_eigensolver_and_agree():
     assert found.k == 3 and len(set(zip(found.labels, truth))) == 3
 
 
+def test_the_graph_is_the_same_whatever_the_slab_of_distances_held_at_once(monkeypatch):
+    """Memory bounded by `SLAB` distances, not by N: a slab of one row or of all rows gives the same graph, ties
+    (duplicated maps) included."""
+    maps, _ = blobs(300, 3, side=12)
+    x = spray.features(np.concatenate([maps, maps[:20]]), size=6)
+    whole = spray.affinity(x, 10)
+    for slab in (1, 7 * len(x) + 3):
+        monkeypatch.setattr(spray, "SLAB", slab)
+        assert (spray.affinity(x, 10) != whole).nnz == 0
+
+
 def test_labels_are_by_size_seeded_and_repeatable():
     maps, _ = blobs(30, 2)
     maps = np.concatenate([maps, maps[:10:2]])  # group 0 gets 5 more maps

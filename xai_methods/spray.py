@@ -55,16 +55,21 @@ def features(maps: np.ndarray, size: int = 16) -> np.ndarray:
     return np.divide(small, norm, out=np.zeros_like(small), where=norm > 0)
 
 
+SLAB = 1 << 23  # distances in memory at once while the graph is built: 8 M (64 MB), whatever N
+
+
 def affinity(x: np.ndarray, neighbours: int) -> sparse.csr_matrix:
     """The symmetric k-nearest-neighbour graph of the rows of `x` (1: i is among j's nearest or j
     among i's, Euclidean distance; ties broken by index), sparse (N, N) 0/1. Distances are taken
-    a slab of rows at a time, so memory grows with N, not N squared."""
+    a slab of rows at a time, the slab at most `SLAB` distances (64 MB), so memory grows with N, not
+    N squared (the time does: every pair is measured)."""
     n = len(x)
     k = min(neighbours, n - 1)
     sq = (x * x).sum(1)
     nearest = np.empty((n, k), np.int64)
-    for start in range(0, n, 1024):
-        rows = slice(start, min(n, start + 1024))
+    height = max(1, min(1024, SLAB // max(n, 1)))
+    for start in range(0, n, height):
+        rows = slice(start, min(n, start + height))
         dist = sq[rows, None] + sq[None, :] - 2.0 * x[rows] @ x.T
         dist[np.arange(dist.shape[0]), np.arange(rows.start, rows.stop)] = np.inf
         nearest[rows] = np.argsort(dist, axis=1, kind="stable")[:, :k]
