@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .scores import BASELINES, Oriented, means, ranks
+from .scores import Oriented, means, ranks
 
 ALPHA = 0.05  # the level of the Friedman and Nemenyi tests (the usual one; stated in every output)
 
@@ -120,4 +120,4 @@ def consensus(o: Oriented) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["ALPHA", "BASELINES", "beats_random", "consensus", "groups", "metric_ranking", "nemenyi"]
+__all__ = ["ALPHA", "beats_random", "consensus", "groups", "metric_ranking", "nemenyi"]

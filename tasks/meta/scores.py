@@ -8,8 +8,6 @@ import numpy as np
 
 from xai_methods import catalogue
 
-BASELINES = tuple(catalogue.methods("baseline"))  # random_map, centre_map, edge_map
-
 
 @dataclass(frozen=True)
 class Oriented:
