@@ -51,7 +51,7 @@ def main(images: int = 20_000, methods: int = 10) -> None:
             print(f"{name:<36} {seconds(ours, 3):7.3f} s   ({package} not installed)")
             continue
         mine, reference = seconds(ours, 3), seconds(lambda: theirs(peer), 3)
-        print(f"{name:<36} {mine:7.3f} s   {reference / mine:6.1f}x faster than {package} ({reference:.3f} s)")
+        print(f"{name:<36} {mine:7.3f} s   {reference / mine:6.1f}x the speed of {package} ({reference:.3f} s)")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,26 @@ def test_the_agreement_figure_puts_agreeing_metrics_together(tmp_path):
     path = plot_agreement(r, str(tmp_path / "agreement.png"))
     assert path and (tmp_path / "agreement.png").stat().st_size > 10_000
     assert plot_agreement(meta.rank(scores({"insertion": base}, list("abcde")), n_boot=10), str(tmp_path / "x.png")) is None
+
+
+def test_past_the_bootstrap_limit_the_means_are_drawn_from_their_normal_distribution(monkeypatch):
+    """A million images: the draws of the means come from their joint normal distribution (one pass over the
+    scores), which the bootstrap's matches past `BOOTSTRAP_MAX` images: the same spreads and correlations,
+    the same rank intervals, a metric's own missing scores included."""
+    from storage import scores as stored
+
+    rng = np.random.default_rng(7)
+    shared = rng.normal(size=(1, 20_000, 1))  # image difficulty: the methods' means move together
+    values = shared + rng.normal(size=(4, 20_000, 2)) * np.array([1.0, 2.0]) + np.array([0, .02, .04, .06])[:, None, None]
+    values[0, :50, 1] = np.nan
+    o = meta.oriented(scores({"insertion": values[..., 0], "sparseness": values[..., 1]}, list("abcd")))
+    normal = meta.boot_means(o, 2000, 1)
+    monkeypatch.setattr(stored, "BOOTSTRAP_MAX", 10**9)
+    boot = meta.boot_means(o, 2000, 1)
+    np.testing.assert_allclose(normal.std(0), boot.std(0), rtol=0.1)
+    np.testing.assert_allclose(np.corrcoef(normal[:, :, 0].T), np.corrcoef(boot[:, :, 0].T), atol=0.08)
+    np.testing.assert_allclose(normal.mean(0), meta.means(o), atol=0.002)  # about 5 standard errors of 2000 draws
+    by_normal = meta.metric_ranking(o, "insertion", normal)
+    by_boot = meta.metric_ranking(o, "insertion", boot)
+    for m in "abcd":
+        assert abs(by_normal[m]["low"] - by_boot[m]["low"]) <= 1 and abs(by_normal[m]["high"] - by_boot[m]["high"]) <= 1

@@ -63,8 +63,13 @@ def means(o: Oriented) -> np.ndarray:
 def boot_means(o: Oriented, n_boot: int = 1000, seed: int = 0, chunk: int | None = None) -> np.ndarray:
     """(resample, xai_method, metric): `means` of `n_boot` seeded bootstrap resamples of the images (the same
     resamples for every metric, so two metrics' rankings vary together). A resample is its images' counts, and
-    its means a product of those counts with the scores: memory of `chunk` resamples at a time, any image count."""
+    its means a product of those counts with the scores: memory of `chunk` resamples at a time, any image count.
+    Past `BOOTSTRAP_MAX` images, draws from the normal distribution of the means instead (`normal_means`)."""
+    from storage.scores import BOOTSTRAP_MAX
+
     n_methods, n, k = o.values.shape
+    if n > BOOTSTRAP_MAX:
+        return normal_means(o, n_boot, seed)
     chunk = chunk or max(1, min(50, 2**23 // max(n, 1)))  # about 64 MB of counts per chunk
     complete = np.isfinite(o.values).all(axis=0).astype(np.float64)  # (sample, metric)
     x = np.where(complete[None] > 0, o.values, 0.0).transpose(1, 0, 2).reshape(n, n_methods * k)
@@ -76,3 +81,23 @@ def boot_means(o: Oriented, n_boot: int = 1000, seed: int = 0, chunk: int | None
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append((counts @ x).reshape(c, n_methods, k) / (counts @ complete)[:, None, :])
     return np.concatenate(out) if out else np.empty((0, n_methods, k))
+
+
+def normal_means(o: Oriented, n_draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """(draw, xai_method, metric): seeded draws of `means` from their joint normal distribution, what the
+    bootstrap's distribution of the means is past `storage.scores.BOOTSTRAP_MAX` images (as `storage.interval`
+    takes it; tested against the bootstrap), at a cost of one pass over the scores instead of one per resample.
+    The covariance of two means is the sum over the images both count of the products of their deviations,
+    over the product of their counts (each metric's means are over its own complete images)."""
+    n_methods, n, k = o.values.shape
+    complete = np.isfinite(o.values).all(axis=0)  # (sample, metric)
+    centre = means(o)
+    deviations = np.where(complete[None], o.values - centre[:, None, :], 0.0).transpose(1, 0, 2).reshape(n, -1)
+    counts = np.broadcast_to(complete.sum(0), (n_methods, k)).reshape(-1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = (deviations.T @ deviations) / np.outer(counts, counts)
+    cov = np.nan_to_num(cov)
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    root = vectors * np.sqrt(np.clip(values, 0, None))
+    draws = np.random.default_rng(seed).standard_normal((n_draws, len(cov))) @ root.T
+    return centre[None] + draws.reshape(n_draws, n_methods, k)
