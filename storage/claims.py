@@ -52,8 +52,9 @@ def claims_dir(store: str) -> Path | None:
 def claim(store: str, unit: str, wait: bool = True) -> contextlib.AbstractContextManager[bool]:
     """Hold the claim on `unit` of `store` inside the block, which gets True. While another run holds
     it: wait for it, or with `wait` False get False at once (and hold nothing)."""
-    if "://" not in store:
-        return _locked(Path(str(store).rstrip("/") + ".claims"), unit, wait)
+    folder = claims_dir(store)
+    if folder is not None:
+        return _locked(folder, unit, wait)
     fs, root = _object_store(store)
     return _leased(fs, f"{root}.claims/{unit}.lease", wait) if fs is not None else contextlib.nullcontext(True)
 

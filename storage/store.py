@@ -357,16 +357,21 @@ class Store(Checksums, Summary):
         self.group = _Arrays(g._group, self.path)  # what exists has changed
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the model input."""
+        return tuple(self.attrs["image_shape"][1:])  # type: ignore[return-value]
+
+    @property
     def map_grid(self) -> tuple[int, int] | None:
         """(h, w) the maps are stored at, when smaller than the input (`storage.grid`); None: the input size."""
         grid = tuple(self.group["attribution"].shape[2:])
-        return None if grid == tuple(self.attrs["image_shape"][1:]) else grid  # type: ignore[return-value]
+        return None if grid == self.input_size else grid  # type: ignore[return-value]
 
     def read_maps(self, method: str, block: int, as_stored: bool = False) -> np.ndarray:
         """The block's maps of `method` at the input size (as stored, on a map grid, with `as_stored`)."""
         s = block_slice(block, self.n_samples, self.block_size)
         maps = self.group["attribution"][self._method_index(method), s]
-        return maps if as_stored or self.map_grid is None else to_input(maps, tuple(self.attrs["image_shape"][1:]))
+        return maps if as_stored or self.map_grid is None else to_input(maps, self.input_size)
 
     def read_failures(self, method: str, block: int) -> np.ndarray:
         """The block's failure codes of `method` (-1 for a store made before failures were recorded)."""

@@ -185,7 +185,7 @@ def _write_maps(s: storage.Store, method: str, block: int, maps: torch.Tensor, l
                 success: Any) -> int:
     """Record the block's failures, write its maps (on the store's map grid: `storage.grid`); how many failed."""
     if s.map_grid is not None:
-        maps = storage.grid.to_grid(maps, tuple(s.attrs["image_shape"][1:]), s.map_grid)
+        maps = storage.grid.to_grid(maps, s.input_size, s.map_grid)
     codes = xm.failures(maps, logits=torch.from_numpy(logits), success=success)
     s.write_attribution(method, block, xm.without_failures(maps, codes).cpu().numpy(), codes.cpu().numpy())
     failed = {xm.FAILURES[int(c)]: int((codes == c).sum()) for c in codes.unique().tolist() if c}
