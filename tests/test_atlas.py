@@ -64,10 +64,16 @@ def test_one_strategy_is_one_cluster_and_magnitude_does_not_count():
     assert (spray.analyse(scaled).labels == spray.analyse(blobs(60, 2)[0]).labels).all()
 
 
-def test_large_groups_take_the_sparse_eigensolver_and_agree():
-    maps, truth = blobs(2100, 3, side=30)
+def test_large_groups_take_the_sparse_eigensolver_and_agree(monkeypatch):
+    """Past `DENSE` maps the spectrum comes from Lanczos iteration: the same groups and eigenvalues as the
+    dense solver's."""
+    maps, truth = blobs(spray.DENSE + 100, 3, side=30)
     found = spray.analyse(maps, size=10, seed=0)
     assert found.k == 3 and len(set(zip(found.labels, truth))) == 3
+    monkeypatch.setattr(spray, "DENSE", len(maps))
+    dense = spray.analyse(maps, size=10, seed=0)
+    assert (dense.labels == found.labels).all()
+    np.testing.assert_allclose(dense.eigenvalues, found.eigenvalues, atol=1e-8)
 
 
 def test_the_graph_is_the_same_whatever_the_slab_of_distances_held_at_once(monkeypatch):

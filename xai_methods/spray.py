@@ -55,19 +55,20 @@ def features(maps: np.ndarray, size: int = 16) -> np.ndarray:
     return np.divide(small, norm, out=np.zeros_like(small), where=norm > 0)
 
 
-SLAB = 1 << 23  # distances in memory at once while the graph is built: 8 M (64 MB), whatever N
+SLAB = 1 << 20  # distances in memory at once while the graph is built: 1 M (8 MB), whatever N
+DENSE = 512  # graphs up to this many maps take the dense eigensolver (a 2 MB matrix); larger, Lanczos
 
 
 def affinity(x: np.ndarray, neighbours: int) -> sparse.csr_matrix:
     """The symmetric k-nearest-neighbour graph of the rows of `x` (1: i is among j's nearest or j
     among i's, Euclidean distance; ties broken by index), sparse (N, N) 0/1. Distances are taken
-    a slab of rows at a time, the slab at most `SLAB` distances (64 MB), so memory grows with N, not
-    N squared (the time does: every pair is measured)."""
+    a slab of rows at a time, the slab about `SLAB` distances (8 MB) whatever N, so the memory in
+    flight does not grow with N (the time grows with N squared: every pair is measured)."""
     n = len(x)
     k = min(neighbours, n - 1)
     sq = (x * x).sum(1)
     nearest = np.empty((n, k), np.int64)
-    height = max(1, min(1024, SLAB // max(n, 1)))
+    height = max(1, SLAB // max(n, 1))
     for start in range(0, n, height):
         rows = slice(start, min(n, start + height))
         dist = sq[rows, None] + sq[None, :] - 2.0 * x[rows] @ x.T
@@ -79,11 +80,11 @@ def affinity(x: np.ndarray, neighbours: int) -> sparse.csr_matrix:
 
 def _spectrum(a: sparse.csr_matrix, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The `count` smallest eigenvalues (ascending) and eigenvectors of I - D^-1/2 A D^-1/2: dense for
-    small graphs, else the largest of D^-1/2 A D^-1/2 by Lanczos iteration (seeded start)."""
+    graphs of at most `DENSE` maps, else the largest of D^-1/2 A D^-1/2 by Lanczos iteration (seeded start)."""
     d = sparse.diags(1.0 / np.sqrt(np.asarray(a.sum(1)).ravel()))
     s = d @ a @ d
     n = a.shape[0]
-    if n <= 2000:
+    if n <= DENSE:
         values, vectors = eigh(np.eye(n) - s.toarray(), subset_by_index=[0, count - 1])
     else:
         mu, vectors = eigsh(s, k=count, which="LA", v0=np.ones(n) / np.sqrt(n))
