@@ -37,6 +37,18 @@ def metrics() -> list[str]:
     return [m["name"] for m in load()["metrics"]]
 
 
+def metric(name: str) -> dict[str, Any]:
+    """The catalogue's row of metric `name`; of a variant (``deletion[substrate=blur]``), its base's row. Raises
+    ValueError naming the valid metrics."""
+    from .variants import base
+
+    rows = {m["name"]: m for m in load()["metrics"]}
+    if base(name) not in rows:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(rows)} (and their variants, e.g. "
+                         "deletion[substrate=blur]: `saliency-atlas metrics`)")
+    return rows[base(name)]
+
+
 def build() -> dict[str, list[dict[str, Any]]]:
     """The catalogue from the registries (imports every method and metric)."""
     import xai_methods as xm
@@ -53,7 +65,8 @@ def build() -> dict[str, list[dict[str, Any]]]:
         s = xmet.spec(name)
         metric_rows.append({"name": name, "family": s.family, "needs_mask": s.needs_mask, "needs_model": s.needs_model,
                             "needs_method": s.needs_method, "higher_is_better": s.higher_is_better,
-                            "passes": s.cost(dict(s.defaults), SIZE) if s.needs_model else None, "summary": s.summary})
+                            "passes": s.cost(dict(s.defaults), SIZE) if s.needs_model else None, "summary": s.summary,
+                            "variants": xmet.variants(name)})
     from xai_methods.manipulation import DIFFERENTIABLE
 
     return {"methods": method_rows, "metrics": metric_rows, "manipulable": list(DIFFERENTIABLE)}

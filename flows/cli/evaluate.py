@@ -14,19 +14,25 @@ examples:
   saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game,relevance_mass,deletion,insertion
   saliency-atlas evaluate runs/shapes.zarr --metrics deletion --metric-param deletion.steps=16 --json
   saliency-atlas evaluate runs/shapes.zarr --metrics pointing_game --compare gradcam:saliency --by label
+  saliency-atlas evaluate runs/shapes.zarr --metrics deletion,pointing_game --variants
+
+--variants also scores each metric's parameter variants (deletion over substrates and step counts, ROAD
+over fractions, pointing game over tolerances...: `saliency-atlas metrics` lists them), stored beside it
+as metrics named like deletion[substrate=blur], and says whether the metric ranks the methods alike
+over them (its internal consistency; `saliency-atlas rank` has each variant's agreement).
 
 Metrics that need ground truth (pointing_game, relevance_mass, relevance_rank, outside_mask_share)
 use the store's `mask`; region_share needs --metric-param region_share.region=[y0,x0,y1,x1].
 """
 
 def cmd_metrics() -> None:
-    from xai_methods import catalogue
+    from xai_methods import catalogue, variants
 
-    rows = [("name", "family", "needs", "better", "passes/image (64x64)", "what it is")]
+    rows = [("name", "family", "needs", "better", "passes/image (64x64)", "variants of", "what it is")]
     for m in catalogue.load()["metrics"]:
         needs = "+".join(n for n in ("mask", "model", "method") if m[f"needs_{n}"]) or "-"
         rows.append((m["name"], m["family"], needs, "higher" if m["higher_is_better"] else "lower",
-                     "-" if m["passes"] is None else str(m["passes"]), m["summary"]))
+                     "-" if m["passes"] is None else str(m["passes"]), ",".join(dict.fromkeys(k for v in m["variants"] for k in variants.parse(v)[1])) or "-", m["summary"]))
     print_rows(rows)
 
 def default_pairs(methods: list[str]) -> list[tuple[str, str]]:
@@ -56,6 +62,33 @@ def print_score_table(ds: Any, by: str | None, pairs: list[tuple[str, str]]) -> 
     for c in storage.comparisons(ds, pairs):
         print(storage.describe_comparison(c))
 
+def params_variants(metrics: list[str]) -> list[str]:
+    """The standard parameter variants of `metrics` (`saliency-atlas metrics` lists them), refusing a list
+    without any."""
+    from xai_methods import catalogue
+
+    found = [v for m in metrics for v in catalogue.metric(m)["variants"]]
+    if not found:
+        having = [m["name"] for m in catalogue.load()["metrics"] if m["variants"]]
+        raise ValueError(f"--variants: none of {', '.join(metrics)} has parameter variants; those that do: "
+                         + ", ".join(having))
+    return found
+
+
+def variant_params(metrics: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The parameters the user gave a metric, for each of its variants too (less the one the variant sets),
+    so that a variant differs from its metric in its own parameter only."""
+    from xai_methods import variants
+
+    out = {}
+    for v in params_variants(metrics):
+        own = variants.parse(v)[1]
+        given = {k: x for k, x in params.get(variants.base(v), {}).items() if k not in own}
+        if given:
+            out[v] = given
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import storage
     from flows.study import run, task_runner
@@ -63,7 +96,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tasks.study.spec import BASELINE_MAPS, baseline_choice
 
     baselines = args.baselines if args.baselines is not None else baseline_choice(args.store)
-    spec = spec_of_store(args.store, metrics=args.metrics, metric_params=fold_params(args.metric_params),
+    params, extra = fold_params(args.metric_params), params_variants(args.metrics) if args.variants else []
+    if extra:
+        params.update(variant_params(args.metrics, params))
+    spec = spec_of_store(args.store, metrics=[*args.metrics, *extra], metric_params=params,
                          baselines=baselines is not False, device=args.device, workers=args.workers)
     task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --device
     p = plan(spec)  # validates the metrics and their parameters before any work
@@ -75,14 +111,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if added:  # said before any work: they are maps the user did not name
         print(f"adding the baseline maps {', '.join(added)} beside the store's methods, so that every score reads "
               "against chance (--no-baselines: leave them out)", flush=True)
+    if extra:
+        print(f"scoring {len(extra)} parameter variants beside {', '.join(args.metrics)}: {', '.join(extra)}", flush=True)
     run(spec, p)  # nothing when the store holds every score already
     ds = storage.open_dataset(args.store)
     if args.json:
-        print(json.dumps(storage.means(ds.sel(metric=list(args.metrics)))))
+        print(json.dumps(storage.means(ds.sel(metric=[*args.metrics, *extra]))))
         return
-    print_score_table(ds.sel(metric=list(args.metrics)), args.by, args.compare or default_pairs(spec.studied))
+    show_evaluation(ds, args, extra, args.compare or default_pairs(spec.studied))
+
+
+def show_evaluation(ds: Any, args: argparse.Namespace, extra: list[str], pairs: list[tuple[str, str]]) -> None:
+    """`evaluate`'s output: the table of `args.metrics` with the paired comparisons, the variants' table, how far
+    to trust them (`tasks.meta.trust`), and the figures."""
     from tasks import meta
 
+    print_score_table(ds.sel(metric=list(args.metrics)), args.by, pairs)
+    if extra:
+        print("\nthe parameter variants:")
+        print_score_table(ds.sel(metric=extra), args.by, [])
     print("\n".join(meta.trust(meta.rank(ds, args.metrics))))
     if (args.plot or "").lower() != "none":
         from tasks.drawing.evaluation import plot_evaluation
@@ -110,6 +157,8 @@ def add_parsers(sub: Any) -> None:
                     help="paired comparisons to print (default: the first two methods, and each method against "
                          "random_map)")
     ev.add_argument("--by", choices=("label", "prediction"), default=None, help="also one row per class")
+    ev.add_argument("--variants", action="store_true",
+                    help="also score each metric's parameter variants and measure its internal consistency")
     ev.add_argument("--json", action="store_true", help="print {metric: {xai_method: mean}} only")
     ev.add_argument("--plot", default=None, metavar="PREFIX",
                     help="curve and score-distribution figures PREFIX.curves.png, PREFIX.scores.png "

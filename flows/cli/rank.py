@@ -17,7 +17,8 @@ examples:
 Per metric: each method's rank by mean score (1 = best) with a 95% bootstrap interval over images and
 the share of resamples in which it comes first; the groups the data cannot tell apart (Friedman's test
 over images, then Nemenyi's at 0.05); the methods that do not beat random_map; the metric's reliability
-(Krippendorff's alpha, images as raters of the methods: 0.8 and up reliable, 0.667 tentative, below not).
+(Krippendorff's alpha, images as raters of the methods: 0.8 and up reliable, 0.667 tentative, below not),
+and, for a metric scored with its variants (`evaluate --variants`), its internal consistency over them.
 Then the consensus over metrics (mean rank, and its spread: the metrics' disagreement) and Kendall's tau
 between every two metrics' orderings of the methods. Nothing is computed but statistics of the scores.
 """
@@ -50,13 +51,13 @@ def describe(r: dict[str, Any]) -> list[str]:
     """The meta-evaluation `r` (`tasks.meta.rank`) as the lines `rank` prints."""
     from xai_methods import catalogue
 
-    better = {m["name"]: "higher" if m["higher_is_better"] else "lower" for m in catalogue.load()["metrics"]}
     lines = []
     for k, ranking in r["ranking"].items():
+        better = "higher" if catalogue.metric(k)["higher_is_better"] else "lower"
         test, rel = r["tests"][k], r["reliability"][k]
         p = "" if test["p"] is None else f", p = {test['p']:.2g}"
         n = next(iter(ranking.values()))["n"]
-        lines.append(f"{k} ({better[k]} is better; {n} images scored by every method; {test['test']}{p})")
+        lines.append(f"{k} ({better} is better; {n} images scored by every method; {test['test']}{p})")
         for m, v in sorted(ranking.items(), key=lambda kv: (kv[1]["rank"] is None, kv[1]["rank"])):
             if v["rank"] is None:
                 continue
@@ -67,6 +68,11 @@ def describe(r: dict[str, Any]) -> list[str]:
             lines.append("  cannot be told apart: " + "; ".join("{" + ", ".join(g) + "}" for g in tied))
         alpha = "-" if rel["alpha"] is None else f"{rel['alpha']:.2f}"
         lines.append(f"  reliability: alpha {alpha} ({rel['images']} images as raters): {rel['verdict']}")
+        if "internal" in rel:
+            inner = rel["internal"]
+            lines.append(f"  internal consistency over its parameter variants: alpha "
+                         f"{'-' if inner['alpha'] is None else format(inner['alpha'], '.2f')}: {inner['verdict']}")
+            lines.extend(f"    {v}: tau {_tau(a)} against {k}'s ordering" for v, a in inner["variants"].items())
     order = sorted(r["consensus"].items(), key=lambda kv: (kv[1]["mean_rank"] is None, kv[1]["mean_rank"]))
     lines.append(f"consensus over {len(r['ranking'])} metrics (mean rank +- spread, the metrics' disagreement):")
     lines.append("  " + ", ".join(f"{m} {v['mean_rank']:.2f} +- {v['spread']:.2f}" for m, v in order
@@ -74,9 +80,13 @@ def describe(r: dict[str, Any]) -> list[str]:
     if r["agreement"]:
         lines.append("agreement (Kendall's tau of two metrics' orderings of the methods, 95% interval):")
         for pair, a in r["agreement"].items():
-            value = "-" if a["tau"] is None else f"{a['tau']:+.2f} [{a['low']:+.2f}, {a['high']:+.2f}]"
-            lines.append(f"  {pair.replace('|', ' ~ ')}: {value}")
+            lines.append(f"  {pair.replace('|', ' ~ ')}: {_tau(a)}")
     return lines
+
+
+def _tau(a: dict[str, Any]) -> str:
+    """A Kendall tau with its interval, as `rank` prints it."""
+    return "-" if a["tau"] is None else f"{a['tau']:+.2f} [{a['low']:+.2f}, {a['high']:+.2f}]"
 
 
 def add_parsers(sub: Any) -> None:

@@ -38,24 +38,43 @@ def verdict(alpha: float | None) -> str:
     return "tentative here" if alpha >= TENTATIVE else "not reliable here"
 
 
+def raters_alpha(o: Oriented, raters: list[str]) -> float | None:
+    """Krippendorff's alpha with the metrics `raters` as raters of every (image, method), each rating an image's
+    ranks of the methods, over the images every rater scored for every method (None: no such image)."""
+    per_image = [o.metric(k).T for k in raters]  # images x methods, each
+    complete = np.logical_and.reduce([np.isfinite(x).all(1) for x in per_image])
+    if not complete.sum():
+        return None
+    return _num(krippendorff_alpha(np.stack([ranks(x[complete]).reshape(-1) for x in per_image])))
+
+
 def metric_reliability(o: Oriented) -> dict[str, dict[str, Any]]:
     """Per metric: `alpha` (images as raters of the methods, each image's ranks of the methods), its `verdict`,
     `family_alpha` (the metrics of its family as raters of every (image, method), each image's ranks) and the
     images counted."""
-    per_image = {k: o.metric(k).T for k in o.metrics}  # images x methods
     out = {}
     for k in o.metrics:
-        x = per_image[k][np.isfinite(per_image[k]).all(1)]
+        x = o.complete(k)
         alpha = krippendorff_alpha(ranks(x)) if len(x) >= 2 and len(o.methods) >= 2 else float("nan")
         family = [f for f in o.metrics if o.families[f] == o.families[k]]
-        family_alpha = None
-        if len(family) > 1:
-            complete = np.logical_and.reduce([np.isfinite(per_image[f]).all(1) for f in family])
-            raters = np.stack([ranks(per_image[f][complete]).reshape(-1) for f in family])
-            family_alpha = _num(krippendorff_alpha(raters)) if complete.sum() else None
-        out[k] = {"alpha": _num(alpha), "verdict": verdict(alpha), "family_alpha": family_alpha,
+        out[k] = {"alpha": _num(alpha), "verdict": verdict(alpha),
+                  "family_alpha": raters_alpha(o, family) if len(family) > 1 else None,
                   "family": o.families[k], "images": int(len(x))}
     return out
+
+
+def internal_consistency(o: Oriented, boot: np.ndarray) -> dict[str, Any]:
+    """Internal consistency (Tomsett et al. 2020) of the metric `o.metrics[0]` over its parameter variants,
+    `o.metrics[1:]` (``deletion[substrate=blur]``...): `alpha`, the base and its variants as raters of every
+    (image, method) (as `family_alpha`), its `verdict` at the same thresholds, and per variant the Kendall tau
+    between its ordering of the methods and the base's (`tau`, `low`, `high`; `boot`: `scores.boot_means` of
+    `o`)."""
+    from .agreement import metric_agreement
+
+    base, agreed = o.metrics[0], metric_agreement(o, boot)
+    alpha = raters_alpha(o, o.metrics)
+    return {"alpha": alpha, "verdict": verdict(alpha),
+            "variants": {v: agreed[f"{base}|{v}"] for v in o.metrics[1:]}}
 
 
 def _num(x: float) -> float | None:

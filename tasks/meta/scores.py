@@ -39,7 +39,7 @@ def oriented(ds: Any, metrics: Sequence[str] | None = None) -> Oriented:
     missing = [k for k in chosen if k not in stored]
     if missing:
         raise ValueError(f"metric(s) {missing} are not scored in this study; it has {', '.join(stored)}")
-    rows = {r["name"]: r for r in catalogue.load()["metrics"]}
+    rows = {k: catalogue.metric(k) for k in chosen}  # a variant: its base's row
     score = ds["score"].sel(metric=chosen).transpose("xai_method", "sample", "metric").values.astype(np.float64)
     sign = np.array([1.0 if rows[k]["higher_is_better"] else -1.0 for k in chosen])
     return Oriented(score * sign, [str(m) for m in ds.xai_method.values], chosen,

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from xai_methods import catalogue
+from xai_methods import catalogue, variants
 
 from ..spec import RunSpec, option, options_of
 
@@ -144,9 +144,11 @@ def check_options(spec: StudySpec) -> None:
     for m in spec.params:
         if m not in spec.studied:
             raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.studied)}")
-    unknown = [m for m in spec.metrics if m not in catalogue.metrics()]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(catalogue.metrics())}")
+    for m in spec.metrics:
+        catalogue.metric(m)  # a registered metric, or a variant of one
+        supplied = sorted(set(variants.parse(m)[1]) & set(TASK_SUPPLIED))
+        if supplied:
+            raise ValueError(f"metric {m}: {', '.join(supplied)} cannot be a variant's parameter: the study supplies it")
     for m, given in spec.metric_params.items():
         if m not in spec.metrics:
             raise ValueError(f"parameters given for metric {m!r}, which is not among the metrics {list(spec.metrics)}")

@@ -17,6 +17,6 @@ increase_in_confidence, road_morf, road_lerf), robustness (max_sensitivity), com
 methods of category "baseline": random_map, centre_map, edge_map.
 """
 from . import faithfulness, localisation, robustness  # noqa: F401  (registers the metrics)
-from ._registry import FAILED_MAP, NOT_COMPUTED, STATUS, MetricSpec, Scores, available, check, evaluate, measure, spec
+from ._registry import FAILED_MAP, NOT_COMPUTED, STATUS, MetricSpec, Scores, available, check, evaluate, measure, spec, variants
 
-__all__ = ["FAILED_MAP", "NOT_COMPUTED", "STATUS", "MetricSpec", "Scores", "available", "check", "evaluate", "measure", "spec"]
+__all__ = ["FAILED_MAP", "NOT_COMPUTED", "STATUS", "MetricSpec", "Scores", "available", "check", "evaluate", "measure", "spec", "variants"]

@@ -10,9 +10,9 @@ and the metric runs on the other images only. The model is left exactly as found
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
+from .. import variants as V
 from .._core import forward_logits, targets, untouched
 from .._registry import _check_params as check_params
 
@@ -53,7 +54,7 @@ CostFn = Callable[[Mapping[str, Any], tuple[int, int]], int]
 PointsFn = Callable[[Mapping[str, Any]], int]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MetricSpec:
     """What the rest of the project needs to know about a metric."""
 
@@ -69,6 +70,7 @@ class MetricSpec:
     points: PointsFn | None  # curve metrics: (params) -> points on the curve; None: no curve
     checks: Mapping[str, C.Check]
     summary: str
+    variants: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # parameter -> the values `evaluate --variants` tries
 
     @property
     def curve(self) -> bool:
@@ -81,9 +83,10 @@ _REGISTRY: dict[str, MetricSpec] = {}
 def register(
     name: str, *, family: str, higher_is_better: bool, needs_mask: bool = False, needs_model: bool = False,
     needs_method: bool = False, cost: CostFn = lambda p, s: 0, points: PointsFn | None = None,
-    checks: Mapping[str, C.Check] | None = None,
+    checks: Mapping[str, C.Check] | None = None, variants: Mapping[str, tuple[Any, ...]] | None = None,
 ) -> Callable[[Callable[..., Scores]], Callable[..., Scores]]:
-    """Decorator registering ``fn(model, images, maps, target, mask, *, ...)`` under `name`."""
+    """Decorator registering ``fn(model, images, maps, target, mask, *, ...)`` under `name`; `variants`: the
+    parameter values that measure the metric's internal consistency (one parameter changed at a time)."""
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not valid; choose one of {FAMILIES}")
 
@@ -95,11 +98,15 @@ def register(
         if positional != ["model", "images", "maps", "target", "mask"]:
             raise TypeError(f"{fn.__qualname__} must take (model, images, maps, target, mask, *, ...)")
         defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        unknown = set(variants or {}) - set(defaults)
+        if unknown:
+            raise TypeError(f"{name}: variants of {sorted(unknown)}, which are not among its parameters {list(defaults)}")
         _REGISTRY[name] = MetricSpec(
             name=name, family=family, fn=fn, defaults=MappingProxyType(defaults), needs_mask=needs_mask,
             needs_model=needs_model, needs_method=needs_method, higher_is_better=higher_is_better, cost=cost,
             points=points, checks=MappingProxyType(dict(checks or {})),
             summary=(inspect.getdoc(fn) or name).splitlines()[0],
+            variants=MappingProxyType({k: tuple(v) for k, v in (variants or {}).items()}),
         )
         return fn
 
@@ -112,17 +119,29 @@ def available() -> list[str]:
 
 
 def spec(name: str) -> MetricSpec:
-    """The `MetricSpec` of metric `name`."""
+    """The `MetricSpec` of metric `name`; of a variant (``deletion[substrate=blur]``, `variants`), its base's
+    with the variant's parameters as its defaults."""
+    base, overrides = V.parse(name) if isinstance(name, str) else (name, {})
     try:
-        return _REGISTRY[name]
+        s = _REGISTRY[base]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown metric {name!r}; available metrics: {', '.join(available())}") from None
+        raise ValueError(f"unknown metric {name!r}; available metrics: {', '.join(available())} (and their "
+                         "variants, e.g. deletion[substrate=blur])") from None
+    unknown = sorted(set(overrides) - set(s.defaults))
+    if unknown:
+        raise ValueError(f"metric {name!r}: {base} has no parameter {', '.join(unknown)}; valid: {', '.join(s.defaults)}")
+    return dataclasses.replace(s, name=name, defaults=MappingProxyType({**s.defaults, **overrides})) if overrides else s
+
+
+def variants(name: str) -> list[str]:
+    """The standard variant names of metric `name` (one registered parameter value changed at a time)."""
+    return V.standard(name, {k: list(v) for k, v in spec(name).variants.items()})
 
 
 def check(name: str, size: tuple[int, int], model: nn.Module | None = None, **params: Any) -> int:
     """Validate a call of metric `name` on images of `size` without running it; returns forward
     passes per image. Pipelines call it to refuse a bad evaluation before any work."""
-    s = spec(name)
+    s = spec(name)  # a variant's parameters are its defaults: checked with the rest
     check_params(s, params, C.Context(size=tuple(size), model=model))
     return s.cost({**s.defaults, **params}, tuple(size))
 

@@ -92,8 +92,11 @@ def _pixel_cost(params: Any, size: tuple[int, int]) -> int:
     return _points(params)
 
 
+PIXEL_STEPS = (16, 64)  # the variants' step counts: half and twice the default's 32
+
+
 @register("deletion", family="faithfulness", higher_is_better=False, needs_model=True, cost=_pixel_cost,
-          points=_points, checks=PIXEL_CHECKS)
+          points=_points, checks=PIXEL_CHECKS, variants={"substrate": ("blur", "mean"), "steps": PIXEL_STEPS})
 def deletion(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *, steps: int = 32,
              substrate: float | str | Tensor = "zeros", score: str = "probability", seed: int | None = 0,
              internal_batch: int = 64) -> Scores:
@@ -108,7 +111,7 @@ def deletion(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mas
 
 
 @register("insertion", family="faithfulness", higher_is_better=True, needs_model=True, cost=_pixel_cost,
-          points=_points, checks=PIXEL_CHECKS)
+          points=_points, checks=PIXEL_CHECKS, variants={"substrate": ("zeros", "mean"), "steps": PIXEL_STEPS})
 def insertion(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *, steps: int = 32,
               substrate: float | str | Tensor = "blur", score: str = "probability", seed: int | None = 0,
               internal_batch: int = 64) -> Scores:
@@ -144,7 +147,11 @@ def _drop_status(y: Tensor, o: Tensor, constant: Tensor) -> Tensor:
     return torch.where(torch.isfinite(y) & torch.isfinite(o), code, NOT_FINITE_OUTPUT).to(torch.int8)
 
 
-@register("average_drop", family="faithfulness", higher_is_better=False, needs_model=True, cost=lambda p, s: 2)
+EXPLANATION_BASELINES = {"baseline": ("blur", "mean")}  # the variants of the explanation image's baseline (0.0)
+
+
+@register("average_drop", family="faithfulness", higher_is_better=False, needs_model=True, cost=lambda p, s: 2,
+          variants=EXPLANATION_BASELINES)
 def average_drop(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *,
                  baseline: float | str | Tensor = 0.0, internal_batch: int = 64) -> Scores:
     """Average drop (Chattopadhyay et al. 2018, Grad-CAM++): max(0, Y - O) / Y, O the target probability on the map-weighted image.
@@ -161,7 +168,7 @@ def average_drop(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor,
 
 
 @register("increase_in_confidence", family="faithfulness", higher_is_better=True, needs_model=True,
-          cost=lambda p, s: 2)
+          cost=lambda p, s: 2, variants=EXPLANATION_BASELINES)
 def increase_in_confidence(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *,
                            baseline: float | str | Tensor = 0.0, internal_batch: int = 64) -> Scores:
     """Increase in confidence (Chattopadhyay et al. 2018): 1 if the map-weighted image raises the target's probability, else 0.
@@ -245,6 +252,7 @@ def _check_fractions(name: str, value: Any, ctx: C.Context) -> None:
 
 
 ROAD_CHECKS: dict[str, C.Check] = {"fractions": _check_fractions, "noise": C.number(0.0)}
+ROAD_VARIANTS = {"fractions": ((0.1, 0.2, 0.3, 0.4, 0.5), (0.5, 0.6, 0.7, 0.8, 0.9))}  # the lower and upper half
 
 
 def _road_points(params: Any) -> int:
@@ -256,7 +264,7 @@ def _road_cost(params: Any, size: tuple[int, int]) -> int:
 
 
 @register("road_morf", family="faithfulness", higher_is_better=False, needs_model=True, cost=_road_cost,
-          points=_road_points, checks=ROAD_CHECKS)
+          points=_road_points, checks=ROAD_CHECKS, variants=ROAD_VARIANTS)
 def road_morf(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *,
               fractions: Sequence[float] = ROAD_FRACTIONS, noise: float = 0.01, seed: int | None = 0,
               internal_batch: int = 64) -> Scores:
@@ -274,7 +282,7 @@ def road_morf(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, ma
 
 
 @register("road_lerf", family="faithfulness", higher_is_better=True, needs_model=True, cost=_road_cost,
-          points=_road_points, checks=ROAD_CHECKS)
+          points=_road_points, checks=ROAD_CHECKS, variants=ROAD_VARIANTS)
 def road_lerf(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *,
               fractions: Sequence[float] = ROAD_FRACTIONS, noise: float = 0.01, seed: int | None = 0,
               internal_batch: int = 64) -> Scores:

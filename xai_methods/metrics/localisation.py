@@ -50,7 +50,7 @@ def _positive_share(maps: Tensor, where: Tensor) -> Scores:
 
 
 @register("pointing_game", family="localisation", higher_is_better=True, needs_mask=True,
-          checks={"tolerance": C.optional(C.int_at_least(0))})
+          checks={"tolerance": C.optional(C.int_at_least(0))}, variants={"tolerance": (0, 8)})
 def pointing_game(model: Any, images: Tensor, maps: Tensor, target: Any, mask: Tensor, *,
                   tolerance: int | None = None) -> Scores:
     """Pointing game (Zhang et al. 2016, as TorchRay's benchmark): 1 if the map's maximum lies within

@@ -24,7 +24,8 @@ def _sensitivity_cost(params: Mapping[str, Any], size: tuple[int, int]) -> int:
 
 
 @register("max_sensitivity", family="robustness", higher_is_better=False, needs_model=True, needs_method=True,
-          cost=_sensitivity_cost, checks={"method": _check_method, "radius": C.number(0.0, low_open=True)})
+          cost=_sensitivity_cost, checks={"method": _check_method, "radius": C.number(0.0, low_open=True)},
+          variants={"radius": (0.02, 0.1)})
 def max_sensitivity(model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, mask: Any, *,
                     method: str = "saliency", method_params: Mapping[str, Any] | None = None,
                     layer: str | None = None, contrast: Tensor | None = None, samples: int = 10,
