@@ -6,16 +6,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
-from PIL import Image
 
 import storage
 from browser import broken_images, chromium, console_errors
 from flows.cli import main
 from xai_methods import spray
 
-WATERMARKED = "wm"  # file-name prefix of the test images that carry the watermark
+from zoo.clever_hans import WATERMARKED  # file-name prefix of the test images that carry the watermark
 
 
 def blobs(n, k, seed=0, side=32):
@@ -124,42 +122,18 @@ def test_features_are_area_means_with_unit_norm():
 # ---------------------------------------------------------------- a watermark on half of one class
 
 
-def mark(images, labels, square):
-    """A watermark (a white square with a black hole, top right) on every other image of class `square`."""
-    out, flag = images.copy(), np.zeros(len(labels), bool)
-    idx = np.flatnonzero(labels == square)[::2]
-    out[idx, :, 2:10, 54:62] = 1.0
-    out[idx, :, 4:8, 56:60] = 0.0
-    flag[idx] = True
-    return out, flag
-
-
 @pytest.fixture(scope="module")
 def watermarked(prefect_api, tmp_path_factory):
-    """A shapes-cnn trained (3 epochs, seeded) on images where half of the squares carry a watermark,
-    studied with Grad-CAM on a folder of fresh images marked the same way."""
-    from zoo.models import SHAPES_PREPROCESS, ShapesCNN
-    from zoo.shapes import CLASSES, ShapesDataset
-    from zoo.training import fit
+    """A shapes-cnn trained (3 epochs, seeded) on images where half of the squares carry a watermark
+    (`zoo.clever_hans`), studied with Grad-CAM on a folder of fresh images marked the same way."""
+    from zoo.clever_hans import REGION, build
 
     root = tmp_path_factory.mktemp("watermark")
-    square = CLASSES.index("square")
-    torch.manual_seed(0)
-    train = ShapesDataset(seed=1, split="train", length=1500).load(0, 1500)
-    model = fit(ShapesCNN(), mark(train.images, train.labels, square)[0], train.labels, SHAPES_PREPROCESS,
-                epochs=3, seed=0)
-    torch.save(model.state_dict(), root / "wm.pt")
-    test = ShapesDataset(seed=1, split="test", length=120).load(0, 120)
-    images, flags = mark(test.images, test.labels, square)
-    for i, (img, label, flag) in enumerate(zip(images, test.labels, flags)):
-        folder = root / "images" / CLASSES[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{WATERMARKED if flag else 'plain'}-{i:03d}.png"
-        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / name)
+    paths = build(root)
     store = str(root / "wm.zarr")
-    assert main(["study", "--dataset", str(root / "images"), "--model", "shapes-cnn", "--weights", str(root / "wm.pt"),
+    assert main(["study", "--dataset", str(paths["images"]), "--model", "shapes-cnn", "--weights", str(paths["weights"]),
                  "--methods", "gradcam", "--store", store, "--block-size", "40", "--device", "cpu", "--figure", "none",
-                 "--metrics", "region_share", "--metric-param", "region_share.region=[0,48,12,64]"]) == 0
+                 "--metrics", "region_share", "--metric-param", f"region_share.region={list(REGION)}"]) == 0
     return store
 
 
@@ -188,6 +162,30 @@ def test_the_audit_view_points_at_the_watermark_cluster(watermarked):
     other = next(c for c in cluster_table(watermarked, "gradcam")["square"] if c["cluster"] != row["cluster"])
     assert other["scores"]["region_share"] < 0.15 < row["class_mean"] < row["region_share"] - 0.15, \
         "the class's mean dilutes what the watermarked cluster shows"
+
+
+def test_a_clever_hans_model_is_noticed_by_where_the_maps_look_not_by_faithfulness(watermarked, tmp_path, capsys):
+    """Issue 35's finding (docs/findings.md): on the squares, watermarked against plain, the audit's region share
+    and the maps' concentration (sparseness) move up; deletion calls the watermarked maps *more* faithful (the
+    model does rely on the watermark they show), and so it does for the edge map, which knows nothing of it."""
+    import shutil
+
+    from tasks import meta
+
+    store = str(tmp_path / "wm.zarr")
+    shutil.copytree(watermarked, store)  # the other tests read the fixture's store as it was
+    assert main(["evaluate", store, "--metrics", "deletion,sparseness", "--plot", "none", "--json"]) == 0
+    capsys.readouterr()
+    ds = storage.open_dataset(store)
+    ids = [str(i) for i in ds.sample_id.values]
+    marked = np.array([i.split("/")[-1].startswith(WATERMARKED) for i in ids])
+    squares = np.array(["square/" in i for i in ids])
+    shift = meta.group_shift(ds, marked, squares)
+    assert shift["region_share"]["gradcam"]["low"] > 0.2 and not shift["region_share"]["random_map"]["shifts"]
+    assert shift["sparseness"]["gradcam"]["low"] > 0
+    assert shift["deletion"]["gradcam"]["high"] < 0 and shift["deletion"]["edge_map"]["high"] < 0
+    assert shift["deletion"]["gradcam"]["n_inside"] == marked.sum() and shift["deletion"]["gradcam"]["n_outside"] == (
+        squares & ~marked).sum()
 
 
 def test_clusters_are_stored_reused_and_redone_when_asked(watermarked, capsys):

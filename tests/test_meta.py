@@ -164,3 +164,25 @@ def test_past_the_bootstrap_limit_the_means_are_drawn_from_their_normal_distribu
     by_boot = meta.metric_ranking(o, "insertion", boot)
     for m in "abcd":
         assert abs(by_normal[m]["low"] - by_boot[m]["low"]) <= 1 and abs(by_normal[m]["high"] - by_boot[m]["high"]) <= 1
+
+
+def test_group_shift_finds_a_known_shift_and_no_other():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(6)
+    n = 400
+    inside = np.arange(n) % 4 == 0
+    base = rng.normal(size=(2, n))
+    moved = base + np.array([[0.0], [0.5]]) * inside  # method b scores 0.5 higher on the group
+    moved[0, 3] = np.nan  # a score left out, not counted
+    ds = scores({"insertion": moved}, ["a", "b"])
+    found = meta.group_shift(ds, inside, n_boot=500)["insertion"]
+    assert not found["a"]["shifts"] and found["b"]["shifts"]
+    assert found["b"]["low"] < 0.5 < found["b"]["high"]
+    assert found["a"]["n_inside"] + found["a"]["n_outside"] == n - 1
+    x, y = moved[1, inside], moved[1, ~inside]
+    assert found["b"]["p"] == pytest.approx(mannwhitneyu(x, y).pvalue)
+    among = np.arange(n) < 200  # the rest within the first half only
+    assert meta.group_shift(ds, inside, among)["insertion"]["b"]["n_outside"] == (among & ~inside).sum()
+    with pytest.raises(ValueError, match="one bool per sample"):
+        meta.group_shift(ds, inside[:10])

@@ -12,6 +12,7 @@ from .agreement import image_correlation, metric_agreement, tau_b
 from .ranking import ALPHA, beats_random, consensus, groups, metric_ranking, nemenyi
 from .reliability import RELIABLE, TENTATIVE, internal_consistency, krippendorff_alpha, metric_reliability, raters_alpha, verdict
 from .scores import Oriented, boot_means, means, oriented
+from .shift import group_shift
 
 
 def rank(ds: Any, metrics: Sequence[str] | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -63,6 +64,6 @@ def _alpha(a: float | None) -> str:
     return "-" if a is None else f"{a:.2f}"
 
 
-__all__ = ["ALPHA", "Oriented", "RELIABLE", "TENTATIVE", "beats_random", "boot_means", "means", "consensus", "groups", "image_correlation",
+__all__ = ["ALPHA", "Oriented", "RELIABLE", "TENTATIVE", "beats_random", "boot_means", "means", "consensus", "group_shift", "groups", "image_correlation",
            "internal_consistency", "krippendorff_alpha", "metric_agreement", "metric_ranking", "metric_reliability", "nemenyi", "oriented",
            "raters_alpha", "rank", "tau_b", "trust", "verdict"]
