@@ -357,7 +357,7 @@ def test_a_store_of_another_protocol_is_refused_and_kept(tmp_path, capsys, sanit
     assert {p: p.read_bytes() for p in Path(sanity_store).rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("command", ["sanity", "invariance", "manipulate", "roar"])
+@pytest.mark.parametrize("command", ["sanity", "invariance", "manipulate", "roar", "resilience"])
 def test_every_protocol_has_a_help_that_teaches(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -93,7 +93,7 @@ def test_the_detector_finds_a_circle(tmp_path):
     assert imports("zoo.b", known["zoo.b"], known) == {"zoo.a"}
 
 
-@pytest.mark.parametrize("name", ["sanity", "invariance", "manipulate", "roar"])
+@pytest.mark.parametrize("name", ["sanity", "invariance", "manipulate", "roar", "resilience"])
 def test_one_row_of_the_protocol_table_makes_the_flow_the_command_and_the_figure(name, capsys):
     import flows.protocols
     from flows.cli import build_parser

@@ -80,6 +80,18 @@ def randomized(model: nn.Module, layers: Sequence[str], seed: int = 0) -> nn.Mod
     return out.to(device).eval()
 
 
+def weight_noise(model: nn.Module, sigma: float, seed: int = 0) -> nn.Module:
+    """A copy of `model` (eval mode, on its device) with every parameter multiplied by 1 + sigma * N(0, 1),
+    drawn on the CPU from a generator seeded by `seed` (MetaQuantus's model resilience perturbation)."""
+    device = next(model.parameters()).device
+    out = copy.deepcopy(model).cpu()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(1 + sigma * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return out.to(device).eval()
+
+
 class Compensated(nn.Module):
     """``layer(x) - offset``: an affine first layer whose bias absorbs a constant input shift."""
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .common import Opened, Stage
 
 __getattr__ = exports(__name__, {
-    **{name: name for name in ("common", "invariance", "manipulation", "plot", "roar", "sanity")},
+    **{name: name for name in ("common", "invariance", "manipulation", "plot", "resilience", "roar", "sanity")},
     **dict.fromkeys(("Opened", "Stage", "UnitReceipt", "opened"), "common"),
 })
 
@@ -103,7 +103,22 @@ output (--gamma); "defended" repeats it against the map of a softplus copy with 
   saliency-atlas roar ... --workers 2                 # retrains in parallel on a local Dask cluster
 
 Each (method, fraction, seed) retrain is one resumable unit of the store; rerun to resume."""),
+    Protocol("resilience", specs.ResilienceSpec, "resilience", "plot_resilience",
+             "is a metric resilient to what should not change its scores, and reactive to what should? (MetaQuantus)",
+             """examples:
+  saliency-atlas resilience --methods saliency,gradcam,input_x_gradient --metrics pointing_game,deletion --json
+  saliency-atlas resilience ... --draws 5 --input-noise 0.02 --weight-noise 0.01
+  saliency-atlas resilience --dataset DIR --model my.pkg:net --weights w.pt --metrics "deletion[substrate=blur]"
+
+Every method's maps are scored by every metric, then again after minor perturbations that should not
+change the scores (input noise, weight noise that keeps the predictions: only the images whose class
+they keep count) and disruptive ones that should (a randomised model, maps shuffled across images).
+Per metric and family (input, model), MetaQuantus's criteria: IAC_NR, the Wilcoxon p-value of the
+scores before and after a minor perturbation (high: unmoved); IAC_AR, 1 - that p under a disruptive
+one; IEC_NR, the share of the methods' order kept; IEC_AR, the share of scores that got worse; MC,
+their mean (1 is best). The --json has the forward passes it costs, per stage; each (test, draw) is
+one resumable unit."""),
 ]}
 
 __all__ = ["PROTOCOLS", "Opened", "Protocol", "ProtocolSpec", "Stage", "UnitReceipt", "invariance", "manipulation",
-           "plot", "roar", "sanity", "specs"]
+           "plot", "resilience", "roar", "sanity", "specs"]

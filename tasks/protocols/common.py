@@ -31,6 +31,7 @@ class Inputs(NamedTuple):
     labels: np.ndarray
     ids: list[str]
     dataset: zoo.Dataset
+    masks: torch.Tensor | None = None  # (N, H, W) bool ground truth, on the device; None: the dataset has none
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def load_inputs(spec: ProtocolSpec) -> Inputs:
     batch = data.load(0, len(data))
     images = model.preprocess(torch.from_numpy(batch.images)).to(device)
     target = forward_logits(model, images, 64).argmax(1).clone()  # a normal tensor (inference ones cannot be saved)
-    return Inputs(model, images, target, batch.labels, batch.ids, data)
+    masks = None if batch.masks is None else torch.from_numpy(np.asarray(batch.masks, bool)).to(device)
+    return Inputs(model, images, target, batch.labels, batch.ids, data, masks)
 
 
 def maps_of(method: str, model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, spec: ProtocolSpec,

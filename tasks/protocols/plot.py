@@ -116,3 +116,27 @@ def plot_roar(path: str, out: str) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, out)
+
+
+def plot_resilience(path: str, out: str) -> str:
+    """MetaQuantus's picture: per metric, its four criteria in each family (input, model) as bars in [0, 1], and
+    its MC score; the metric to believe has every bar high."""
+    from .resilience import summary
+
+    found = summary(path)["metrics"]
+    criteria, families = ("IAC_NR", "IAC_AR", "IEC_NR", "IEC_AR"), ("input", "model")
+    fig, axes = plt.subplots(1, len(found), figsize=(2.4 * len(found) + 1, 2.8), squeeze=False, sharey=True)
+    for ax, (metric, r) in zip(axes[0], found.items()):
+        for f, family in enumerate(families):
+            values = [np.nan if r[family][c] is None else r[family][c] for c in criteria]
+            ax.bar(np.arange(4) + 0.4 * f - 0.2, values, width=0.4, label=family, color=("tab:blue", "tab:orange")[f])
+        ax.set_xticks(range(4), criteria, rotation=45, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        mc = "-" if r["MC"] is None else f"{r['MC']:.2f}"
+        ax.set_title(f"{metric}\nMC {mc}", fontsize=8)
+    axes[0, 0].set_ylabel("criterion (1: best)", fontsize=7)
+    axes[0, -1].legend(fontsize=6, title="perturbation", title_fontsize=6)
+    fig.suptitle("Resilience (NR: minor perturbations leave the scores) and reactivity (AR: disruptive ones move "
+                 "them), per metric", fontsize=8)
+    fig.tight_layout()
+    return save(fig, out)

@@ -95,3 +95,17 @@ class RoarSpec(ProtocolSpec):
     epochs: int = option(10, "epochs of each retrain (shapes-cnn from scratch needs about 600 steps: 2000 "
                               "images, 10 epochs, batches of 32 reach 99.8% test accuracy; 3 epochs stay at chance)")
     batch_size: int = option(32, "images per training step of each retrain")
+
+
+@dataclass(frozen=True)
+class ResilienceSpec(ProtocolSpec):
+    methods: list[str] = option(["saliency", "gradcam", "input_x_gradient"], "attribution methods whose maps the "
+                                "metrics score (two or more: the ranking criteria compare them)", type="names")
+    metrics: list[str] = option(["pointing_game", "relevance_mass", "deletion", "sparseness"],
+                                "metrics to meta-evaluate (a variant too, e.g. deletion[steps=16])", type="names")
+    store: str = option("runs/resilience.zarr", "the protocol's Zarr store; rerun to resume")
+    draws: int = option(3, "seeded draws of each perturbation")
+    input_noise: float = option(0.02, "standard deviation of the minor input noise, in [0, 1] pixel units",
+                                type="float")
+    weight_noise: float = option(0.01, "standard deviation of the minor multiplicative weight noise (1 + sigma N)",
+                                 type="float")
