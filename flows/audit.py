@@ -26,6 +26,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+import storage
+from tasks import meta
 from tasks.audit.clusters import cluster_table, cluster_task, render_clusters, strategy_rows
 from tasks.audit.report import report_task
 from tasks.audit.rows import (
@@ -43,6 +45,7 @@ from tasks.audit.rows import (
     write_summary,
 )
 from tasks.audit.spec import AuditSpec
+from tasks.drawing.agreement import plot_agreement, trust_markdown
 from tasks.drawing.artifacts import publish_figure
 from tasks.loading import model_of
 from tasks.spec import RunSpec
@@ -97,6 +100,11 @@ def _publish(spec: AuditSpec, markdown: str, measured: dict[str, Any], files: di
     for name, title in titles.items():
         if name in files:
             artifacts[name] = publish_figure(files[name], ARTIFACT_KEYS.get(name, f"dataset-audit-{name}"), title)
+    if measured["measures"]:  # how far to trust the scores: `saliency-atlas rank`'s lines and the agreement figure
+        judged = meta.rank(storage.open_dataset(spec.store), measured["measures"])
+        figure = plot_agreement(judged, os.path.join(os.path.dirname(files["summary"]), "agreement.png"))
+        artifacts["trust"] = create_markdown_artifact(markdown=trust_markdown(judged, figure), key=ARTIFACT_KEYS["trust"],
+                                                      description=f"how far to trust the audit's scores of {spec.store}")
     return artifacts
 
 

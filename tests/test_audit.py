@@ -130,6 +130,8 @@ def test_audit_publishes_artifacts(audited):
         helpers.assert_inline_figure(found[key], result["files"][name])  # the UI's browser can show it
         assert Path(result["files"][name]).resolve().as_uri() in found[key].data
     assert Path(result["files"]["report"]).resolve().as_uri() in found["dataset-audit-atlas"].data
+    trust = found["dataset-audit-trust"].data  # how far to trust the audit's scores, beside them
+    assert "How far to trust this table" in trust and "region_share:" in trust
 
 
 def test_another_region_on_the_same_store_is_refused(audited, folder):

@@ -40,6 +40,7 @@ ARTIFACT_KEYS = {
     "shares_chart": "dataset-audit-shares-chart",
     "samples_figure": "dataset-audit-samples-figure",
     "report": "dataset-audit-atlas",
+    "trust": "dataset-audit-trust",
 }
 ALL = "all"  # the class column of the rows that aggregate every class
 
