@@ -188,6 +188,28 @@ def test_a_clever_hans_model_is_noticed_by_where_the_maps_look_not_by_faithfulne
         squares & ~marked).sum()
 
 
+def test_past_the_cap_a_sample_is_clustered_and_the_others_join_their_nearest(watermarked, tmp_path, monkeypatch):
+    """A class of more maps than `CAP`: a seeded sample of CAP is clustered, every other usable map gets the label
+    of its nearest clustered one; the watermarked squares still form a cluster of their own."""
+    import shutil
+
+    from tasks.audit import clusters
+
+    store = str(tmp_path / "wm.zarr")
+    shutil.copytree(watermarked, store)
+    monkeypatch.setattr(clusters, "CAP", 14)
+    clusters.compute(store, "gradcam", neighbours=4)  # a graph of 4 neighbours for a sample of 14 maps
+    found = clusters.cluster_table(store, "gradcam")
+    ds = storage.open_dataset(store)
+    assert (ds.cluster.sel(xai_method="gradcam").values >= 0).sum() == len(ds.sample)  # every map has a cluster
+    squares = found["square"]
+    assert sum(c["size"] for c in squares) == sum(i.split("/")[-2] == "square" for i in map(str, ds.sample_id.values))
+    marked = [np.mean([i.split("/")[-1].startswith(WATERMARKED) for i in c["sample_ids"]]) for c in squares]
+    assert sorted(marked) == [0.0, 1.0], "each cluster all watermarked or all plain, as without the cap"
+    clusters.compute(store, "gradcam", neighbours=4)
+    assert clusters.cluster_table(store, "gradcam") == found  # the sample is seeded
+
+
 def test_clusters_are_stored_reused_and_redone_when_asked(watermarked, capsys):
     from tasks import clusters
 

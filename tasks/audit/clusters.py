@@ -2,8 +2,9 @@
 
 For each true class, the maps of one method are clustered by their shape (`xai_methods.spray`);
 a class decided in two ways (by the object, or by a watermark only some of its images carry)
-splits into two clusters. The maps are read lazily and downsampled by Dask chunk by chunk, so
-only (samples x size x size) numbers are ever in memory; the clusters and each class's eigengap
+splits into two clusters. The maps are read lazily and downsampled by Dask chunk by chunk; at most
+`CAP` maps of a class are clustered (a seeded sample past it; the others join the cluster of their
+nearest clustered map), so memory and time per class stay bounded; the clusters and each class's eigengap
 are written into the store (`cluster`, `eigengap`) with the parameters that found them, and are
 reused while the store and the parameters stay the same.
 
@@ -46,13 +47,59 @@ def _check(ds: xr.Dataset, method: str, params: dict[str, Any]) -> dict[str, Any
     return full
 
 
-def small_maps(ds: xr.Dataset, method: str, size: int) -> np.ndarray:
-    """(sample, size, size) area means of `method`'s maps, computed by Dask chunk by chunk, in float32
-    (1 KB per map at the default size: all of a study's are held at once; NaN for a map that is NaN
-    anywhere: not computed, or failed)."""
+CAP = 4096  # maps clustered per class; past it, a seeded sample of CAP is clustered and the rest join the
+# cluster of their nearest clustered map, so memory and time stay bounded per class (not O(N) and O(N^2))
+
+
+def small_maps(ds: xr.Dataset, method: str, size: int, samples: np.ndarray | None = None) -> Any:
+    """(sample, size, size) float32 area means of `method`'s maps (of `samples` only, when given), lazy: a Dask
+    array computed chunk by chunk (NaN for a map that is NaN anywhere: not computed, or failed)."""
     maps = ds.attribution.sel(xai_method=method)
+    if samples is not None:
+        maps = maps.isel(sample=np.asarray(samples))
     fy, fx = ds.sizes["y"] // size, ds.sizes["x"] // size
-    return maps.coarsen(y=fy, x=fx, boundary="trim").reduce(np.mean).astype(np.float32).values  # NaN stays NaN
+    return maps.coarsen(y=fy, x=fx, boundary="trim").mean().astype(np.float32).data
+
+
+def _chunks(small: Any, group: int = 8) -> Any:
+    """(first sample, computed maps) of a lazy `small_maps`, `group` of its chunks at a time along the samples
+    (computed in parallel by Dask; memory of `group` chunks, whatever the study's size)."""
+    bounds = np.concatenate([[0], np.cumsum(small.chunks[0])])
+    for i in range(0, len(bounds) - 1, group):
+        start, stop = int(bounds[i]), int(bounds[min(i + group, len(bounds) - 1)])
+        yield start, np.asarray(small[start:stop].compute())
+
+
+def _sample(ds: xr.Dataset, small: Any, classes: np.ndarray, order: list[str], seed: int) -> tuple[dict, np.ndarray]:
+    """One pass over the maps: per class, the usable maps with the CAP smallest seeded keys ({class: (sample
+    indices in order, their small maps)}), and which samples are usable at all."""
+    keys = np.random.default_rng(seed).random(ds.sizes["sample"])
+    kept = {name: (np.zeros(0, np.int64), np.zeros((0, *small.shape[1:]), np.float32)) for name in order}
+    usable = np.zeros(ds.sizes["sample"], bool)
+    for start, block in _chunks(small):
+        idx = np.arange(start, start + len(block))
+        usable[idx] = np.isfinite(block).all(axis=(1, 2))
+        for name in order:
+            here = usable[idx] & (classes[idx] == name)
+            if here.any():
+                ids, maps = np.concatenate([kept[name][0], idx[here]]), np.concatenate([kept[name][1], block[here]])
+                best = np.sort(np.argsort(keys[ids], kind="stable")[:CAP]) if len(ids) > CAP else slice(None)
+                kept[name] = (ids[best], maps[best])
+    return kept, usable
+
+
+def _assign(small: Any, classes: np.ndarray, usable: np.ndarray, labels: np.ndarray, clustered: dict,
+            size: int) -> None:
+    """A second pass for classes of more than CAP maps: each usable map not clustered takes the label of the
+    clustered map of its class nearest to it (unit-norm features, as the graph's)."""
+    for start, block in _chunks(small):
+        idx = np.arange(start, start + len(block))
+        for name, (ids, feats) in clustered.items():
+            rest = usable[idx] & (classes[idx] == name) & (labels[idx] < 0)
+            if rest.any():
+                x = spray.features(block[rest], size)
+                dist = (x * x).sum(1)[:, None] - 2 * x @ feats.T + (feats * feats).sum(1)[None]
+                labels[idx[rest]] = labels[ids][np.argmin(dist, axis=1)]
 
 
 def compute(store: str, method: str, **params: Any) -> dict[str, Any]:
@@ -61,19 +108,23 @@ def compute(store: str, method: str, **params: Any) -> dict[str, Any]:
     full = _check(ds, method, params)
     small = small_maps(ds, method, full["size"])
     classes, _, order = true_classes(ds)
-    usable = np.isfinite(small).all(axis=(1, 2))
+    kept, usable = _sample(ds, small, classes, order, full["seed"])
     labels = np.full(ds.sizes["sample"], -1, np.int64)
     model_classes = [str(c) for c in ds["class"].values]
-    gaps = np.full(len(model_classes), np.nan)
+    gaps, sampled = np.full(len(model_classes), np.nan), {}
     for name in order:
-        members = np.flatnonzero((classes == name) & usable)
-        if not members.size:
+        ids, maps = kept[name]
+        if not len(ids):
             continue
-        found = spray.analyse(small[members], size=full["size"], neighbours=full["neighbours"],
+        found = spray.analyse(maps, size=full["size"], neighbours=full["neighbours"],
                               max_clusters=full["max_clusters"], clusters=full["clusters"], seed=full["seed"])
-        labels[members] = found.labels
+        labels[ids] = found.labels
         if name in model_classes:
             gaps[model_classes.index(name)] = found.eigengap
+        if (usable & (classes == name)).sum() > len(ids):
+            sampled[name] = (ids, found.features)
+    if sampled:
+        _assign(small, classes, usable, labels, sampled, full["size"])
     record = {**full, "samples": int(ds.sizes["sample"]), "maps": int(usable.sum())}
     storage.Store(store).write_clusters(method, labels, gaps, record)
     return record
@@ -138,9 +189,10 @@ def cluster_table(store: str, method: str, only: Sequence[str] | None = None) ->
     return out
 
 
-def _nearest(small: np.ndarray, members: np.ndarray, count: int) -> np.ndarray:
-    """The `count` members whose unit-norm downsampled maps lie nearest their cluster's mean."""
-    x = spray.features(small[members], small.shape[-1])
+def _nearest(ds: xr.Dataset, method: str, size: int, members: np.ndarray, count: int) -> np.ndarray:
+    """The `count` members (of the first CAP) whose unit-norm downsampled maps lie nearest their cluster's mean."""
+    members = members[:CAP]
+    x = spray.features(np.asarray(small_maps(ds, method, size, members).compute()), size)
     return members[np.argsort(((x - x.mean(0)) ** 2).sum(1), kind="stable")[:count]]
 
 
@@ -149,7 +201,6 @@ def render_clusters(store: str, method: str, out: str, only: Sequence[str] | Non
     ds = storage.open_dataset(store)
     params = storage.Store(store, mode="r").cluster_params()[method]
     found = cluster_table(store, method, only)
-    small = small_maps(ds, method, params["size"])
     classes, _, _ = true_classes(ds)
     labels = ds.cluster.sel(xai_method=method).values
     rows = [(name, c) for name, clusters in found.items() for c in clusters]
@@ -166,7 +217,7 @@ def render_clusters(store: str, method: str, out: str, only: Sequence[str] | Non
         scores = [f"{k} {v:.2f}" for k, v in c["scores"].items() if v is not None][:2]
         axes[r, 0].set_title(f"{name}: cluster {c['cluster']} ({c['size']} maps)\n"
                              + ", ".join([f"accuracy {c['accuracy']}", *scores]), fontsize=5.5)
-        for j, s in enumerate(_nearest(small, members, nearest), start=1):
+        for j, s in enumerate(_nearest(ds, method, params["size"], members, nearest), start=1):
             sample = ds.isel(sample=int(s))
             m = sample.attribution.sel(xai_method=method).values
             if "image" in sample:
