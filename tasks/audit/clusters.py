@@ -61,13 +61,15 @@ def small_maps(ds: xr.Dataset, method: str, size: int, samples: np.ndarray | Non
     return maps.coarsen(y=fy, x=fx, boundary="trim").mean().astype(np.float32).data
 
 
-def _chunks(small: Any, group: int = 8) -> Any:
-    """(first sample, computed maps) of a lazy `small_maps`, `group` of its chunks at a time along the samples
-    (computed in parallel by Dask; memory of `group` chunks, whatever the study's size)."""
+def _chunks(small: Any, samples: int = 2048) -> Any:
+    """(first sample, computed maps) of a lazy `small_maps`, whole chunks of about `samples` maps at a time
+    (at least one chunk; computed in parallel by Dask): memory of a group, whatever the study's size."""
     bounds = np.concatenate([[0], np.cumsum(small.chunks[0])])
-    for i in range(0, len(bounds) - 1, group):
-        start, stop = int(bounds[i]), int(bounds[min(i + group, len(bounds) - 1)])
+    start = 0
+    while start < bounds[-1]:
+        stop = int(bounds[max(np.searchsorted(bounds, start + samples, side="right") - 1, np.searchsorted(bounds, start) + 1)])
         yield start, np.asarray(small[start:stop].compute())
+        start = stop
 
 
 def _sample(ds: xr.Dataset, small: Any, classes: np.ndarray, order: list[str], seed: int) -> tuple[dict, np.ndarray]:
@@ -95,11 +97,12 @@ def _assign(small: Any, classes: np.ndarray, usable: np.ndarray, labels: np.ndar
     for start, block in _chunks(small):
         idx = np.arange(start, start + len(block))
         for name, (ids, feats) in clustered.items():
-            rest = usable[idx] & (classes[idx] == name) & (labels[idx] < 0)
-            if rest.any():
-                x = spray.features(block[rest], size)
+            rest = np.flatnonzero(usable[idx] & (classes[idx] == name) & (labels[idx] < 0))
+            height = max(1, spray.SLAB // max(len(ids), 1))  # distances held at once: about spray.SLAB
+            for part in (rest[i:i + height] for i in range(0, len(rest), height)):
+                x = spray.features(block[part], size)
                 dist = (x * x).sum(1)[:, None] - 2 * x @ feats.T + (feats * feats).sum(1)[None]
-                labels[idx[rest]] = labels[ids][np.argmin(dist, axis=1)]
+                labels[idx[part]] = labels[ids][np.argmin(dist, axis=1)]
 
 
 def compute(store: str, method: str, **params: Any) -> dict[str, Any]:
