@@ -140,11 +140,16 @@ def of_category(category: str) -> list[str]:
 
 
 def spec(name: str) -> MethodSpec:
-    """The `MethodSpec` of method `name`."""
+    """The `MethodSpec` of method `name` (a registered method, or a peer's: `captum:CLASS`... `peers`)."""
+    if isinstance(name, str) and ":" in name:
+        from . import peers
+
+        return peers.spec(name)
     try:
         return _registered()[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())}") from None
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())} (or a peer's: "
+                         "captum:CLASS, gradcam:CLASS, zennit:COMPOSITE, package.module:function)") from None
 
 
 # --------------------------------------------------------------------------- validation

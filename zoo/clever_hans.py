@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="the folder to write wm.pt and images/ into")
     ap.add_argument("--test", type=int, default=120, help="test images to write (default 120)")
+    ap.add_argument("--train", type=int, default=1500, help="training images (default 1500)")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     args = ap.parse_args(argv)
-    paths = build(args.out, test=args.test)
+    paths = build(args.out, train=args.train, test=args.test, epochs=args.epochs)
     print(f"weights: {paths['weights']}\nimages:  {paths['images']}")
 
 

@@ -17,10 +17,27 @@ def _int_list(text: str) -> list[int]:
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
+def _pair(text: str) -> tuple[str, str] | None:
+    """A:B, where A and B may be peer methods with a colon of their own (captum:Saliency:gradcam): the one split
+    whose sides have at most one colon each."""
+    parts = text.split(":")
+    splits = [(":".join(parts[:i]), ":".join(parts[i:])) for i in range(1, len(parts))]
+    fits = [(a, b) for a, b in splits if _method_like(a) and _method_like(b)]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _method_like(name: str) -> bool:
+    """A name without a colon, or a peer's: captum:, gradcam:, zennit: or package.module: before its one colon."""
+    kind, colon, what = name.partition(":")
+    return bool(kind) and (not colon or (bool(what) and ":" not in what
+                                         and (kind in ("captum", "gradcam", "zennit") or "." in kind)))
+
+
 def _pairs(text: str) -> list[tuple[str, str]]:
-    pairs = [tuple(p.split(":")) for p in text.split(",") if p.strip()]
-    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected A:B pairs of methods like gradcam:saliency, got {text!r}")
+    pairs = [_pair(p.strip()) for p in text.split(",") if p.strip()]
+    if not pairs or any(p is None for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected A:B pairs of methods like gradcam:saliency (a peer's method with its "
+                                         f"colon: captum:Saliency:gradcam), got {text!r}")
     return pairs  # type: ignore[return-value]
 
 def _samples(text: str) -> int | None:
@@ -45,7 +62,7 @@ def _batch(text: str) -> int | None:
 def _param(text: str) -> tuple[str, str, Any]:
     """METHOD.NAME=VALUE, the value read as JSON when it parses (8, 0.5, true, null, "x")."""
     key, sep, raw = text.partition("=")
-    method, dot, name = key.partition(".")
+    method, dot, name = key.rpartition(".")  # the owner may hold dots (package.module:function), the name not
     if not (sep and dot and method and name):
         raise argparse.ArgumentTypeError(f"expected OWNER.NAME=VALUE like occlusion.window=8 or deletion.steps=16, "
                                          f"got {text!r}")

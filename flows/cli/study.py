@@ -34,6 +34,10 @@ def cmd_methods() -> None:
         rows.append((m["name"], m["category"], "yes" if m["needs_layer"] else "-",
                      "yes" if m["needs_contrast"] else "-", f"{fwd} fwd + {bwd} bwd", m["summary"]))
     print_rows(rows)
+    print("\nand any method of a peer, run through its own library (--param NAME.PARAM=VALUE as for the others):\n"
+          "  captum:CLASS (captum:IntegratedGradients, captum:LayerGradCam...), gradcam:CLASS (gradcam:ScoreCAM...),\n"
+          "  zennit:COMPOSITE (zennit:EpsilonPlusFlat...), package.module:function (fn(model, images, target, **params)\n"
+          "  -> (B, H, W) maps)")
 
 def cmd_study(args: argparse.Namespace) -> None:
     from flows.study import run, task_runner

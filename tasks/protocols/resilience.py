@@ -38,8 +38,10 @@ PREDICTED = ("input_noise", "weight_noise")  # the tests that check the top-1 cl
 
 
 def _check(spec: ResilienceSpec, inputs: Inputs) -> None:
-    contrastive = tuple(m for m in xm.available() if not xm.spec(m).needs_contrast)
-    check_methods(spec.methods, spec, inputs.model, allowed=contrastive)
+    contrastive = [m for m in spec.methods if ":" not in m and m in xm.available() and xm.spec(m).needs_contrast]
+    if contrastive:
+        raise ValueError(f"{', '.join(contrastive)} need a contrast class, which the resilience protocol does not give")
+    check_methods(spec.methods, spec, inputs.model)
     if len(spec.methods) < 2:
         raise ValueError(f"give two or more methods (the ranking criteria compare them), got {spec.methods}")
     for name, value in (("draws", spec.draws), ("input_noise", spec.input_noise), ("weight_noise", spec.weight_noise)):

@@ -130,7 +130,7 @@ def check_options(spec: StudySpec) -> None:
 
     from ..loading import resolve_device
 
-    unknown = [m for m in spec.methods if m not in catalogue.methods()]
+    unknown = [m for m in spec.methods if m not in catalogue.methods() and ":" not in m]  # a peer's: checked by plan
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(catalogue.methods())}")
     if not spec.methods:
