@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in CONFIG["deployments"]}
 FLOW_NAMES = {"study": "study", "nightly": "dataset-audit", "sanity": "sanity", "invariance": "invariance",
-              "manipulate": "manipulate", "roar": "roar"}  # deployment -> the flow it runs
+              "manipulate": "manipulate", "roar": "roar", "resilience": "resilience"}  # deployment -> the flow it runs
 
 
 def load_flow(entrypoint, monkeypatch):

@@ -91,15 +91,15 @@ def test_a_bad_peer_name_is_one_line(shapes, name, message):
 def test_a_peer_that_is_not_installed_says_what_to_install(monkeypatch, shapes):
     import importlib.util
 
-    from xai_methods import peers
+    from xai_methods import _registry, peers
 
-    peers.spec.cache_clear()
+    peers.resolve.cache_clear(), _registry._peer.cache_clear()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zennit" else real(name, *a))
     with pytest.raises(ValueError, match="needs the package 'zennit', which is not installed: pip install zennit"):
         xm.check("zennit:EpsilonPlus", shapes[0], (64, 64))
     monkeypatch.undo()
-    peers.spec.cache_clear()
+    peers.resolve.cache_clear(), _registry._peer.cache_clear()
 
 
 def test_a_study_stores_resumes_and_scores_peer_methods(prefect_api, tmp_path, capsys):

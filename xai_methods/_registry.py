@@ -11,6 +11,7 @@ runs the method inside `untouched(model)` and checks what it returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -142,14 +143,23 @@ def of_category(category: str) -> list[str]:
 def spec(name: str) -> MethodSpec:
     """The `MethodSpec` of method `name` (a registered method, or a peer's: `captum:CLASS`... `peers`)."""
     if isinstance(name, str) and ":" in name:
-        from . import peers
-
-        return peers.spec(name)
+        return _peer(name)
     try:
         return _registered()[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())} (or a peer's: "
                          "captum:CLASS, gradcam:CLASS, zennit:COMPOSITE, package.module:function)") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _peer(name: str) -> MethodSpec:
+    """The `MethodSpec` of a peer's method (`peers.resolve`): category "peer", one forward and one backward pass."""
+    from . import peers
+
+    found = peers.resolve(name)
+    return MethodSpec(name=name, category="peer", fn=found["fn"], defaults=found["defaults"],
+                      needs_layer=found["needs_layer"], needs_contrast=False, cost=lambda p, s: (1, 1),
+                      summary=f"{name} (a peer's method, run through its own library)", checks=found["checks"])
 
 
 # --------------------------------------------------------------------------- validation

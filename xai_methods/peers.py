@@ -193,11 +193,9 @@ def _function(path: str) -> tuple[Callable[..., Tensor], dict[str, Any], bool]:
 
 
 @functools.lru_cache(maxsize=None)
-def spec(name: str) -> Any:
-    """The `MethodSpec` of a peer method `name` (ValueError in one line when the package, the class or the
-    function is not there)."""
-    from ._registry import MethodSpec
-
+def resolve(name: str) -> dict[str, Any]:
+    """What the registry makes a peer method `name`'s `MethodSpec` of: `fn`, `defaults`, `needs_layer`, `checks`
+    (ValueError in one line when the package, the class or the function is not there)."""
     kind, _, what = name.partition(":")
     if not what:
         raise ValueError(f"method {name!r}: write captum:CLASS, gradcam:CLASS, zennit:COMPOSITE or package.module:function")
@@ -212,10 +210,8 @@ def spec(name: str) -> Any:
     def run(model: nn.Module, images: Tensor, target: Any, *, peer_version: str = installed, **params: Any) -> Tensor:
         return fn(model, images, target, **params)
 
-    return MethodSpec(name=name, category="peer", fn=run, defaults=MappingProxyType({**defaults, "peer_version": installed}),
-                      needs_layer=layered, needs_contrast=False, cost=lambda p, s: (1, 1),
-                      summary=f"{name} (a peer's method, run through its own library)",
-                      checks=MappingProxyType({"peer_version": _same_version(installed)}))
+    return {"fn": run, "defaults": MappingProxyType({**defaults, "peer_version": installed}), "needs_layer": layered,
+            "checks": MappingProxyType({"peer_version": _same_version(installed)})}
 
 
 def _same_version(installed: str) -> Callable[..., None]:
