@@ -133,7 +133,7 @@ def cmd_status(store: str, verify: bool = False) -> int | None:
               + "; ".join(f"{n} {codes.get(str(c), f'code {c}')}" for c, n in counts.items()))
     for metric, per_method in st["scored"].items():
         print(f"scored by {metric}: " + ", ".join(f"{m} {n}/{st['blocks']}" for m, n in per_method.items()))
-    from tasks.study.planning import describe_estimate, stored_estimate
+    from tasks.study.estimate import describe_estimate, stored_estimate
 
     print("\n".join(describe_estimate(stored_estimate(store), per_map)))
     return cmd_verify(store) if verify else None

@@ -50,7 +50,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     for problem in p.dataset.mask_problems:
         print(f"warning: {problem} (--strict refuses such masks)")
     if args.dry_run:  # the plan's size, and nothing written
-        from tasks.study.planning import describe_estimate, estimate
+        from tasks.study.estimate import describe_estimate, estimate
 
         print("\n".join(describe_estimate(estimate(p.template))))
         print(f"store:   {spec.store} " + ("exists: only what it lacks would run" if p.exists else "would be created"))
