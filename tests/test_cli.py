@@ -20,7 +20,8 @@ def test_methods_table(capsys):
     for name in ("saliency", "gradcam", "occlusion"):
         assert name in out
     assert "1 fwd + 1 bwd" in out and "perturbation" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip()}
+    assert "captum:CLASS" in out and "package.module:function" in out  # the peers' methods, after the table
     assert rows["contrastive_gradcam"][1:4] == ["contrastive", "yes", "yes"]
     assert rows["cem_pp"][1:4] == ["contrastive", "-", "-"]
 

@@ -144,8 +144,11 @@ def check_options(spec: StudySpec) -> None:
     for m in spec.params:
         if m not in spec.studied:
             raise ValueError(f"parameters given for {m!r}, which is not among the methods {list(spec.studied)}")
+    unknown = [m for m in spec.metrics if variants.base(m) not in catalogue.metrics()]  # a variant: its base's
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(catalogue.metrics())} (and their "
+                         "variants, e.g. deletion[substrate=blur])")
     for m in spec.metrics:
-        catalogue.metric(m)  # a registered metric, or a variant of one
         supplied = sorted(set(variants.parse(m)[1]) & set(TASK_SUPPLIED))
         if supplied:
             raise ValueError(f"metric {m}: {', '.join(supplied)} cannot be a variant's parameter: the study supplies it")
