@@ -66,6 +66,12 @@ class RunSpec:
             p["layer"] = self.layer
         return p
 
+    def recomputed(self, method: str) -> dict[str, Any]:
+        """What a metric that recomputes the method (max_sensitivity) is given: the method, its layer and its
+        other parameters, as this run made its maps."""
+        own = self.method_params(method)
+        return {"method": method, "layer": own.pop("layer", None), "method_params": own}
+
 
 def options_of(cls: type) -> dict[str, dataclasses.Field]:
     """The options of a spec class (`StudySpec`, a protocol's spec) by name, in definition order."""

@@ -161,12 +161,13 @@ def _canonizers(kind: str) -> list[Any]:
 
 def _bounds(model: nn.Module, images: Tensor, low: Any, high: Any) -> dict[str, Tensor]:
     """zennit's ZBox bounds: the given numbers, or the model's [0, 1] pixels normalised (per channel)."""
-    pre = getattr(model, "preprocess", None)
-    mean = torch.tensor(pre.mean if pre else [0.0] * images.shape[1], dtype=images.dtype, device=images.device)
-    std = torch.tensor(pre.std if pre else [1.0] * images.shape[1], dtype=images.dtype, device=images.device)
-    edge = {k: (torch.full_like(images, float(v)) if v is not None else
-                ((float(k == "high") - mean) / std).view(1, -1, 1, 1).expand_as(images)) for k, v in (("low", low), ("high", high))}
-    return edge
+    pre, c = getattr(model, "preprocess", None), images.shape[1]
+    mean = torch.tensor(pre.mean if pre else [0.0] * c, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std if pre else [1.0] * c, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    out = {}
+    for key, value, pixel in (("low", low, 0.0), ("high", high, 1.0)):
+        out[key] = torch.full_like(images, float(value)) if value is not None else ((pixel - mean) / std).expand_as(images)
+    return out
 
 
 def _function(path: str) -> tuple[Callable[..., Tensor], dict[str, Any], bool]:

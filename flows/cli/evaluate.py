@@ -75,13 +75,13 @@ def params_variants(metrics: list[str]) -> list[str]:
     return found
 
 
-def variant_params(metrics: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The parameters the user gave a metric, for each of its variants too (less the one the variant sets),
-    so that a variant differs from its metric in its own parameter only."""
+def variant_params(names: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The parameters the user gave a metric, for each of its variants `names` too (less the one the variant
+    sets), so that a variant differs from its metric in its own parameter only."""
     from xai_methods import variants
 
     out = {}
-    for v in params_variants(metrics):
+    for v in names:
         own = variants.parse(v)[1]
         given = {k: x for k, x in params.get(variants.base(v), {}).items() if k not in own}
         if given:
@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     baselines = args.baselines if args.baselines is not None else baseline_choice(args.store)
     params, extra = fold_params(args.metric_params), params_variants(args.metrics) if args.variants else []
     if extra:
-        params.update(variant_params(args.metrics, params))
+        params.update(variant_params(extra, params))
     spec = spec_of_store(args.store, metrics=[*args.metrics, *extra], metric_params=params,
                          baselines=baselines is not False, device=args.device, workers=args.workers)
     task_runner(spec.workers, spec.dask_address, spec.device)  # --workers, --device

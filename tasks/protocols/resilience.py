@@ -108,10 +108,7 @@ def score_maps(spec: ResilienceSpec, model: torch.nn.Module, images: torch.Tenso
     out = np.full((len(maps), len(spec.metrics), len(images)), np.nan, np.float32)
     for i, m in enumerate(maps):
         for j, k in enumerate(spec.metrics):
-            params: dict[str, Any] = {}
-            if xmet.spec(k).needs_method:  # the method recomputed as it made these maps
-                own = spec.method_params(m)
-                params = {"method": m, "layer": own.pop("layer", None), "method_params": own}
+            params = spec.recomputed(m) if xmet.spec(k).needs_method else {}  # the method, as it made these maps
             value = xmet.measure(k, model, images, torch.from_numpy(maps[m]).to(images.device), inputs.target,
                                  inputs.masks, **params).value
             out[i, j] = value.cpu().numpy()

@@ -284,8 +284,7 @@ def _evaluate(spec: StudySpec, model: torch.nn.Module, images: torch.Tensor, map
               stored: dict[str, np.ndarray], method: str, metric: str, device: str) -> tuple[Any, float]:
     params = spec.metric_arguments(metric)
     if xmet.spec(metric).needs_method:  # the study's own method, as it made the stored maps
-        own = spec.method_params(method)
-        params.update(method=method, layer=own.pop("layer", None), method_params=own)
+        params.update(spec.recomputed(method))
         if xm.spec(method).needs_contrast:
             params["contrast"] = torch.from_numpy(stored["contrast"]).to(device)
     mask = torch.from_numpy(stored["mask"]).to(device) if "mask" in stored else None
